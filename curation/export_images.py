@@ -1,0 +1,122 @@
+"""Images for exports: written once, content-addressed, and referenced by path.
+
+Inline image bytes go to ``images/<sha256>.<ext>`` (the extension from the magic bytes) next to the
+export; images stored as paths are resolved against the dataset's data root and referenced by
+absolute path, or copied into ``images/`` the same way. ``extract_images`` streams one table's shards
+and writes, for the ids an export needs, a small side table ``id, path, problem``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from curation.dataset import TMP_PREFIX, Dataset
+from curation.schema import QUERIES
+
+IMAGES_DIR = "images"
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+)
+
+
+def image_extension(data: bytes, fallback: str | None = None) -> str:
+    """The file extension of an image from its magic bytes (``fallback`` or ``bin`` if unknown)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    if fallback:
+        return fallback.lower().lstrip(".") or "bin"
+    return "bin"
+
+
+class ImageStore:
+    """Writes images once, content-addressed, to ``images_dir`` and says how the export refers to them."""
+
+    def __init__(self, images_dir: Path, data_root: Path, copy: bool = False):
+        self.dir = Path(images_dir)
+        self.data_root = Path(data_root)
+        self.copy = copy
+        self.written = 0
+        self._seen: set[str] = set()
+
+    def put(self, data: bytes, fallback_ext: str | None = None) -> str:
+        """Store inline bytes; returns the relative path ``images/<sha256>.<ext>``."""
+        name = f"{hashlib.sha256(data).hexdigest()}.{image_extension(data, fallback_ext)}"
+        if name not in self._seen:
+            dst = self.dir / name
+            if not dst.exists():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                tmp = self.dir / f"{TMP_PREFIX}{name}.{os.getpid()}"
+                tmp.write_bytes(data)
+                os.replace(tmp, dst)
+                self.written += 1
+            self._seen.add(name)
+        return f"{IMAGES_DIR}/{name}"
+
+    def resolve(self, image: dict[str, Any] | None) -> tuple[str | None, str | None]:
+        """(path for the export, problem) of one ``image`` cell; problem is None, ``"missing"`` (no
+        such file) or ``"outside"`` (a path that leaves the data root)."""
+        if not image:
+            return None, None
+        data, path = image.get("bytes"), image.get("path")
+        if data is not None:
+            return self.put(bytes(data), Path(path).suffix if path else None), None
+        if path is None:
+            return None, None
+        root = self.data_root.resolve()
+        src = (root / path).resolve()
+        if src != root and root not in src.parents:
+            return None, "outside"
+        if not src.is_file():
+            return None, "missing"
+        if self.copy:
+            return self.put(src.read_bytes(), src.suffix), None
+        return str(src), None
+
+
+def extract_images(
+    ds: Dataset, table: str, ids: pl.Series, store: ImageStore, out: Path, progress: bool
+) -> Path:
+    """Stream ``table``'s shards, resolve the images of ``ids``; write ``id, path, problem`` to ``out``."""
+    id_col = "query_id" if table == QUERIES else "doc_id"
+    schema = pa.schema([(id_col, pa.string()), ("path", pa.string()), ("problem", pa.string())])
+    wanted = ids.implode()
+    done: set[str] = set()
+    with pq.ParquetWriter(out, schema) as writer:
+        shards = ds.shards(table)
+        for name in tqdm(
+            shards, desc=f"export: {table} images", unit="shard", disable=not progress or not shards
+        ):
+            pf = pq.ParquetFile(ds.shard_path(table, name))
+            for batch in pf.iter_batches(batch_size=1024, columns=[id_col, "image"]):
+                df = pl.from_arrow(batch)
+                hit = df.filter(pl.col(id_col).is_in(wanted).fill_null(False))
+                rows: dict[str, list] = {id_col: [], "path": [], "problem": []}
+                for rid, image in hit.iter_rows():
+                    if rid in done:
+                        continue
+                    done.add(rid)
+                    path, problem = store.resolve(image)
+                    rows[id_col].append(rid)
+                    rows["path"].append(path)
+                    rows["problem"].append(problem)
+                if rows[id_col]:
+                    writer.write_table(pa.table(rows, schema=schema))
+    return out

@@ -1,0 +1,462 @@
+"""The ingest stage: JSONL, CSV, Parquet, Hugging Face datasets and image folders -> an assay dataset.
+
+Each input row is one (query, document) pair; ``curation.ingest_rows`` maps it onto the target
+fields (``TARGETS``) through a column mapping and checks it, ``curation.ingest_sources`` cuts each
+format into independent read tasks, and ``curation.ingest_merge.run_ingest`` runs them through an
+executor, drops exact repeats (ID normalisation) and writes the shards: resumably, so a killed run
+rerun with the same arguments ends with the very same files. This module checks the arguments and
+the inputs (a bad format, file, mapping or column is an ``IngestError`` that names it) and picks
+the tasks. The bundled examples live in ``curation.examples``.
+
+Example::
+
+    from curation.ingest import ingest
+    manifest = ingest("pairs.jsonl", "data/pairs", mapping={"query_text": "question", "doc_image": "img"},
+                      subset="my-vqa", task="vqa")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import yaml
+
+from curation.dataset import (
+    Manifest,
+    fingerprint,
+)
+from curation.executor import Executor, LocalExecutor
+from curation.ingest_merge import run_ingest
+from curation.ingest_rows import TARGETS
+from curation.ingest_sources import (
+    csv_header,
+    csv_tasks,
+    hf_tasks,
+    imagefolder_tasks,
+    jsonl_has_key,
+    jsonl_tasks,
+    list_images,
+    parquet_tasks,
+    read_file_csv,
+)
+
+__all__ = [
+    "FORMATS",
+    "TARGETS",
+    "IngestError",
+    "infer_format",
+    "ingest",
+    "load_mapping",
+    "parse_map_flags",
+    "run_ingest",
+]
+
+FORMATS = ("jsonl", "csv", "parquet", "hf", "imagefolder", "example")
+EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+FILE_EXTENSIONS = {
+    "jsonl": (".jsonl", ".ndjson", ".json"),
+    "csv": (".csv", ".tsv"),
+    "parquet": (".parquet", ".pq"),
+}
+DEFAULT_ROWS_PER_SHARD = 50_000
+DEFAULT_CHUNK_BYTES = 64 << 20
+DEFAULT_TASK = "retrieval"
+
+#: Instructions of the image-folder subsets, in the style of the paper's per-sub-dataset templates
+#: (query: ``Instruct: {instruction} <image> Query: {text}``).
+CLASSIFY_QUERY_INSTRUCTION = "Represent the given image for classification."
+CLASS_LABEL_INSTRUCTION = "Represent the given class label."
+CAPTION_QUERY_INSTRUCTION = "Find an image that matches the given caption."
+IMAGE_DOC_INSTRUCTION = "Represent the given image."
+
+
+class IngestError(ValueError):
+    """Arguments or inputs the ingest cannot use; the message names the file, column or option."""
+
+
+# ---------------------------------------------------------------------------------------- the mapping
+
+
+def check_mapping(mapping: Mapping[str, Any], origin: str) -> dict[str, str]:
+    """A target -> column mapping with known targets and string columns, or ``IngestError``."""
+    if not isinstance(mapping, Mapping):
+        raise IngestError(f"{origin}: expected a mapping of target: column, found {type(mapping).__name__}")
+    out = {}
+    for target, column in mapping.items():
+        if target not in TARGETS:
+            raise IngestError(f"{origin}: unknown target {target!r}; the targets are {', '.join(TARGETS)}")
+        if not isinstance(column, str) or not column:
+            raise IngestError(f"{origin}: the column for {target!r} must be a column name, found {column!r}")
+        out[str(target)] = column
+    return out
+
+
+def load_mapping(path: str | os.PathLike) -> dict[str, str]:
+    """Read a YAML column mapping (``query_text: question`` per line)."""
+    path = Path(path)
+    try:
+        obj = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: mapping file not found") from None
+    except yaml.YAMLError as e:
+        raise IngestError(f"{path}: not valid YAML ({e})") from None
+    if obj is None:
+        raise IngestError(f"{path}: the mapping file is empty; expected lines such as 'query_text: question'")
+    return check_mapping(obj, str(path))
+
+
+def parse_map_flags(flags: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["query_text=question", ...]`` -> ``{"query_text": "question"}``."""
+    out = {}
+    for flag in flags:
+        target, sep, column = flag.partition("=")
+        if not sep or not target.strip() or not column.strip():
+            raise IngestError(f"--map {flag!r}: expected TARGET=COLUMN, e.g. --map query_text=question")
+        out[target.strip()] = column.strip()
+    return check_mapping(out, "--map")
+
+
+def _resolve_mapping(mapping: Mapping[str, str] | str | os.PathLike | None) -> dict[str, str]:
+    if mapping is None:
+        return {}
+    if isinstance(mapping, str | os.PathLike):
+        return load_mapping(mapping)
+    return check_mapping(mapping, "mapping")
+
+
+# ---------------------------------------------------------------------------------------- the inputs
+
+
+def infer_format(source: str | os.PathLike) -> str:
+    """The format of ``source`` from its extension, or from what a folder holds."""
+    from curation.examples import EXAMPLES
+
+    path = Path(source)
+    if not path.exists():
+        if str(source) in EXAMPLES:
+            return "example"
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    if path.is_file():
+        fmt = EXTENSIONS.get(path.suffix.lower())
+        if fmt is None:
+            raise IngestError(
+                f"{source}: cannot tell the format from the extension {path.suffix!r}; pass "
+                f"--format ({', '.join(FORMATS[:-1])})"
+            )
+        return fmt
+    if any((path / f).exists() for f in ("state.json", "dataset_info.json", "dataset_dict.json")):
+        return "hf"
+    found = {
+        fmt
+        for p in path.rglob("*")
+        if p.is_file()
+        for ext, fmt in EXTENSIONS.items()
+        if p.suffix.lower() == ext
+    }
+    if len(found) == 1:
+        return found.pop()
+    if len(found) > 1:
+        raise IngestError(f"{source}: the folder holds {' and '.join(sorted(found))} files; pass --format")
+    if list_images(path):
+        return "imagefolder"
+    raise IngestError(f"{source}: found no JSONL, CSV, Parquet, saved HF dataset or images in this folder")
+
+
+def _input_files(src: Path, fmt: str) -> list[Path]:
+    if src.is_file():
+        return [src]
+    files = sorted(
+        p
+        for p in src.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in FILE_EXTENSIONS[fmt]
+        and not any(part.startswith((".", "_")) for part in p.relative_to(src).parts)
+    )
+    if not files:
+        raise IngestError(f"{src}: no {fmt} files ({', '.join(FILE_EXTENSIONS[fmt])}) in this folder")
+    return files
+
+
+def _inputs_fingerprint(files: list[Path]) -> dict[str, Any]:
+    """What the run read (sizes and modification times), so a changed input is not resumed into."""
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return {"files": len(stats), "bytes": sum(s[1] for s in stats), "fingerprint": fingerprint(stats)}
+
+
+def _check_columns(fmt: str, files: list[Path], mapping: dict[str, str], delimiter: str) -> None:
+    """Every mapped column must exist in the input; the error names the file and the column."""
+    if not mapping:
+        return
+    if fmt == "jsonl":
+        for target, column in mapping.items():
+            if not jsonl_has_key(files, column):
+                raise IngestError(
+                    f"--map {target}={column}: no row of {', '.join(str(f) for f in files)} "
+                    f"has the key {column!r}"
+                )
+        return
+    for path in files:
+        columns = csv_header(path, delimiter) if fmt == "csv" else pq.read_schema(path).names
+        for target, column in mapping.items():
+            if column not in columns:
+                raise IngestError(
+                    f"--map {target}={column}: {path} has no column {column!r} "
+                    f"(its columns: {', '.join(columns)})"
+                )
+
+
+def _load_hf(src: Path):
+    from datasets import DatasetDict, load_from_disk
+
+    if (src / "dataset_dict.json").exists():
+        splits = sorted(p.name for p in src.iterdir() if p.is_dir())
+        raise IngestError(
+            f"{src} is a DatasetDict with splits {', '.join(splits)}: ingest one split at a "
+            f"time, e.g. {src / splits[0]} (splits stay apart)"
+            if splits
+            else f"{src}: no splits"
+        )
+    try:
+        ds = load_from_disk(str(src))
+    except FileNotFoundError as e:
+        raise IngestError(f"{src}: not a dataset saved with save_to_disk ({e})") from None
+    if isinstance(ds, DatasetDict):
+        raise IngestError(f"{src} is a DatasetDict: ingest one split at a time")
+    return ds
+
+
+# ------------------------------------------------------------------------------------------- the API
+
+
+def ingest(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str | None = None,
+    mapping: Mapping[str, str] | str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    embed_images: bool = False,
+    subset: str | None = None,
+    task: str | None = None,
+    labels: str | os.PathLike | None = None,
+    captions: str | os.PathLike | None = None,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    executor: Executor | None = None,
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Manifest:
+    """Ingest ``source`` into a new dataset at ``out``; resumable, see the module docstring.
+
+    Args:
+        source: a JSONL/CSV/Parquet file or a folder of them, a folder saved with
+            ``datasets.Dataset.save_to_disk``, or an image folder.
+        format: jsonl, csv, parquet, hf or imagefolder; inferred from the extension when None.
+            (Bundled examples: ``curation.examples.ingest_example``.)
+        mapping: target -> input column (targets: ``TARGETS``), or a YAML file holding one.
+            Unmapped targets read the column of the same name when there is one.
+        data_root: where relative image paths are resolved (default: the input file's folder);
+            recorded as the dataset's data root, paths stay relative.
+        embed_images: read image files into the dataset (paths outside the data root are refused).
+        subset, task: for rows without one (default subset: the input's name; task: retrieval).
+        labels, captions: image folders only: a CSV ``file,label`` (classification) or
+            ``file,caption`` (retrieval: caption -> image) instead of one subfolder per class.
+        rows_per_shard: rows per output Parquet shard.
+        executor: runs the tasks (default: ``LocalExecutor``, in process).
+        overwrite: replace ``out`` if it holds a dataset or another run.
+        chunk_bytes: size of the byte ranges a JSONL file is cut into.
+    """
+    src = Path(source)
+    fmt = format or ("imagefolder" if labels or captions else infer_format(src))
+    if fmt not in FORMATS:
+        raise IngestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "example":
+        raise IngestError(
+            "bundled examples write two datasets (train, test): use "
+            "curation.examples.ingest_example(name, out)"
+        )
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    if rows_per_shard < 1 or chunk_bytes < 1:
+        raise IngestError("rows_per_shard and chunk_bytes must be positive")
+    executor = executor or LocalExecutor()
+    if fmt == "imagefolder":
+        if mapping or task or data_root:
+            raise IngestError(
+                "--map/--mapping, --task and --data-root do not apply to image folders "
+                "(the task follows from --labels or --captions; paths are relative to the folder)"
+            )
+        return _ingest_imagefolder(
+            src,
+            out,
+            labels=labels,
+            captions=captions,
+            subset=subset,
+            embed_images=embed_images,
+            rows_per_shard=rows_per_shard,
+            executor=executor,
+            overwrite=overwrite,
+        )
+    if labels or captions:
+        raise IngestError("--labels and --captions apply to image folders (--format imagefolder) only")
+    explicit = _resolve_mapping(mapping)
+    root = Path(data_root) if data_root is not None else (src if src.is_dir() else src.parent)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root}: no such folder")
+    root = root.resolve()
+    delimiter = "\t" if src.suffix.lower() == ".tsv" else ","
+    default_subset = subset or src.stem
+    if fmt == "hf":
+        if src.is_file():
+            raise IngestError(
+                f"{src}: a saved Hugging Face dataset is a folder (datasets.Dataset.save_to_disk)"
+            )
+        ds = _load_hf(src)
+        missing = [(t, c) for t, c in explicit.items() if c not in ds.column_names]
+        if missing:
+            t, c = missing[0]
+            raise IngestError(
+                f"--map {t}={c}: {src} has no column {c!r} (its columns: {', '.join(ds.column_names)})"
+            )
+        files = sorted(p for p in src.iterdir() if p.is_file())
+        tasks = hf_tasks(src.resolve(), src.name, len(ds))
+    else:
+        files = _input_files(src, fmt)
+        _check_columns(fmt, files, explicit, delimiter)
+        names = [p.name if src.is_file() else p.relative_to(src).as_posix() for p in files]
+        if fmt == "jsonl":
+            tasks = jsonl_tasks(files, names, chunk_bytes)
+        elif fmt == "csv":
+            tasks = csv_tasks(files, names, delimiter)
+        else:
+            tasks = parquet_tasks(files, names)
+    spec = {
+        "mapping": explicit,
+        "defaults": {"subset": default_subset, "task": task or DEFAULT_TASK},
+        "data_root": str(root),
+        "embed_images": bool(embed_images),
+    }
+    config = {
+        "format": fmt,
+        "source": str(src.resolve()),
+        "mapping": explicit,
+        "subset": subset,
+        "task": task,
+        "data_root": str(root),
+        "embed_images": bool(embed_images),
+        "rows_per_shard": rows_per_shard,
+        "chunk_bytes": chunk_bytes if fmt == "jsonl" else None,
+        "inputs": _inputs_fingerprint(files),
+    }
+    return run_ingest(
+        out,
+        config=config,
+        spec=spec,
+        data_root=str(root),
+        plan_tasks=lambda _: tasks,
+        rows_per_shard=rows_per_shard,
+        executor=executor,
+        overwrite=overwrite,
+    )
+
+
+def _ingest_imagefolder(
+    src: Path,
+    out: str | os.PathLike,
+    *,
+    labels,
+    captions,
+    subset,
+    embed_images,
+    rows_per_shard: int,
+    executor: Executor,
+    overwrite: bool,
+) -> Manifest:
+    """One subfolder per class, or a flat folder plus a labels/captions CSV (see ``ingest``)."""
+    if not src.is_dir():
+        raise IngestError(
+            f"{src} is not a folder: image folders (--format imagefolder, --labels, --captions) need one"
+        )
+    if labels and captions:
+        raise IngestError("pass --labels or --captions, not both")
+    root = src.resolve()
+    if labels or captions:
+        csv_path = Path(labels or captions)
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"{csv_path}: no such file")
+        text_column = "label" if labels else "caption"
+        items = read_file_csv(csv_path, text_column)
+        inputs = [csv_path]
+        mode = "labels" if labels else "captions"
+    else:
+        classes = [p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if not classes:
+            raise IngestError(
+                f"{src}: no class subfolders; an image folder holds one subfolder per class "
+                "(or pass --labels FILE.csv or --captions FILE.csv)"
+            )
+        text_column, mode = "label", "classes"
+        inputs = list_images(src)
+        items = []
+        for p in inputs:
+            rel = p.relative_to(src).as_posix()
+            parts = rel.split("/")
+            items.append([rel, rel, parts[0] if len(parts) > 1 else None])
+    if text_column == "label":
+        task = "classification"
+        spec_map = {"query_image": "file", "doc_text": "label"}
+        defaults = {
+            "subset": subset or "classification",
+            "task": task,
+            "query_instruction": CLASSIFY_QUERY_INSTRUCTION,
+            "doc_instruction": CLASS_LABEL_INSTRUCTION,
+        }
+    else:
+        task = "retrieval"
+        spec_map = {"query_text": "caption", "doc_image": "file"}
+        defaults = {
+            "subset": subset or "retrieval",
+            "task": task,
+            "query_instruction": CAPTION_QUERY_INSTRUCTION,
+            "doc_instruction": IMAGE_DOC_INSTRUCTION,
+        }
+    spec = {
+        "mapping": spec_map,
+        "defaults": defaults,
+        "data_root": str(root),
+        "embed_images": bool(embed_images),
+    }
+    config = {
+        "format": "imagefolder",
+        "source": str(root),
+        "mode": mode,
+        "task": task,
+        "labels": str(Path(labels).resolve()) if labels else None,
+        "captions": str(Path(captions).resolve()) if captions else None,
+        "subset": subset,
+        "data_root": str(root),
+        "embed_images": bool(embed_images),
+        "rows_per_shard": rows_per_shard,
+        "inputs": _inputs_fingerprint(inputs),
+    }
+    tasks = imagefolder_tasks(items, text_column)
+    return run_ingest(
+        out,
+        config=config,
+        spec=spec,
+        data_root=str(root),
+        plan_tasks=lambda _: tasks,
+        rows_per_shard=rows_per_shard,
+        executor=executor,
+        overwrite=overwrite,
+    )

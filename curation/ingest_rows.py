@@ -1,0 +1,393 @@
+"""Turning one flat input row into a (query, document, pair) triple, and writing parsed parts.
+
+Every ingest source (JSONL, CSV, Parquet, Hugging Face datasets, image folders, bundled examples)
+ends here: a reader produces plain dicts, ``normalise_row`` maps them onto the target fields and
+checks their types, and a ``PartWriter`` streams the results of one task into ``_progress/parts/``.
+
+Target fields of a flat row (each names an input column through the mapping, or defaults to the
+column of the same name):
+
+    query_id, query_text, query_image, query_instruction, subset, task,
+    doc_id, doc_text, doc_image, doc_instruction, label, score
+
+A missing id becomes a content-hash id (``q-``/``d-`` + 16 hex of sha1 over subset, task,
+instruction, text and image key), so identical queries and documents share one id and are stored
+once. A row that cannot be used raises ``RowError`` with a reason the quarantine records.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.dataset import TMP_PREFIX, atomic_write_json
+from curation.quarantine import QuarantineBuilder
+from curation.schema import CORPUS, PAIRS, QUARANTINE, QUERIES, SCHEMAS
+
+TARGETS = (
+    "query_id",
+    "query_text",
+    "query_image",
+    "query_instruction",
+    "subset",
+    "task",
+    "doc_id",
+    "doc_text",
+    "doc_image",
+    "doc_instruction",
+    "label",
+    "score",
+)
+#: What the quarantine's ``table`` column says for a refused input row (it is not yet a query,
+#: a document or a pair).
+INPUT_TABLE = "input"
+STAGE = "ingest"
+ORIGIN = "ingest"
+KEY = "_key"  # 16-byte hash of a row's id and content: equal keys are exact repeats
+LINE = "_line"  # quarantine: line number relative to the task's byte range (JSONL), fixed on merge
+PART_TABLES = (QUERIES, CORPUS, PAIRS, QUARANTINE)
+PART_SCHEMAS = {
+    QUERIES: SCHEMAS[QUERIES].append(pa.field(KEY, pa.binary(16))),
+    CORPUS: SCHEMAS[CORPUS].append(pa.field(KEY, pa.binary(16))),
+    PAIRS: SCHEMAS[PAIRS].append(pa.field(KEY, pa.binary(16))),
+    QUARANTINE: SCHEMAS[QUARANTINE].append(pa.field(LINE, pa.int64())),
+}
+DONE = "done.json"
+
+
+class RowError(Exception):
+    """A row that cannot be ingested: ``reason`` goes to the quarantine, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _type_name(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        bytes: "bytes",
+    }.get(type(value), type(value).__name__)
+
+
+def _where(target: str, spec: dict[str, Any]) -> str:
+    col = spec["mapping"].get(target, target)
+    return target if col == target else f"{target} (column {col!r})"
+
+
+def _checked_str(value: str, target: str, spec: dict[str, Any]) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError("invalid_utf8", f"{_where(target, spec)} holds text that is not valid UTF-8") from e
+    return value
+
+
+def _text(row: dict[str, Any], target: str, spec: dict[str, Any]) -> str | None:
+    """A text-valued target: a string, or None when absent or empty."""
+    value = _value(row, target, spec)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RowError("wrong_type", f"{_where(target, spec)} is {_type_name(value)}, expected a string")
+    return _checked_str(value, target, spec)
+
+
+def _id(row: dict[str, Any], target: str, spec: dict[str, Any]) -> str | None:
+    value = _value(row, target, spec)
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise RowError(
+            "wrong_type", f"{_where(target, spec)} is {_type_name(value)}, expected a string or integer"
+        )
+    return _checked_str(value, target, spec)
+
+
+def _value(row: dict[str, Any], target: str, spec: dict[str, Any]) -> Any:
+    value = row.get(spec["mapping"].get(target, target))
+    if value is None or value == "":
+        return spec["defaults"].get(target, value)
+    return value
+
+
+def _score(row: dict[str, Any], spec: dict[str, Any]) -> float | None:
+    value = _value(row, "score", spec)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise RowError("wrong_type", f"{_where('score', spec)} is {_type_name(value)}, expected a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise RowError("wrong_type", f"{_where('score', spec)} is {value!r}, expected a number") from None
+
+
+def _decode_b64(data: str, target: str, spec: dict[str, Any]) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError:
+        raise RowError(
+            "wrong_type", f"{_where(target, spec)} holds bytes that are not valid base64"
+        ) from None
+
+
+def _relative_path(path: str, root: str) -> str:
+    """An absolute path inside the data root becomes relative to it; anything else is kept."""
+    if os.path.isabs(path):
+        prefix = root.rstrip(os.sep) + os.sep
+        if path.startswith(prefix):
+            return path[len(prefix) :]
+    return path
+
+
+def _image(row: dict[str, Any], target: str, spec: dict[str, Any]) -> tuple[dict | None, str | None]:
+    """An image cell as ``{bytes, path}`` and its key (for ids): ``b:<sha1>`` of inline bytes, or
+    ``p:<path>`` of an image given by path (embedded or not, so ``--embed-images`` keeps ids)."""
+    value = _value(row, target, spec)
+    data: bytes | None = None
+    path: str | None = None
+    if value is None or value == "":
+        return None, None
+    if isinstance(value, str):
+        if value.startswith("data:") and ";base64," in value[:100]:
+            data = _decode_b64(value.split(";base64,", 1)[1], target, spec)
+        else:
+            path = _checked_str(value, target, spec)
+    elif isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+    elif isinstance(value, dict) and set(value) <= {"bytes", "path"}:
+        raw, path = value.get("bytes"), value.get("path")
+        if isinstance(raw, str):  # JSON has no bytes: base64
+            data = _decode_b64(raw, target, spec)
+        elif isinstance(raw, bytes | bytearray | memoryview):
+            data = bytes(raw)
+        elif raw is not None:
+            raise RowError("wrong_type", f"{_where(target, spec)}.bytes is {_type_name(raw)}, expected bytes")
+        if path is not None and not isinstance(path, str):
+            raise RowError(
+                "wrong_type", f"{_where(target, spec)}.path is {_type_name(path)}, expected a string"
+            )
+        if path == "":
+            path = None
+        if data is None and path is None:
+            return None, None
+    else:
+        what = "an object without bytes/path keys" if isinstance(value, dict) else _type_name(value)
+        raise RowError(
+            "wrong_type", f"{_where(target, spec)} is {what}, expected a path, bytes or {{bytes, path}}"
+        )
+    if path is not None:
+        path = _relative_path(path, spec["data_root"])
+    key = f"b:{hashlib.sha1(data).hexdigest()}" if data is not None else f"p:{path}"
+    if data is None and spec.get("embed_images"):
+        data = _embed(path, target, spec)
+    return {"bytes": data, "path": path}, key
+
+
+def _embed(path: str, target: str, spec: dict[str, Any]) -> bytes:
+    """Read an image file under the data root; paths that leave it (after symlinks) are refused."""
+    root = Path(spec["data_root"]).resolve()
+    full = (root / path).resolve()
+    if not full.is_relative_to(root):
+        raise RowError(
+            "image_path_outside_root",
+            f"{_where(target, spec)} {path!r} resolves outside the data root {root}",
+        )
+    try:
+        return full.read_bytes()
+    except OSError as e:
+        raise RowError("image_not_found", f"{_where(target, spec)} {path!r}: {e.strerror or e}") from None
+
+
+def _serialise(fields: tuple) -> bytes:
+    """An unambiguous byte string of str/float/None fields (each length-prefixed; None is '~')."""
+    parts = []
+    for f in fields:
+        if f is None:
+            parts.append("~")
+        else:
+            f = f if isinstance(f, str) else repr(f)
+            parts.append(f"{len(f)}:{f}")
+    return "".join(parts).encode("utf-8", "surrogatepass")
+
+
+def _id_and_key(given: str | None, prefix: str, content: tuple) -> tuple[str, bytes]:
+    """The row's id and its dedup key (id and content together). A missing id becomes a content-hash
+    id: ``prefix-`` + 16 hex of sha1 over the content (subset, [task,] instruction, text, image key),
+    so identical content gets an identical id and is stored once."""
+    data = _serialise(content)
+    rid = given or f"{prefix}-{hashlib.sha1(data).hexdigest()[:16]}"
+    return rid, hashlib.blake2b(rid.encode("utf-8", "surrogatepass") + b"\0" + data, digest_size=16).digest()
+
+
+def normalise_row(row: dict[str, Any], spec: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """One flat input row -> (query, doc, pair) rows (each with its ``_key``), or ``RowError``.
+
+    ``spec`` holds ``mapping`` (target -> column), ``defaults`` (target -> constant used when the
+    row has no value), ``data_root`` (absolute) and ``embed_images``.
+    """
+    subset = _text(row, "subset", spec)
+    task = _text(row, "task", spec)
+    q_instr = _text(row, "query_instruction", spec)
+    q_text = _text(row, "query_text", spec)
+    q_image, q_ikey = _image(row, "query_image", spec)
+    d_instr = _text(row, "doc_instruction", spec)
+    d_text = _text(row, "doc_text", spec)
+    d_image, d_ikey = _image(row, "doc_image", spec)
+    label = _text(row, "label", spec) or "positive"
+    score = _score(row, spec)
+    for side, text, image in (("query", q_text, q_image), ("doc", d_text, d_image)):
+        if text is None and image is None:
+            raise RowError(
+                "missing_content",
+                f"the {side} has neither text ({_where(side + '_text', spec)}) "
+                f"nor image ({_where(side + '_image', spec)})",
+            )
+    qid, qkey = _id_and_key(_id(row, "query_id", spec), "q", (subset, task, q_instr, q_text, q_ikey))
+    did, dkey = _id_and_key(_id(row, "doc_id", spec), "d", (subset, d_instr, d_text, d_ikey))
+    query = {
+        "query_id": qid,
+        "subset": subset,
+        "task": task,
+        "instruction": q_instr,
+        "text": q_text,
+        "image": q_image,
+        KEY: qkey,
+    }
+    doc = {
+        "doc_id": did,
+        "subset": subset,
+        "instruction": d_instr,
+        "text": d_text,
+        "image": d_image,
+        KEY: dkey,
+    }
+    pkey = hashlib.blake2b(_serialise((qid, did, label, score)), digest_size=16).digest()
+    pair = {
+        "query_id": qid,
+        "doc_id": did,
+        "label": label,
+        "score": score,
+        "rank": None,
+        "judge_p_yes": None,
+        "judge_verdict": None,
+        "origin": ORIGIN,
+        KEY: pkey,
+    }
+    return query, doc, pair
+
+
+def plain(value: Any) -> Any:
+    """A value the quarantine's JSON record can hold (dates, decimals and the like become strings)."""
+    if value is None or isinstance(value, str | bool | int | bytes):
+        return value
+    if isinstance(value, float):
+        return value  # non-finite floats are kept by the quarantine's encoder
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    return str(value)
+
+
+class PartWriter:
+    """Writes the parsed output of one task: queries, corpus, pairs and quarantine Parquet files
+    under ``part_dir``, streamed in row groups, each renamed into place when complete, then
+    ``done.json`` with the task's counts. Exact repeats within the task are written once."""
+
+    ROWS_PER_GROUP = 4096
+    BYTES_PER_GROUP = 32 << 20
+
+    def __init__(self, part_dir: str | os.PathLike, source: str):
+        self.dir = Path(part_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.source = source
+        self.buffers: dict[str, list[dict]] = {t: [] for t in PART_TABLES}
+        self.buffer_bytes = dict.fromkeys(PART_TABLES, 0)
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.seen: dict[str, set[bytes]] = {t: set() for t in (QUERIES, CORPUS, PAIRS)}
+        self.rows_read = 0
+        self.counts = dict.fromkeys(PART_TABLES, 0)
+        self.repeats = dict.fromkeys((QUERIES, CORPUS, PAIRS), 0)
+        self.qb = QuarantineBuilder(INPUT_TABLE, STAGE, source)
+
+    def _tmp(self, table: str) -> Path:
+        return self.dir / f"{TMP_PREFIX}{table}.parquet.{os.getpid()}"
+
+    def _append(self, table: str, row: dict[str, Any], nbytes: int = 0) -> None:
+        self.buffers[table].append(row)
+        self.buffer_bytes[table] += nbytes
+        self.counts[table] += 1
+        if (
+            len(self.buffers[table]) >= self.ROWS_PER_GROUP
+            or self.buffer_bytes[table] >= self.BYTES_PER_GROUP
+        ):
+            self._flush(table)
+
+    def _flush(self, table: str) -> None:
+        rows = self.buffers[table]
+        if table not in self.writers:
+            self.writers[table] = pq.ParquetWriter(self._tmp(table), PART_SCHEMAS[table], compression="zstd")
+        if rows:
+            self.writers[table].write_table(pa.Table.from_pylist(rows, schema=PART_SCHEMAS[table]))
+        self.buffers[table] = []
+        self.buffer_bytes[table] = 0
+
+    def add(self, query: dict, doc: dict, pair: dict) -> None:
+        for table, row in ((QUERIES, query), (CORPUS, doc), (PAIRS, pair)):
+            if row[KEY] in self.seen[table]:
+                self.repeats[table] += 1
+                continue
+            self.seen[table].add(row[KEY])
+            image = row.get("image")
+            self._append(table, row, len(image["bytes"] or b"") if image else 0)
+
+    def quarantine(
+        self,
+        reason: str,
+        detail: str,
+        *,
+        row: dict[str, Any] | None = None,
+        raw: bytes | None = None,
+        location: str,
+        line: int | None = None,
+    ) -> None:
+        """A refused row: ``row`` (kept as JSON) or ``raw`` bytes; ``line`` relative to the task."""
+        if raw is not None:
+            self.qb.add_raw(raw, reason, detail, location=location)
+        else:
+            self.qb.add(plain(row or {}), reason, detail, location=location)
+        record = self.qb.rows.pop()
+        record[LINE] = line
+        self._append(QUARANTINE, record, len(record["record"]))
+
+    def close(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        for table in PART_TABLES:
+            self._flush(table)
+            self.writers[table].close()
+        for table in PART_TABLES:
+            os.replace(self._tmp(table), self.dir / f"{table}.parquet")
+        done = {
+            "rows_read": self.rows_read,
+            "written": self.counts,
+            "repeats_in_task": self.repeats,
+            **(stats or {}),
+        }
+        atomic_write_json(self.dir / DONE, done)
+        return done

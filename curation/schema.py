@@ -1,0 +1,108 @@
+"""The assay dataset format: one place that says what every table holds.
+
+A dataset is a directory of Parquet shards, ID-normalised (DESIGN.md; README.md shows it):
+
+    <dataset>/
+      manifest.json               schema version, lineage, counts, config, code version
+      queries/part-*.parquet      query_id, subset, task, instruction, text, image
+      corpus/part-*.parquet       doc_id, subset, instruction, text, image
+      pairs/part-*.parquet        query_id, doc_id, label, score, rank, judge_p_yes, judge_verdict, origin
+      quarantine/*.parquet        refused rows, whole, with reason and stage
+
+Every other package imports the schemas and constants from here; nothing else spells a column name
+as a bare string when it can use these.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+#: ``image`` follows the Hugging Face datasets convention: bytes inline, or a path under the data root.
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+
+QUERIES = "queries"
+CORPUS = "corpus"
+PAIRS = "pairs"
+QUARANTINE = "quarantine"
+#: The tables a stage reads and writes, in the order stages process them (pairs last: they refer
+#: to the other two).
+DATA_TABLES = (QUERIES, CORPUS, PAIRS)
+
+QUERIES_SCHEMA = pa.schema(
+    [
+        pa.field("query_id", pa.string()),
+        pa.field("subset", pa.string()),
+        pa.field("task", pa.string()),
+        pa.field("instruction", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("image", IMAGE_TYPE),
+    ]
+)
+
+CORPUS_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string()),
+        pa.field("subset", pa.string()),
+        pa.field("instruction", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("image", IMAGE_TYPE),
+    ]
+)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field("query_id", pa.string()),
+        pa.field("doc_id", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("rank", pa.int32()),
+        pa.field("judge_p_yes", pa.float32()),
+        pa.field("judge_verdict", pa.string()),
+        pa.field("origin", pa.string()),
+    ]
+)
+
+#: A quarantined row keeps everything: ``record`` is the whole row as JSON (bytes as base64, see
+#: curation.quarantine) or, when the row could not even be parsed, the raw bytes of the input.
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("table", pa.string()),
+        pa.field("id", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("record_format", pa.string()),
+        pa.field("record", pa.binary()),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    QUERIES: QUERIES_SCHEMA,
+    CORPUS: CORPUS_SCHEMA,
+    PAIRS: PAIRS_SCHEMA,
+    QUARANTINE: QUARANTINE_SCHEMA,
+}
+
+#: The id column of each table; pairs are identified by (query_id, doc_id).
+ID_COLUMN = {QUERIES: "query_id", CORPUS: "doc_id"}
+
+#: Pair labels (DESIGN.md): false_negative = judged relevant though not gold.
+LABELS = ("positive", "negative", "hard_negative", "false_negative")
+#: The MMEB meta-tasks; a user's own task name is allowed too.
+TASKS = ("classification", "vqa", "retrieval", "grounding", "visdoc")
+VERDICTS = ("yes", "no")
+
+
+def empty_table(table: str) -> pa.Table:
+    """An empty table with the schema of ``table``."""
+    return SCHEMAS[table].empty_table()
+
+
+def image_value(data: bytes | None = None, path: str | None = None) -> dict | None:
+    """An ``image`` cell: inline bytes, or a path relative to the data root, or None."""
+    if data is None and path is None:
+        return None
+    return {"bytes": data, "path": path}

@@ -1,0 +1,265 @@
+"""Scan, plan, apply: the shape of every stage that maps a dataset to a dataset shard for shard.
+
+1. **scan** (per shard, in parallel): read one input shard and write a small side table with a
+   ``row`` column and whatever the stage needs to decide (ids, hashes, per-row verdicts). Expensive
+   per-row work (decoding images, hashing) happens here, once.
+2. **plan** (once, in the driver): read the side tables (ids and hashes only, never content) and
+   decide what happens to each row that is not simply kept: ``quarantine`` (with a reason),
+   ``drop`` (silently: an exact copy, or a filter) or ``rewrite`` (``set_<column>`` values).
+   Global decisions (duplicate ids, pairs naming unknown ids) can only be made here.
+3. **apply** (per shard, in parallel): read the shard and its plan, write the kept rows and the
+   quarantined ones, each file atomically, then the shard's completion marker.
+
+Scan files, plan files and markers live under ``_progress/``. A rerun after a kill at any moment
+skips finished scans and applied shards and recomputes the (deterministic) plan, so it ends with the
+same output as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation.dataset import (
+    AlreadyComplete,
+    Dataset,
+    DatasetWriter,
+    Manifest,
+    ShardSink,
+    atomic_write_parquet,
+)
+from curation.executor import Executor, LocalExecutor
+from curation.quarantine import QuarantineBuilder
+from curation.schema import DATA_TABLES, ID_COLUMN
+
+PLAN_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64()),
+        pa.field("action", pa.string()),  # quarantine | drop | rewrite
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("set_query_id", pa.string()),
+        pa.field("set_doc_id", pa.string()),
+    ]
+)
+
+#: scan(task) -> side table with a ``row`` column. The task has table, shard, src, data_root, config.
+ScanFn = Callable[[dict[str, Any]], pa.Table]
+#: plan(scans) -> {(table, shard): plan table}; scans maps table -> [(shard, side-table path)].
+PlanFn = Callable[[dict[str, list[tuple[str, Path]]]], dict[tuple[str, str], pa.Table]]
+
+
+def make_plan(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """A plan table from dicts with row, action, reason, detail and optional set_* keys."""
+    return pa.Table.from_pylist(list(rows), schema=PLAN_SCHEMA)
+
+
+def plan_from_arrays(
+    rows: np.ndarray, action: str, reason: str | None = None, details: list[str] | None = None
+) -> pa.Table:
+    """A plan table in which every listed row gets the same action (and reason)."""
+    n = len(rows)
+    return pa.table(
+        {
+            "row": pa.array(rows, pa.int64()),
+            "action": pa.array([action] * n, pa.string()),
+            "reason": pa.array([reason] * n, pa.string()),
+            "detail": pa.array(details if details is not None else [None] * n, pa.string()),
+            "set_query_id": pa.nulls(n, pa.string()),
+            "set_doc_id": pa.nulls(n, pa.string()),
+        },
+        schema=PLAN_SCHEMA,
+    )
+
+
+def _scan_task(task: dict[str, Any], scan_fn: ScanFn) -> dict[str, Any]:
+    side = scan_fn(task)
+    if "row" not in side.column_names:
+        raise ValueError(f"scan of {task['table']}/{task['shard']} returned no 'row' column")
+    atomic_write_parquet(task["scan_out"], side)
+    return {"table": task["table"], "shard": task["shard"], "rows": side.num_rows}
+
+
+def _cell(col: pa.ChunkedArray, i: int) -> Any:
+    try:
+        return col[i].as_py()
+    except UnicodeDecodeError:  # a string cell that is not UTF-8: keep its bytes, exactly
+        return col.slice(i, 1).combine_chunks().view(pa.binary())[0].as_py()
+
+
+def _row_dict(table: pa.Table, i: int) -> dict[str, Any]:
+    return {name: _cell(table.column(name), i) for name in table.column_names}
+
+
+def apply_plan(
+    shard: pa.Table,
+    plan: pa.Table | None,
+    table: str,
+    stage: str,
+    source: str,
+) -> tuple[pa.Table, pa.Table]:
+    """Split one shard into kept rows (rewrites applied) and a quarantine table, following its plan."""
+    qb = QuarantineBuilder(table, stage, source)
+    if plan is None or plan.num_rows == 0:
+        return shard, qb.to_table()
+    n = shard.num_rows
+    keep = np.ones(n, dtype=bool)
+    rows = plan.column("row").to_numpy()
+    actions = plan.column("action").to_pylist()
+    reasons = plan.column("reason").to_pylist()
+    details = plan.column("detail").to_pylist()
+    rewrites: dict[str, dict[int, str]] = {"query_id": {}, "doc_id": {}}
+    id_col = ID_COLUMN.get(table)
+    for j, (r, action) in enumerate(zip(rows, actions, strict=True)):
+        r = int(r)
+        if not 0 <= r < n:
+            raise ValueError(f"plan for {source} names row {r}, but the shard has {n} rows")
+        if action == "quarantine":
+            if keep[r]:
+                row = _row_dict(shard, r)
+                rid = row.get(id_col) if id_col else f"{row.get('query_id')}->{row.get('doc_id')}"
+                qb.add(
+                    row,
+                    reasons[j] or "unspecified",
+                    details[j] or "",
+                    id=None if rid is None else str(rid),
+                    location=f"{source}#row={r}",
+                )
+            keep[r] = False
+        elif action == "drop":
+            keep[r] = False
+        elif action == "rewrite":
+            for col in ("query_id", "doc_id"):
+                v = plan.column(f"set_{col}")[j].as_py()
+                if v is not None:
+                    rewrites[col][r] = v
+        else:
+            raise ValueError(f"unknown plan action {action!r} for {source} row {r}")
+    out = shard
+    for col, mapping in rewrites.items():
+        if mapping and col in out.column_names:
+            values = out.column(col).to_pylist()
+            for r, v in mapping.items():
+                values[r] = v
+            out = out.set_column(
+                out.column_names.index(col), col, pa.array(values, out.schema.field(col).type)
+            )
+    kept = out.filter(pa.array(keep)) if not keep.all() else out
+    return kept, qb.to_table()
+
+
+def _apply_task(task: dict[str, Any]) -> dict[str, Any]:
+    sink = ShardSink(**task["sink"])
+    src = Path(task["src"])
+    shard = pq.read_table(src)
+    plan_path = Path(task["plan"])
+    plan = pq.read_table(plan_path) if plan_path.exists() else None
+    kept, quarantine = apply_plan(shard, plan, task["table"], sink.stage, f"{task['source_name']}")
+    return sink.write_shard(task["table"], task["shard"], kept, quarantine)
+
+
+def run_shard_stage(
+    source: Dataset,
+    out: str | Path,
+    *,
+    stage: str,
+    config: dict[str, Any],
+    scan_fn: ScanFn,
+    plan_fn: PlanFn,
+    executor: Executor | None = None,
+    overwrite: bool = False,
+    tables: tuple[str, ...] = DATA_TABLES,
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    """Run a scan/plan/apply stage from ``source`` into a new dataset at ``out``; resumable."""
+    executor = executor or LocalExecutor()
+    try:
+        writer = DatasetWriter(
+            out,
+            stage=stage,
+            config=config,
+            parents=[source],
+            data_root=str(source.data_root.resolve()),
+            overwrite=overwrite,
+        )
+    except AlreadyComplete as done:
+        return done.manifest
+    progress = writer.progress_dir
+    shards = {t: source.shards(t) for t in tables}
+
+    scan_tasks = []
+    scans: dict[str, list[tuple[str, Path]]] = {}
+    for t in tables:
+        scans[t] = []
+        for name in shards[t]:
+            scan_out = progress / "scan" / t / name
+            scans[t].append((name, scan_out))
+            if not scan_out.exists():
+                scan_tasks.append(
+                    {
+                        "table": t,
+                        "shard": name,
+                        "src": str(source.shard_path(t, name)),
+                        "source_name": f"{source.root.name}/{t}/{name}",
+                        "data_root": str(source.data_root.resolve()),
+                        "config": config,
+                        "scan_out": str(scan_out),
+                    }
+                )
+    if scan_tasks:
+        executor.map(functools.partial(_scan_task, scan_fn=scan_fn), scan_tasks, desc=f"{stage}: scan")
+
+    plans = plan_fn(scans)
+    for (t, name), plan in plans.items():
+        if plan is not None and plan.num_rows:
+            atomic_write_parquet(progress / "plan" / t / name, plan.sort_by("row"))
+
+    apply_tasks = [
+        {
+            "sink": vars(writer.sink),
+            "table": t,
+            "shard": name,
+            "src": str(source.shard_path(t, name)),
+            "plan": str(progress / "plan" / t / name),
+            "source_name": f"{source.root.name}/{t}/{name}",
+        }
+        for t in tables
+        for name in shards[t]
+        if not writer.is_done(t, name)
+    ]
+    if apply_tasks:
+        executor.map(_apply_task, apply_tasks, desc=f"{stage}: write")
+    return writer.finish(extra=extra)
+
+
+def read_scans(scans: list[tuple[str, Path]], columns: list[str] | None = None) -> pa.Table:
+    """Concatenate one table's scan side tables, adding ``shard`` (index into ``scans``)."""
+    parts = []
+    for i, (_, path) in enumerate(scans):
+        t = pq.read_table(path, columns=columns)
+        parts.append(t.append_column("shard", pa.array(np.full(t.num_rows, i, dtype=np.int32))))
+    if not parts:
+        return pa.table({})
+    return pa.concat_tables(parts, promote_options="default")
+
+
+def split_by_shard(
+    rows: pa.Table, scans: list[tuple[str, Path]], table: str, build: Callable[[pa.Table], pa.Table]
+) -> dict[tuple[str, str], pa.Table]:
+    """Group a global table of decisions (with ``shard`` and ``row``) into one plan per shard."""
+    plans: dict[tuple[str, str], pa.Table] = {}
+    if rows.num_rows == 0:
+        return plans
+    shard_col = rows.column("shard")
+    for i, (name, _) in enumerate(scans):
+        part = rows.filter(pc.equal(shard_col, i))
+        if part.num_rows:
+            plans[(table, name)] = build(part)
+    return plans

@@ -1,0 +1,477 @@
+"""Validate: schema and content checks. Every refused row goes, whole, to the quarantine.
+
+Row checks run per shard in the scan step (vectorised with pyarrow where they can be, images one
+by one); the checks that need the whole dataset (duplicate ids, pairs naming ids that do not exist
+or were refused) run in the plan step over ids only. A row gets the first reason that applies, in
+this order:
+
+=========================  ================================================================
+reason                     what was wrong
+=========================  ================================================================
+wrong_type                 a column of the shard has a type the format does not allow
+invalid_utf8               a text column holds bytes that are not UTF-8
+missing_id                 the id (query_id, doc_id, or either id of a pair) is null or blank
+missing_content            neither text nor image
+empty_text                 text present but empty or whitespace only
+text_too_long              text longer than ``max_text_chars``
+invalid_label              a pair label that is not positive/negative/hard_negative/false_negative
+invalid_value              a NaN score, a judge_p_yes outside [0, 1], a verdict not yes/no
+image_path_outside_root    an image path that resolves (symlinks included) outside the data root
+image_not_found            an image path with no file behind it
+image_too_large            more pixels than ``max_pixels`` or more bytes than ``max_image_bytes``
+                           (checked from the header, before decoding: decompression bombs)
+unreadable_image           not an image, a format not allowed, or a corrupt one
+truncated_image            an image whose data ends early
+duplicate_id               an id already used by an earlier row of the same table
+unknown_query_id           a pair whose query is not in queries (or was refused)
+unknown_doc_id             a pair whose document is not in corpus (or was refused)
+=========================  ================================================================
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from curation.dataset import Dataset, Manifest
+from curation.executor import Executor
+from curation.schema import CORPUS, ID_COLUMN, LABELS, PAIRS, QUERIES, SCHEMAS, VERDICTS
+from curation.shardstage import read_scans, run_shard_stage, split_by_shard
+
+STAGE = "validate"
+
+SCAN_SCHEMA = pa.schema(
+    [
+        pa.field("row", pa.int64()),
+        pa.field("id", pa.string()),
+        pa.field("doc_id", pa.string()),  # pairs only: id holds the query_id
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Limits and switches of the validate stage (all recorded in the output manifest)."""
+
+    max_text_chars: int = 100_000
+    max_pixels: int = 40_000_000
+    max_image_bytes: int = 64 * 1024 * 1024
+    decode_images: bool = True
+    image_formats: tuple[str, ...] = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image_formats"] = list(self.image_formats)
+        return d
+
+
+# -- column types ---------------------------------------------------------------------------------
+
+_STRINGS = (pa.string(), pa.large_string(), pa.string_view())
+_BINARIES = (pa.binary(), pa.large_binary(), pa.binary_view())
+
+
+def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Types a shard may hold for a column and still be read losslessly as the format's type."""
+    if actual == expected or pa.types.is_null(actual):
+        return True
+    if expected in _STRINGS:
+        return actual in _STRINGS
+    if expected in _BINARIES:
+        return actual in _BINARIES
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(actual) or pa.types.is_integer(actual)
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    if pa.types.is_struct(expected):
+        if not pa.types.is_struct(actual):
+            return False
+        names = {actual.field(i).name: actual.field(i).type for i in range(actual.num_fields)}
+        return all(
+            (f.name not in names) or _compatible(names[f.name], f.type)
+            for f in (expected.field(i) for i in range(expected.num_fields))
+        )
+    return False
+
+
+def _invalid_utf8_rows(col: pa.ChunkedArray) -> np.ndarray:
+    """Boolean mask of rows whose string is not valid UTF-8 (fast path: one full validation)."""
+    bad = np.zeros(len(col), dtype=bool)
+    offset = 0
+    for chunk in col.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            raw = chunk.view(pa.binary()) if chunk.type == pa.string() else chunk.cast(pa.large_binary())
+            for i, b in enumerate(raw.to_pylist()):
+                if b is not None:
+                    try:
+                        b.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad[offset + i] = True
+        offset += len(chunk)
+    return bad
+
+
+def conform_columns(table_name: str, shard: pa.Table) -> tuple[pa.Table, str | None]:
+    """Cast a shard to the format's schema. Returns (table, problem) where problem names a column of
+    the wrong type; missing nullable columns are added as nulls."""
+    schema = SCHEMAS[table_name]
+    cols = {}
+    for f in schema:
+        if f.name not in shard.column_names:
+            cols[f.name] = pa.nulls(shard.num_rows, f.type)
+            continue
+        col = shard.column(f.name)
+        if not _compatible(col.type, f.type):
+            return shard, f"column {f.name} has type {col.type}, expected {f.type}"
+        if pa.types.is_struct(f.type) and col.type != f.type:
+            # Fill missing struct fields (e.g. an image struct with only 'path').
+            arr = col.combine_chunks()
+            children = []
+            for sub in f.type:
+                idx = arr.type.get_field_index(sub.name)
+                children.append(arr.field(idx).cast(sub.type) if idx >= 0 else pa.nulls(len(arr), sub.type))
+            col = pa.StructArray.from_arrays(children, fields=list(f.type), mask=arr.is_null())
+        cols[f.name] = col
+    return pa.table(cols), None
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+
+def check_image(image: dict[str, Any], data_root: str, cfg: ValidateConfig) -> tuple[str, str] | None:
+    """None if the image is usable, else (reason, detail). Never decodes more than ``max_pixels``."""
+    data = image.get("bytes")
+    path = image.get("path")
+    if data is None and path is not None:
+        root = os.path.realpath(data_root)
+        full = os.path.realpath(os.path.join(root, path))
+        if os.path.commonpath([root, full]) != root:
+            return "image_path_outside_root", f"{path!r} resolves to {full}, outside the data root {root}"
+        if not os.path.isfile(full):
+            return "image_not_found", f"{path!r}: no such file under {root}"
+        size = os.path.getsize(full)
+        if size > cfg.max_image_bytes:
+            return "image_too_large", f"{path!r} is {size} bytes (limit {cfg.max_image_bytes})"
+        with open(full, "rb") as f:
+            data = f.read()
+    if data is None:
+        return None
+    if len(data) > cfg.max_image_bytes:
+        return "image_too_large", f"{len(data)} bytes (limit {cfg.max_image_bytes})"
+    if not cfg.decode_images:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=list(cfg.image_formats))
+            w, h = im.size
+            if w * h > cfg.max_pixels:
+                return "image_too_large", f"{w}x{h} = {w * h} pixels (limit {cfg.max_pixels})"
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return "image_too_large", str(e)
+    except UnidentifiedImageError:
+        return "unreadable_image", f"not an image of an allowed format ({', '.join(cfg.image_formats)})"
+    except OSError as e:
+        if "truncated" in str(e):
+            return "truncated_image", str(e)
+        return "unreadable_image", f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - a corrupt image may raise anything inside a decoder
+        return "unreadable_image", f"{type(e).__name__}: {e}"
+    return None
+
+
+# -- the scan: row checks of one shard ----------------------------------------------------------------
+
+
+class _Reasons:
+    """The first reason that applies to each row."""
+
+    def __init__(self, n: int):
+        self.reason = np.full(n, None, dtype=object)
+        self.detail = np.full(n, None, dtype=object)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.equal(self.reason, None)
+
+    def mark(
+        self, mask: np.ndarray, reason: str, detail: str | Callable[[np.ndarray], list[str]] = ""
+    ) -> None:
+        """Give ``reason`` to the rows in ``mask`` that have none yet; ``detail`` may be a function of
+        the selected row indices, so per-row messages are only built for refused rows."""
+        sel = np.flatnonzero(mask & self.ok)
+        if not len(sel):
+            return
+        self.reason[sel] = reason
+        if callable(detail):
+            self.detail[sel] = np.array(detail(sel), dtype=object)
+        else:
+            self.detail[sel] = detail
+
+
+def _mask(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _string_columns(table_name: str) -> list[str]:
+    return [f.name for f in SCHEMAS[table_name] if f.type == pa.string()]
+
+
+def scan_validate(task: dict[str, Any]) -> pa.Table:
+    """Row checks of one shard; returns the scan table (row, id, doc_id, reason, detail)."""
+    table_name, cfg = task["table"], ValidateConfig(**_cfg_args(task["config"]))
+    raw = pq.read_table(task["src"])
+    n = raw.num_rows
+    r = _Reasons(n)
+    shard, problem = conform_columns(table_name, raw)
+    if problem:
+        r.mark(np.ones(n, dtype=bool), "wrong_type", problem)
+        ids = pa.nulls(n, pa.string())
+        doc_ids = pa.nulls(n, pa.string())
+    else:
+        for name in _string_columns(table_name):
+            bad = _invalid_utf8_rows(shard.column(name))
+            if bad.any():
+                r.mark(bad, "invalid_utf8", f"column {name} is not valid UTF-8")
+                col = shard.column(name).combine_chunks()
+                col = pc.if_else(
+                    pa.array(bad),
+                    pa.scalar(None, pa.string()),
+                    col.view(pa.binary()).cast(pa.string(), safe=False),
+                )
+                shard = shard.set_column(shard.column_names.index(name), name, col)
+        if table_name == PAIRS:
+            _check_pairs(shard, r)
+            ids = shard.column("query_id").combine_chunks()
+            doc_ids = shard.column("doc_id").combine_chunks()
+        else:
+            _check_items(table_name, shard, r, task["data_root"], cfg)
+            ids = shard.column(ID_COLUMN[table_name]).combine_chunks()
+            doc_ids = pa.nulls(n, pa.string())
+    return pa.table(
+        {
+            "row": pa.array(np.arange(n), pa.int64()),
+            "id": ids.cast(pa.string()),
+            "doc_id": doc_ids.cast(pa.string()),
+            "reason": pa.array(r.reason.tolist(), pa.string()),
+            "detail": pa.array(r.detail.tolist(), pa.string()),
+        },
+        schema=SCAN_SCHEMA,
+    )
+
+
+def _blank(col: pa.ChunkedArray) -> np.ndarray:
+    """Rows whose string is present but empty after trimming whitespace."""
+    return _mask(pc.equal(pc.utf8_trim_whitespace(col), ""))
+
+
+def _missing(col: pa.ChunkedArray) -> np.ndarray:
+    return _mask(pc.is_null(col)) | _blank(col)
+
+
+def _check_items(table_name: str, shard: pa.Table, r: _Reasons, data_root: str, cfg: ValidateConfig) -> None:
+    id_col = ID_COLUMN[table_name]
+    r.mark(_missing(shard.column(id_col)), "missing_id", f"{id_col} is null or blank")
+    text = shard.column("text")
+    image = shard.column("image").combine_chunks()
+    has_image = ~np.asarray(image.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if len(image):
+        both_null = _mask(pc.and_(pc.is_null(image.field("bytes")), pc.is_null(image.field("path"))))
+        has_image &= ~both_null
+    has_text = ~_mask(pc.is_null(text))
+    r.mark(~has_text & ~has_image, "missing_content", "neither text nor image")
+    r.mark(_blank(text), "empty_text", "text is empty or whitespace only")
+    lengths = pc.fill_null(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False)
+    r.mark(
+        lengths > cfg.max_text_chars,
+        "text_too_long",
+        lambda idx: [f"{n} characters (limit {cfg.max_text_chars})" for n in lengths[idx].tolist()],
+    )
+    checked: dict[str, tuple[str, str] | None] = {}  # one file shared by many rows is checked once
+    for i in np.flatnonzero(has_image & r.ok):
+        cell = image[int(i)].as_py()
+        path = cell["path"] if cell["bytes"] is None else None
+        if path is not None and path in checked:
+            problem = checked[path]
+        else:
+            problem = check_image(cell, data_root, cfg)
+            if path is not None:
+                checked[path] = problem
+        if problem:
+            r.reason[i], r.detail[i] = problem
+
+
+def _check_pairs(shard: pa.Table, r: _Reasons) -> None:
+    for col in ("query_id", "doc_id"):
+        r.mark(_missing(shard.column(col)), "missing_id", f"{col} is null or blank")
+    label = shard.column("label")
+    bad_label = ~_mask(pc.is_in(label, value_set=pa.array(LABELS)))
+    r.mark(
+        bad_label,
+        "invalid_label",
+        lambda idx: [f"label {label[int(i)].as_py()!r} is not one of {', '.join(LABELS)}" for i in idx],
+    )
+    score = shard.column("score").cast(pa.float64()).to_numpy(zero_copy_only=False)
+    r.mark(np.isnan(score) & ~_mask(pc.is_null(shard.column("score"))), "invalid_value", "score is NaN")
+    p = shard.column("judge_p_yes").cast(pa.float64())
+    pv = pc.fill_null(p, 0.5).to_numpy(zero_copy_only=False)
+    r.mark(
+        ~((pv >= 0) & (pv <= 1)),
+        "invalid_value",
+        lambda idx: [f"judge_p_yes {v} is outside [0, 1]" for v in pv[idx].tolist()],
+    )
+    verdict = shard.column("judge_verdict")
+    bad_verdict = _mask(pc.is_valid(verdict)) & ~_mask(pc.is_in(verdict, value_set=pa.array(VERDICTS)))
+    r.mark(
+        bad_verdict,
+        "invalid_value",
+        lambda idx: [f"judge_verdict {verdict[int(i)].as_py()!r} is not yes or no" for i in idx],
+    )
+
+
+def _cfg_args(config: dict[str, Any]) -> dict[str, Any]:
+    args = dict(config)
+    args["image_formats"] = tuple(args.get("image_formats", ValidateConfig.image_formats))
+    return args
+
+
+# -- the plan: checks across shards ------------------------------------------------------------------
+
+
+def plan_validate(scans: dict[str, list[tuple[str, Path]]]) -> dict[tuple[str, str], pa.Table]:
+    """Duplicate ids and dangling pair ids, decided over the ids of all shards."""
+    plans: dict[tuple[str, str], pa.Table] = {}
+    kept_ids: dict[str, pl.Series] = {}
+    for table in (QUERIES, CORPUS):
+        s = pl.from_arrow(read_scans(scans.get(table, []))) if scans.get(table) else None
+        if s is None or s.height == 0:
+            kept_ids[table] = pl.Series("id", [], dtype=pl.String)
+            continue
+        s = s.with_row_index("order").select("order", "shard", "row", "id", "reason", "detail")
+        ok = s.filter(pl.col("reason").is_null()).with_columns(
+            pl.col("id").is_first_distinct().alias("first")
+        )
+        first = ok.filter(pl.col("first"))
+        kept_ids[table] = first.get_column("id")
+        shard_names = [name for name, _ in scans[table]]
+        repeated = ok.filter(~pl.col("first"))
+        names = pl.DataFrame(
+            {"shard": pl.Series(range(len(shard_names)), dtype=pl.Int32), "shard_name": shard_names}
+        )
+        first_at = (
+            first.filter(pl.col("id").is_in(repeated.get_column("id").implode()))
+            .join(names, on="shard", how="left")
+            .select(pl.col("id"), pl.format("{} row {}", pl.col("shard_name"), pl.col("row")).alias("at"))
+        )
+        dups = (
+            repeated.join(first_at, on="id", how="left", maintain_order="left")
+            .with_columns(
+                pl.lit("duplicate_id").alias("reason"),
+                pl.format(
+                    "{} {} was already used (first at {}/{})",
+                    pl.lit(ID_COLUMN[table]),
+                    pl.col("id"),
+                    pl.lit(table),
+                    pl.col("at"),
+                ).alias("detail"),
+            )
+            .select(s.columns)
+        )
+        rejected = pl.concat([s.filter(pl.col("reason").is_not_null()), dups]).sort("order")
+        plans.update(_plans_for(rejected, scans[table], table))
+    if scans.get(PAIRS):
+        s = pl.from_arrow(read_scans(scans[PAIRS])).with_row_index("order")
+        q_ok = pl.col("id").is_in(kept_ids[QUERIES].implode())
+        d_ok = pl.col("doc_id").is_in(kept_ids[CORPUS].implode())
+        s = s.with_columns(
+            pl.when(pl.col("reason").is_not_null())
+            .then(pl.col("reason"))
+            .when(~q_ok)
+            .then(pl.lit("unknown_query_id"))
+            .when(~d_ok)
+            .then(pl.lit("unknown_doc_id"))
+            .alias("reason"),
+        ).with_columns(
+            pl.when(pl.col("detail").is_not_null())
+            .then(pl.col("detail"))
+            .when(pl.col("reason") == "unknown_query_id")
+            .then(pl.format("query_id {} is not in queries (or was refused)", pl.col("id")))
+            .when(pl.col("reason") == "unknown_doc_id")
+            .then(pl.format("doc_id {} is not in corpus (or was refused)", pl.col("doc_id")))
+            .alias("detail")
+        )
+        plans.update(_plans_for(s.filter(pl.col("reason").is_not_null()), scans[PAIRS], PAIRS))
+    return plans
+
+
+def _plans_for(
+    rejected: pl.DataFrame, scans: list[tuple[str, Path]], table: str
+) -> dict[tuple[str, str], pa.Table]:
+    def build(part: pa.Table) -> pa.Table:
+        n = part.num_rows
+        return pa.table(
+            {
+                "row": part.column("row").cast(pa.int64()),
+                "action": pa.array(["quarantine"] * n, pa.string()),
+                "reason": part.column("reason"),
+                "detail": part.column("detail"),
+                "set_query_id": pa.nulls(n, pa.string()),
+                "set_doc_id": pa.nulls(n, pa.string()),
+            }
+        )
+
+    arrow = rejected.select("shard", "row", "reason", "detail").to_arrow()
+    arrow = arrow.cast(
+        pa.schema(
+            [("shard", pa.int32()), ("row", pa.int64()), ("reason", pa.string()), ("detail", pa.string())]
+        )
+    )
+    return split_by_shard(arrow, scans, table, build)
+
+
+def validate(
+    source: Dataset,
+    out: str | os.PathLike,
+    config: ValidateConfig | None = None,
+    *,
+    executor: Executor | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Check every row of ``source``; write the good rows to ``out`` and the rest to its quarantine."""
+    cfg = config or ValidateConfig()
+    if (
+        cfg.max_pixels <= 0
+        or cfg.max_text_chars <= 0
+        or cfg.max_image_bytes <= 0
+        or not math.isfinite(cfg.max_pixels)
+    ):
+        raise ValueError("validate limits must be positive")
+    return run_shard_stage(
+        source,
+        out,
+        stage=STAGE,
+        config=cfg.to_dict(),
+        scan_fn=scan_validate,
+        plan_fn=plan_validate,
+        executor=executor,
+        overwrite=overwrite,
+    )

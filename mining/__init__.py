@@ -1,0 +1,1 @@
+"""assay.mining: encoders, the embedding cache, kNN indexes and negative-selection rules."""

@@ -1,0 +1,1 @@
+"""One module per `assay` command; each defines `command` (a click.Command)."""

@@ -1,0 +1,82 @@
+"""Options and error handling shared by the `assay` commands."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from curation.dataset import AlreadyComplete, Dataset, DatasetError
+
+
+def executor_options(fn: Callable) -> Callable:
+    """--executor, --ray-address, --num-cpus, --overwrite."""
+    fn = click.option(
+        "--overwrite", is_flag=True, help="Replace OUT if it already holds a dataset or another run."
+    )(fn)
+    fn = click.option(
+        "--num-cpus",
+        type=click.IntRange(min=1),
+        default=None,
+        help="CPUs for the local Ray runtime (default: all).",
+    )(fn)
+    fn = click.option(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="Run on an existing Ray cluster (e.g. ray://head:10001 or auto).",
+    )(fn)
+    fn = click.option(
+        "--executor",
+        type=click.Choice(["ray", "local"]),
+        default="ray",
+        show_default=True,
+        help="ray: a Ray Data job (local Ray unless --ray-address); local: in this process.",
+    )(fn)
+    return fn
+
+
+def build_executor(executor: str, ray_address: str | None, num_cpus: int | None):
+    from pipelines.executors import make_executor
+
+    return make_executor(executor, address=ray_address, num_cpus=num_cpus)
+
+
+def open_dataset(path: str) -> Dataset:
+    """Open a dataset or exit with a clear message."""
+    try:
+        return Dataset(path)
+    except DatasetError as e:
+        raise click.ClickException(str(e)) from e
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn the errors a user can fix (bad dataset, bad config, bad input file) into one clear line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AlreadyComplete as done:
+            click.echo(str(done))
+            return None
+        except (DatasetError, ValueError, FileNotFoundError, PermissionError) as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def print_counts(manifest: Any, stage: str) -> None:
+    """The counts a stage prints when it finishes: rows per table, and quarantined rows per reason."""
+    c = manifest.counts
+    click.echo(
+        f"{stage}: queries={c.get('queries', 0)} corpus={c.get('corpus', 0)} pairs={c.get('pairs', 0)} "
+        f"quarantine={c.get('quarantine', 0)}"
+    )
+    mine = {k: v for k, v in manifest.quarantine_reasons.items() if k.startswith(f"{stage}:")}
+    if mine:
+        click.echo("quarantined by this stage, per reason:")
+        for k, v in sorted(mine.items(), key=lambda kv: (-kv[1], kv[0])):
+            click.echo(f"  {k.split(':', 1)[1]:<28} {v}")

@@ -1,0 +1,138 @@
+"""`assay dedup`: exact and near-duplicate rows, and rows copied from evaluation datasets, to quarantine."""
+
+from __future__ import annotations
+
+import click
+
+from curation.dedup import dedup
+from curation.hamming import MAX_DISTANCE
+from pipelines.commands.common import (
+    build_executor,
+    executor_options,
+    friendly_errors,
+    open_dataset,
+    print_counts,
+)
+
+
+@click.command("dedup", short_help="Exact and near-duplicate rows, and eval-set copies, to quarantine.")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--phash-distance",
+    type=int,
+    default=4,
+    show_default=True,
+    metavar="N",
+    help=f"Images whose 64-bit pHash differ in at most N bits are near duplicates (0: equal hashes "
+    f"only; at most {MAX_DISTANCE}; negative: off). Unrelated images are ~32 bits apart.",
+)
+@click.option("--no-near", is_flag=True, help="Skip near-duplicate images (and do not decode images at all).")
+@click.option(
+    "--against",
+    multiple=True,
+    metavar="EVAL",
+    type=click.Path(exists=True, file_okay=False),
+    help="An evaluation dataset: training rows whose content matches one of its rows are removed "
+    "as contaminated. Repeat for several.",
+)
+@click.option(
+    "--decontaminate",
+    default=None,
+    metavar="TABLES",
+    show_default="queries",
+    help="Comma-separated tables checked against --against: queries, corpus or queries,corpus. "
+    "The corpus is off by default: label-space documents (class names, answer options) are "
+    "shared by design between train and test, and removing them would remove the task.",
+)
+@click.option(
+    "--images-only",
+    is_flag=True,
+    help="Only rows with an image can be contaminated: for short label-like texts that train and "
+    "eval share by design (easy-vqa's retrieval queries such as 'a blue circle').",
+)
+@executor_options
+@friendly_errors
+def command(
+    dataset,
+    out,
+    phash_distance,
+    no_near,
+    against,
+    decontaminate,
+    images_only,
+    executor,
+    ray_address,
+    num_cpus,
+    overwrite,
+):
+    """Remove duplicate rows of DATASET, and rows copied from evaluation sets; write the rest to OUT.
+
+    \b
+    Rows are compared within one table and one subset (queries with queries, corpus with corpus):
+      exact_duplicate       same text after normalisation (Unicode NFKC, case folded, whitespace
+                            collapsed) and the same image bytes (sha256; images by path are read
+                            from the data root)
+      near_duplicate_image  same normalised text (or none) and images whose pHash differ in at
+                            most --phash-distance bits (resized, re-encoded, slightly edited copies)
+      contaminated          the same content as a row of an --against dataset (any subset), or,
+                            with near on, the same text and a near-identical image
+
+    \b
+    The first occurrence (in shard order, then row order) is kept; the others go, whole, to
+    OUT/quarantine/ with the reason and the id of the row kept. Pairs naming a removed duplicate
+    are rewritten to name the kept row; a pair that thereby repeats an earlier one is quarantined
+    as duplicate_pair, and a pair naming a contaminated row as references_removed_row. Nothing
+    is dropped silently.
+
+    \b
+    Runs as a Ray Data job (local Ray unless --ray-address); --executor local runs in this
+    process. If it is killed, rerun the same command to resume: finished shards are kept and the
+    result is the same as an uninterrupted run.
+
+    \b
+    Examples:
+      assay dedup runs/train-valid runs/train-dedup
+      assay dedup runs/train-valid runs/train-dedup --against runs/mmeb-eval --phash-distance 6
+      assay dedup runs/train-valid runs/train-dedup --against runs/eval --decontaminate queries,corpus
+    """
+    if decontaminate is not None and not against:
+        raise click.UsageError(
+            "--decontaminate chooses the tables checked against --against; give --against EVAL"
+        )
+    source = open_dataset(dataset)
+    evals = [open_dataset(a) for a in against]
+    manifest = dedup(
+        source,
+        out,
+        near=not no_near,
+        phash_distance=phash_distance,
+        against=evals,
+        decontaminate=decontaminate if decontaminate is not None else ("queries",),
+        decontaminate_text_only=not images_only,
+        executor=build_executor(executor, ray_address, num_cpus),
+        overwrite=overwrite,
+    )
+    print_counts(manifest, "dedup")
+    stats = manifest.extra.get("dedup", {})
+    for table in ("queries", "corpus"):
+        s = stats.get(table, {})
+        if s.get("images_unreadable"):
+            click.echo(
+                f"note: {s['images_unreadable']} {table} image path(s) could not be read and were compared "
+                "by path; run `assay validate` to quarantine them",
+                err=True,
+            )
+        if s.get("images_not_phashed"):
+            click.echo(
+                f"note: {s['images_not_phashed']} {table} image(s) could not be decoded and were left out "
+                "of the near-duplicate check",
+                err=True,
+            )
+    if stats.get("pairs", {}).get("rewritten"):
+        click.echo(f"pairs rewritten to the kept rows: {stats['pairs']['rewritten']}")
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    command(prog_name="assay dedup")

@@ -1,0 +1,95 @@
+"""`assay filter DATASET OUT --where EXPR`: keep the rows an expression accepts."""
+
+from __future__ import annotations
+
+import click
+
+from curation.schema import DATA_TABLES
+from pipelines.commands.common import (
+    build_executor,
+    executor_options,
+    friendly_errors,
+    open_dataset,
+    print_counts,
+)
+
+
+@click.command("filter")
+@click.argument("dataset", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--where",
+    "-w",
+    "where",
+    required=True,
+    metavar="EXPR",
+    help='The condition rows must meet, e.g. "judge_p_yes < 0.5" or "label == \'hard_negative\'".',
+)
+@click.option(
+    "--table",
+    type=click.Choice(DATA_TABLES),
+    default=None,
+    help="Apply the expression to this table only (default: every table that has its columns).",
+)
+@click.option(
+    "--prune", is_flag=True, help="Also drop queries and documents that no remaining pair refers to."
+)
+@executor_options
+@friendly_errors
+def command(
+    dataset: str,
+    out: str,
+    where: str,
+    table: str | None,
+    prune: bool,
+    executor: str,
+    ray_address: str | None,
+    num_cpus: int | None,
+    overwrite: bool,
+) -> None:
+    """Write the rows of DATASET that --where accepts as a new dataset OUT.
+
+    \b
+    The expression is applied to every table that has all the columns it names
+    (or only to --table); rows failing it are dropped. Pairs whose query or document
+    is gone are dropped too, and with --prune so are queries and documents no pair
+    refers to. The expression is recorded in OUT's manifest.
+
+    \b
+    Expressions: comparisons (== != < <= > >=, chained), and / or / not, parentheses,
+    `col in [...]`, `col not in [...]`, string/number/True/False/None literals,
+    is_null(col), not_null(col), startswith(col, 'x'), endswith(col, 'x'),
+    contains(col, 'x'). A comparison with a missing value is false. Nothing is ever
+    evaluated as Python.
+
+    \b
+    Examples:
+      assay filter data/ out/ --where "subset == 'vqa'"
+      assay filter data/ out/ --where "label == 'hard_negative' and judge_p_yes < 0.5"
+      assay filter data/ out/ --where "judge_p_yes >= 0.5 or is_null(judge_p_yes)" --prune
+    """
+    from curation.filter import filter_dataset, filter_targets
+    from curation.filter_expr import parse_filter
+
+    source = open_dataset(dataset)
+    # Refuse a bad expression before starting Ray or touching OUT.
+    targets = filter_targets(parse_filter(where), table)
+    click.echo(f"filter: applying {where.strip()!r} to {', '.join(targets)}", err=True)
+    manifest = filter_dataset(
+        source,
+        out,
+        where,
+        table=table,
+        prune=prune,
+        executor=build_executor(executor, ray_address, num_cpus),
+        overwrite=overwrite,
+    )
+    print_counts(manifest, "filter")
+    report = manifest.extra.get("filter", {})
+    dropped = report.get("dropped", {})
+    lines = [(t, r, n) for t in DATA_TABLES for r, n in sorted(dropped.get(t, {}).items()) if n]
+    if lines:
+        click.echo("dropped, per table and reason:")
+        for t, r, n in lines:
+            click.echo(f"  {t:<8} {r:<14} {n}")
+    click.echo(f"wrote {out}")

@@ -1,0 +1,210 @@
+"""`assay ingest`: raw pairs (JSONL, CSV, Parquet, HF datasets, image folders) -> an assay dataset."""
+
+from __future__ import annotations
+
+import click
+
+from curation.ingest import FORMATS, TARGETS, infer_format, ingest, load_mapping, parse_map_flags
+from pipelines.commands.common import build_executor, executor_options, friendly_errors, print_counts
+
+HELP = f"""Turn raw image+text pairs in SOURCE into a new assay dataset at OUT.
+
+\b
+Each input row is one (query, document) pair. Its columns are mapped onto these targets:
+  {", ".join(TARGETS[:6])},
+  {", ".join(TARGETS[6:])}
+A target reads the column of the same name unless --map or --mapping names another. Rows
+without an id get a content-hash id, so a document named by many rows is stored once. An image
+cell is a path (relative to --data-root), {{bytes, path}} (the HF convention) or inline bytes.
+
+\b
+Formats (inferred from the extension, or from what a folder holds, when --format is omitted):
+  jsonl, csv, parquet  a file, or a folder of them
+  hf                   a folder written by datasets.Dataset.save_to_disk (one split)
+  imagefolder          one subfolder per class (task classification), or a flat folder with
+                       --labels FILE.csv (file,label) or --captions FILE.csv (file,caption:
+                       task retrieval, caption -> image)
+  example              a bundled example: easy-vqa -> OUT/train and OUT/test, three subsets
+                       (vqa, classification, retrieval)
+
+Rows that cannot be read (bad JSON or UTF-8, a number where text belongs, no text and no image
+on a side) go to OUT/quarantine with their file:line and a reason; they never stop the run. A
+killed ingest resumes when rerun with the same arguments and ends with the same files.
+
+\b
+Examples:
+  assay ingest pairs.jsonl data/pairs --map query_text=question --map doc_image=img --task vqa
+  assay ingest pairs.csv data/pairs --mapping columns.yaml --subset coco --embed-images
+  assay ingest photos/ data/photos --format imagefolder --captions captions.csv
+  assay ingest --format example easy-vqa data/easy-vqa --executor local
+"""
+
+
+@click.command("ingest", help=HELP, short_help="Raw pairs (JSONL, CSV, Parquet, HF, images) -> a dataset.")
+@click.argument("source")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Input format (default: from the extension).",
+)
+@click.option(
+    "--map",
+    "maps",
+    multiple=True,
+    metavar="TARGET=COLUMN",
+    help="Read TARGET from input column COLUMN, e.g. --map query_text=question (repeatable).",
+)
+@click.option(
+    "--mapping",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    metavar="FILE.yaml",
+    help="A YAML file of TARGET: COLUMN lines; --map flags override it.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder that relative image paths start from (default: the input file's folder).",
+)
+@click.option(
+    "--embed-images",
+    is_flag=True,
+    help="Read image files into the dataset (paths outside the data root are quarantined).",
+)
+@click.option("--subset", default=None, help="Subset name for rows without one (default: the input's name).")
+@click.option(
+    "--task",
+    default=None,
+    help="Task for rows without one: classification, vqa, retrieval, grounding, visdoc or your own "
+    "(default: retrieval).",
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    metavar="FILE.csv",
+    help="imagefolder: a CSV with columns file,label (classification).",
+)
+@click.option(
+    "--captions",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    metavar="FILE.csv",
+    help="imagefolder: a CSV with columns file,caption (retrieval: caption -> image).",
+)
+@click.option(
+    "--rows-per-shard",
+    type=click.IntRange(min=1),
+    default=50_000,
+    show_default=True,
+    help="Rows per output Parquet shard.",
+)
+@executor_options
+@friendly_errors
+def command(
+    source,
+    out,
+    fmt,
+    maps,
+    mapping,
+    data_root,
+    embed_images,
+    subset,
+    task,
+    labels,
+    captions,
+    rows_per_shard,
+    executor,
+    ray_address,
+    num_cpus,
+    overwrite,
+):
+    if fmt == "example" or (
+        fmt is None and not labels and not captions and infer_format(source) == "example"
+    ):
+        _ingest_example(
+            source,
+            out,
+            maps=maps,
+            mapping=mapping,
+            data_root=data_root,
+            subset=subset,
+            task=task,
+            labels=labels,
+            captions=captions,
+            embed_images=embed_images,
+            rows_per_shard=rows_per_shard,
+            executor=build_executor(executor, ray_address, num_cpus),
+            overwrite=overwrite,
+        )
+        return
+    columns = load_mapping(mapping) if mapping else {}
+    columns.update(parse_map_flags(maps))
+    manifest = ingest(
+        source,
+        out,
+        format=fmt,
+        mapping=columns or None,
+        data_root=data_root,
+        embed_images=embed_images,
+        subset=subset,
+        task=task,
+        labels=labels,
+        captions=captions,
+        rows_per_shard=rows_per_shard,
+        executor=build_executor(executor, ray_address, num_cpus),
+        overwrite=overwrite,
+    )
+    print_counts(manifest, "ingest")
+    click.echo(f"wrote {out}")
+
+
+def _ingest_example(
+    name,
+    out,
+    *,
+    maps,
+    mapping,
+    data_root,
+    subset,
+    task,
+    labels,
+    captions,
+    embed_images,
+    rows_per_shard,
+    executor,
+    overwrite,
+) -> None:
+    from curation.examples import EXAMPLES, ingest_example
+
+    if name not in EXAMPLES:
+        raise click.BadParameter(
+            f"unknown example {name!r}; the bundled examples are {', '.join(EXAMPLES)}", param_hint="SOURCE"
+        )
+    unused = [
+        flag
+        for flag, value in (
+            ("--map", maps),
+            ("--mapping", mapping),
+            ("--data-root", data_root),
+            ("--subset", subset),
+            ("--task", task),
+            ("--labels", labels),
+            ("--captions", captions),
+            ("--embed-images", embed_images),
+        )
+        if value
+    ]
+    if unused:
+        raise click.UsageError(f"{', '.join(unused)} do not apply to a bundled example")
+    manifests = ingest_example(
+        name, out, executor=executor, overwrite=overwrite, rows_per_shard=rows_per_shard
+    )
+    for split, manifest in manifests.items():
+        click.echo(f"[{split}]")
+        print_counts(manifest, "ingest")
+    click.echo(f"wrote {out}/train and {out}/test (images in {out}/images)")

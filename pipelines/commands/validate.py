@@ -1,0 +1,84 @@
+"""`assay validate`: schema and content checks; refused rows go to the quarantine."""
+
+from __future__ import annotations
+
+import click
+
+from curation.validate import ValidateConfig, validate
+from pipelines.commands.common import (
+    build_executor,
+    executor_options,
+    friendly_errors,
+    open_dataset,
+    print_counts,
+)
+
+
+@click.command("validate")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--max-text-chars",
+    type=click.IntRange(min=1),
+    default=ValidateConfig.max_text_chars,
+    show_default=True,
+    help="Longer texts are refused (text_too_long).",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=ValidateConfig.max_pixels,
+    show_default=True,
+    help="Images with more pixels are refused from their header, before decoding (image_too_large).",
+)
+@click.option(
+    "--max-image-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=ValidateConfig.max_image_bytes / 2**20,
+    show_default=True,
+    help="Images larger than this many MiB are refused (image_too_large).",
+)
+@click.option(
+    "--no-decode",
+    is_flag=True,
+    help="Check image headers, paths and sizes only; skip the full decode that finds truncated images.",
+)
+@executor_options
+@friendly_errors
+def command(
+    dataset,
+    out,
+    max_text_chars,
+    max_pixels,
+    max_image_mb,
+    no_decode,
+    executor,
+    ray_address,
+    num_cpus,
+    overwrite,
+):
+    """Check every row of DATASET and write the good ones to OUT.
+
+    \b
+    Refused rows go, whole, to OUT/quarantine/ with the reason and the stage; nothing is dropped
+    silently. Reasons: wrong_type, invalid_utf8, missing_id, missing_content, empty_text,
+    text_too_long, invalid_label, invalid_value, image_path_outside_root, image_not_found,
+    image_too_large, unreadable_image, truncated_image, duplicate_id, unknown_query_id,
+    unknown_doc_id (see curation/validate.py).
+
+    \b
+    Example:
+      assay validate runs/easy-vqa/train runs/easy-vqa/train-valid
+    """
+    source = open_dataset(dataset)
+    cfg = ValidateConfig(
+        max_text_chars=max_text_chars,
+        max_pixels=max_pixels,
+        max_image_bytes=int(max_image_mb * 2**20),
+        decode_images=not no_decode,
+    )
+    manifest = validate(
+        source, out, cfg, executor=build_executor(executor, ray_address, num_cpus), overwrite=overwrite
+    )
+    print_counts(manifest, "validate")
+    click.echo(f"wrote {out}")

@@ -1,0 +1,1 @@
+"""assay.training: the compressed-token embedder, the three training stages, losses, evaluation."""
