@@ -14,7 +14,7 @@ assay validate "$RUN/raw/test" "$RUN/test-valid" --executor "$EXEC"
 assay dedup "$RUN/train-valid" "$RUN/train-clean" --against "$RUN/test-valid" --images-only --executor "$EXEC"
 assay dedup "$RUN/test-valid" "$RUN/test-clean" --executor "$EXEC"
 assay stats "$RUN/train-clean"
-assay export "$RUN/train-clean" "$RUN/export/train-vlm2vec.jsonl" --format jsonl
-assay export "$RUN/train-clean" "$RUN/export/train-flat.parquet" --format parquet
+assay export "$RUN/train-clean" "$RUN/export/train-vlm2vec.jsonl" --format jsonl --overwrite
+assay export "$RUN/train-clean" "$RUN/export/train-flat.parquet" --format parquet --overwrite
 echo
 echo "quickstart done: clean datasets in $RUN/train-clean and $RUN/test-clean, exports in $RUN/export/"
