@@ -10,7 +10,10 @@ STAMP  := $(VENV)/.assay-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# torch first, pinned: on these CPU machines 2.13.0 is a CPU build on disk, and with it in place
+	# the `train` extra does not pull a multi-GB CUDA build. (The default install has no torch.)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev,train]"
 	touch $(STAMP)
 
 ## quickstart: the main job on the bundled easy-vqa example (runs/quickstart/)

@@ -1,0 +1,556 @@
+"""Evaluation of an embedder on an assay dataset: the MMEB protocol, plus retrieval metrics.
+
+``evaluate(dataset, encode_queries, encode_candidates)`` scores every query of the dataset against
+its candidate set and returns a metrics dict (``write_metrics`` puts it in a JSON file). The two
+encoders take a list of row dicts and return one embedding per row (numpy or torch, ``(n, dim)``);
+embeddings are assumed L2-normalised, and the score of a (query, doc) pair is their dot product.
+
+Rows handed to the encoders are the table rows as dicts: queries ``query_id, subset, task,
+instruction, text, image``; corpus ``doc_id, subset, instruction, text, image``. An ``image`` cell is
+passed as ``{"bytes": ..., "path": ...}`` with its bytes unchanged and its path, when it has one,
+made absolute against ``Dataset.data_root``; the encoder reads the file (inline bytes win, the
+Hugging Face convention). Nothing here decodes or holds images beyond one batch of rows.
+
+The protocol (MMEB, per subset):
+
+- **Positives** of a query are the docs its pairs label ``positive`` that exist in the corpus. A query
+  with none is skipped and counted in ``queries_without_positive``.
+- **False negatives** (``false_negative``: judged relevant though not gold) are neither positives nor
+  negatives: they are removed from that query's candidate set and from its retrieval ranking, so a
+  correct-but-unlabelled doc neither helps nor hurts the score. A doc labelled both positive and
+  false_negative for the same query counts as positive.
+- **Candidate set for P@1**: with ``candidate_set='pairs'`` (the default), the docs the query's pairs
+  name (positives, negatives and hard negatives, found in the corpus) when there are at least two of
+  them; otherwise, and always with ``candidate_set='subset'``, every corpus doc of the query's subset
+  (plus the query's positives, wherever they live). P@1 = the top-ranked candidate is a positive.
+- **Retrieval subsets** (task ``retrieval`` or ``visdoc``): Recall@k (fraction of the query's
+  positives in the top k, averaged over queries) and nDCG@10 (binary relevance, ideal DCG over
+  ``min(#positives, 10)``), ranking against the whole subset corpus (plus the query's positives,
+  minus its false negatives).
+- **Ties** are broken deterministically by corpus order: of two docs with the same score, the one
+  that comes first in the corpus (shard order, then row order) ranks higher. (A constant encoder
+  therefore scores whatever the corpus order gives, not zero.)
+- Pairs with a label outside positive/negative/hard_negative/false_negative (or none) are ignored
+  (counted in ``pairs_ignored``); pairs naming a doc absent from the corpus are counted in
+  ``missing_docs``; pairs naming an unknown query in ``pairs_without_query``. A duplicated id keeps
+  its first row.
+
+Averages follow MMEB: P@1 per subset over its queries, per meta-task as the mean over its subsets,
+and ``overall.p_at_1`` as the mean over all subsets (``overall.p_at_1_micro`` is the mean over
+queries). Subsets with no scorable query report ``p_at_1: None`` and are left out of the averages.
+
+Memory: a first pass reads only the id, subset, task and label columns, keeping the query and doc ids
+(in dicts) and the pairs as flat integer arrays (about 9 bytes a pair); then, subset by subset, the docs that subset needs are encoded once in batches of ``batch_size``
+(only the Parquet row groups holding them are read) and cached by doc_id for that subset only, and
+its queries are streamed and scored in batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from curation.dataset import Dataset, atomic_write_json
+from curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS
+
+#: The key used for a missing (null) subset or task (the same as ``assay stats``).
+NULL_KEY = "(none)"
+#: Meta-tasks that also get Recall@k and nDCG@10 against the whole subset corpus.
+RETRIEVAL_TASKS = ("retrieval", "visdoc")
+#: Pair labels that make a doc a candidate for its query (positives aside).
+NEGATIVE_LABELS = ("negative", "hard_negative")
+NDCG_AT = 10
+#: Query-by-doc score blocks are cut so that one holds at most this many floats.
+_SCORE_BLOCK = 1 << 24
+#: Discounts of ranks 1..NDCG_AT (binary relevance: the gain of a relevant doc at rank r is 1/log2(r+1)).
+_GAINS = 1.0 / np.log2(np.arange(2, NDCG_AT + 2))
+
+Encoder = Callable[[list[dict[str, Any]]], Any]
+
+
+def _key(v: str | None) -> str:
+    return NULL_KEY if v is None else v
+
+
+#: Pair label codes in the compact pair index (other labels are ignored).
+_POS, _NEG, _FN = 0, 1, 2
+_LABEL_CODE = {"positive": _POS, "false_negative": _FN} | dict.fromkeys(NEGATIVE_LABELS, _NEG)
+
+
+@dataclass
+class _Units:
+    """Where one table's rows of each subset live: (shard, row group) units, by subset."""
+
+    units: list[tuple[str, int]] = field(default_factory=list)
+    by_subset: dict[str, list[int]] = field(default_factory=dict)
+
+    def of(self, subsets: Iterable[str]) -> list[tuple[str, int]]:
+        return [self.units[u] for u in sorted({u for s in subsets for u in self.by_subset.get(s, [])})]
+
+
+@dataclass
+class _Index:
+    """What pass 1 learns, as ids and integers only (no text, no images).
+
+    Docs are numbered in corpus order (first row of an id wins); pairs are held as three flat arrays
+    sorted by query number, ``pair_offsets[q]:pair_offsets[q + 1]`` being query ``q``'s pairs."""
+
+    queries: _Units
+    corpus: _Units
+    query_number: dict[str, int]
+    queries_of: dict[str, list[str]]
+    tasks: dict[str, Counter]
+    doc_number: dict[str, int]
+    doc_subset: np.ndarray  # subset code of each doc number
+    subset_code: dict[str, int]
+    pair_offsets: np.ndarray
+    pair_doc: np.ndarray
+    pair_label: np.ndarray
+    counts: Counter
+
+
+def _scan_ids(
+    ds: Dataset, table: str, columns: list[str], on_row: Callable[[str, list[Any]], None]
+) -> _Units:
+    """Read ``columns`` (the first is the subset) of ``table`` row group by row group, recording
+    which units hold which subsets; ``on_row(subset, other_values)`` for every row."""
+    info = _Units()
+    for name in ds.shards(table):
+        pf = pq.ParquetFile(ds.shard_path(table, name))
+        for rg in range(pf.num_row_groups):
+            unit = len(info.units)
+            info.units.append((name, rg))
+            for batch in pf.iter_batches(batch_size=65536, row_groups=[rg], columns=columns):
+                cols = [batch.column(i).to_pylist() for i in range(len(columns))]
+                for s, *rest in zip(*cols, strict=True):
+                    s = _key(s)
+                    units = info.by_subset.setdefault(s, [])
+                    if not units or units[-1] != unit:
+                        units.append(unit)
+                    on_row(s, rest)
+    return info
+
+
+def _index(ds: Dataset) -> _Index:
+    counts: Counter = Counter()
+    query_number: dict[str, int] = {}
+    queries_of: dict[str, list[str]] = {}
+    tasks: dict[str, Counter] = {}
+
+    def on_query(s: str, values: list[Any]) -> None:
+        qid, t = values
+        if qid is None:
+            counts["queries_without_id"] += 1
+        elif qid in query_number:
+            counts["duplicate_query_ids"] += 1
+        else:
+            query_number[qid] = len(query_number)
+            queries_of.setdefault(s, []).append(qid)
+            tasks.setdefault(s, Counter())[_key(t)] += 1
+
+    queries = _scan_ids(ds, QUERIES, ["subset", "query_id", "task"], on_query)
+
+    doc_number: dict[str, int] = {}
+    subset_code: dict[str, int] = {}
+    doc_subset: list[int] = []
+
+    def on_doc(s: str, values: list[Any]) -> None:
+        (did,) = values
+        if did is None:
+            counts["docs_without_id"] += 1
+        elif did in doc_number:
+            counts["duplicate_doc_ids"] += 1
+        else:
+            doc_number[did] = len(doc_number)
+            doc_subset.append(subset_code.setdefault(s, len(subset_code)))
+
+    corpus = _scan_ids(ds, CORPUS, ["subset", "doc_id"], on_doc)
+
+    qs, ds_, ls = [], [], []
+    for batch in ds.iter_batches(PAIRS, columns=["query_id", "doc_id", "label"], batch_size=65536):
+        n = len(batch)
+        q = np.fromiter((query_number.get(x, -1) for x in batch.column(0).to_pylist()), np.int64, n)
+        d = np.fromiter((doc_number.get(x, -1) for x in batch.column(1).to_pylist()), np.int64, n)
+        lab = np.fromiter((_LABEL_CODE.get(x, -1) for x in batch.column(2).to_pylist()), np.int8, n)
+        counts["pairs_without_query"] += int((q < 0).sum())
+        counts["missing_docs"] += int(((q >= 0) & (d < 0)).sum())
+        counts["pairs_ignored"] += int(((q >= 0) & (d >= 0) & (lab < 0)).sum())
+        keep = (q >= 0) & (d >= 0) & (lab >= 0)
+        qs.append(q[keep])
+        ds_.append(d[keep])
+        ls.append(lab[keep])
+    q = np.concatenate(qs) if qs else np.zeros(0, np.int64)
+    order = np.argsort(q, kind="stable")
+    return _Index(
+        queries=queries,
+        corpus=corpus,
+        query_number=query_number,
+        queries_of=queries_of,
+        tasks=tasks,
+        doc_number=doc_number,
+        doc_subset=np.array(doc_subset, dtype=np.int32),
+        subset_code=subset_code,
+        pair_offsets=np.searchsorted(q[order], np.arange(len(query_number) + 1)),
+        pair_doc=(np.concatenate(ds_) if ds_ else np.zeros(0, np.int64))[order],
+        pair_label=(np.concatenate(ls) if ls else np.zeros(0, np.int8))[order],
+        counts=counts,
+    )
+
+
+def _subset_mask(col: pa.Array, subset: str) -> pa.Array:
+    if subset == NULL_KEY:
+        return pc.is_null(col)
+    return pc.fill_null(pc.equal(col, pa.scalar(subset, pa.string())), False)
+
+
+def _resolve_image(image: dict[str, Any] | None, root: str) -> dict[str, Any] | None:
+    if not image:
+        return None
+    path = image.get("path")
+    if path is not None:
+        path = os.path.normpath(os.path.join(root, path))
+    return {"bytes": image.get("bytes"), "path": path}
+
+
+def _rows(batch: pa.RecordBatch, root: str) -> list[dict[str, Any]]:
+    rows = batch.to_pylist()
+    for r in rows:
+        if "image" in r:
+            r["image"] = _resolve_image(r["image"], root)
+    return rows
+
+
+def _embeddings(out: Any, n: int, who: str) -> np.ndarray:
+    if hasattr(out, "detach"):  # a torch tensor; torch is not imported here (it is an optional extra)
+        out = out.detach().float().cpu().numpy()
+    arr = np.asarray(out, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise ValueError(f"{who} returned an array of shape {arr.shape} for {n} rows; expected ({n}, dim)")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{who} returned non-finite values (NaN or inf)")
+    return arr
+
+
+def _read_units(
+    ds: Dataset, table: str, units: list[tuple[str, int]], batch_size: int
+) -> Iterator[pa.RecordBatch]:
+    by_shard: dict[str, list[int]] = {}
+    for name, rg in units:
+        by_shard.setdefault(name, []).append(rg)
+    columns = SCHEMAS[table].names
+    for name, rgs in by_shard.items():
+        pf = pq.ParquetFile(ds.shard_path(table, name))
+        have = [c for c in columns if c in pf.schema_arrow.names]
+        yield from pf.iter_batches(batch_size=batch_size, row_groups=rgs, columns=have)
+
+
+def _rebatch(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` items (the last may be shorter)."""
+    buf: list[Any] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest finite scores, highest first, ties by lower index (= doc order)."""
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < n:
+        thr = np.partition(scores, n - k)[n - k]
+        sel = np.flatnonzero(scores >= thr)
+    else:
+        sel = np.arange(n)
+    top = sel[np.lexsort((sel, -scores[sel]))][:k]
+    return top[np.isfinite(scores[top])]
+
+
+@dataclass
+class _Acc:
+    """Running sums for one subset."""
+
+    queries: int = 0
+    hits: int = 0
+    candidates: int = 0
+    chance: float = 0.0
+    recall: dict[int, float] = field(default_factory=dict)
+    ndcg: float = 0.0
+    without_positive: int = 0
+
+
+def evaluate(
+    dataset: Dataset | str | os.PathLike,
+    encode_queries: Encoder,
+    encode_candidates: Encoder,
+    *,
+    batch_size: int = 64,
+    ks: Iterable[int] = (1, 5, 10),
+    candidate_set: str = "pairs",
+    subsets: Iterable[str] | None = None,
+    retrieval_tasks: Iterable[str] = RETRIEVAL_TASKS,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """P@1 per subset and meta-task (MMEB), Recall@k and nDCG@10 for retrieval subsets.
+
+    ``dataset`` is a Dataset (or its path). ``encode_queries`` / ``encode_candidates`` map a list of
+    row dicts (at most ``batch_size``) to an ``(n, dim)`` array or tensor of L2-normalised embeddings.
+    ``candidate_set``: ``'pairs'`` (each query against the docs its pairs name, when at least two;
+    else its whole subset) or ``'subset'`` (every query against its whole subset corpus).
+    ``ks``: the cut-offs of Recall@k. ``subsets`` restricts the evaluation to those subsets;
+    ``retrieval_tasks`` names the tasks that get Recall@k and nDCG@10. See the module docstring.
+
+    Returns ``{"overall", "per_subset", "per_task", "chance_p_at_1", "counts", "settings"}``.
+    """
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    if candidate_set not in ("pairs", "subset"):
+        raise ValueError(f"candidate_set must be 'pairs' or 'subset', not {candidate_set!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    ks = sorted({int(k) for k in ks})
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, not {ks}")
+    retrieval_tasks = set(retrieval_tasks)
+    only = None if subsets is None else {_key(s) for s in subsets}
+
+    index = _index(ds)  # pass 1: ids, subsets and labels only
+    names = sorted(s for s in index.queries_of if only is None or s in only)
+    bar = tqdm(
+        total=sum(len(index.queries_of[s]) for s in names), desc="eval", unit="query", disable=not progress
+    )
+    per_subset: dict[str, dict[str, Any]] = {}
+    accs: dict[str, _Acc] = {}
+    for s in names:  # pass 2: subset by subset
+        task = index.tasks[s].most_common(1)[0][0]
+        retrieval = task in retrieval_tasks
+        acc = accs[s] = _evaluate_subset(
+            ds,
+            index,
+            s,
+            encode_queries,
+            encode_candidates,
+            batch_size=batch_size,
+            ks=ks,
+            retrieval=retrieval,
+            candidate_set=candidate_set,
+            root=str(ds.data_root.resolve()),
+            bar=bar,
+        )
+        n = acc.queries
+        code = index.subset_code.get(s)
+        entry: dict[str, Any] = {
+            "task": task,
+            "p_at_1": acc.hits / n if n else None,
+            "queries": n,
+            "queries_without_positive": acc.without_positive,
+            "candidates_per_query": acc.candidates / n if n else None,
+            "corpus": 0 if code is None else int((index.doc_subset == code).sum()),
+        }
+        if retrieval:
+            for k in ks:
+                entry[f"recall@{k}"] = acc.recall.get(k, 0.0) / n if n else None
+            entry[f"ndcg@{NDCG_AT}"] = acc.ndcg / n if n else None
+        per_subset[s] = entry
+    bar.close()
+
+    scored = [s for s in names if accs[s].queries]
+    by_task: dict[str, list[float]] = {}
+    for s in scored:
+        by_task.setdefault(per_subset[s]["task"], []).append(per_subset[s]["p_at_1"])
+    total = sum(accs[s].queries for s in names)
+    return {
+        "overall": {
+            "p_at_1": float(np.mean([per_subset[s]["p_at_1"] for s in scored])) if scored else None,
+            "p_at_1_micro": sum(accs[s].hits for s in names) / total if total else None,
+            "queries": total,
+            "queries_without_positive": sum(accs[s].without_positive for s in names),
+            "subsets": len(scored),
+        },
+        "per_subset": per_subset,
+        "per_task": {t: {"p_at_1": float(np.mean(v)), "subsets": len(v)} for t, v in sorted(by_task.items())},
+        "chance_p_at_1": {s: accs[s].chance / accs[s].queries if accs[s].queries else None for s in names},
+        "counts": dict(sorted(index.counts.items())),
+        "settings": {
+            "dataset": str(ds.root),
+            "candidate_set": candidate_set,
+            "ks": ks,
+            "ndcg_at": NDCG_AT,
+            "retrieval_tasks": sorted(retrieval_tasks),
+            "subsets": None if only is None else sorted(only),
+            "ties": "corpus order",
+        },
+    }
+
+
+def _evaluate_subset(
+    ds: Dataset,
+    index: _Index,
+    subset: str,
+    encode_queries: Encoder,
+    encode_candidates: Encoder,
+    *,
+    batch_size: int,
+    ks: list[int],
+    retrieval: bool,
+    candidate_set: str,
+    root: str,
+    bar: tqdm,
+) -> _Acc:
+    acc = _Acc()
+    depth = max([*ks, NDCG_AT])
+    qids = index.queries_of[subset]
+    code = index.subset_code.get(subset, -1)
+    n_docs = len(index.doc_subset)
+    # Which queries are scorable (doc numbers of positives, candidates, false negatives), and
+    # whether each one ranks its pair candidates or the whole subset.
+    plan: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = {}
+    needed = np.zeros(n_docs, dtype=bool)
+    whole = retrieval
+    for qid in qids:
+        qn = index.query_number[qid]
+        a, b = index.pair_offsets[qn], index.pair_offsets[qn + 1]
+        docs, labels = index.pair_doc[a:b], index.pair_label[a:b]
+        pos = np.unique(docs[labels == _POS])
+        if not len(pos):
+            acc.without_positive += 1
+            continue
+        fn = np.setdiff1d(docs[labels == _FN], pos)  # positive wins over false_negative
+        cands = np.setdiff1d(np.union1d(pos, docs[labels == _NEG]), fn)
+        use_pairs = candidate_set == "pairs" and len(cands) >= 2
+        whole = whole or not use_pairs
+        plan[qid] = (pos, cands, fn, use_pairs)
+        needed[cands] = True
+    if not plan:
+        bar.update(len(qids))
+        return acc
+    if whole:
+        needed |= index.doc_subset == code
+
+    # Encode the docs this subset needs, once, in corpus order (column = tie-break order); only the
+    # row groups of the subsets those docs belong to are read.
+    names = {c: n for n, c in index.subset_code.items()}
+    units = index.corpus.of(names[int(c)] for c in np.unique(index.doc_subset[needed]))
+    claimed = np.zeros(n_docs, dtype=bool)  # a doc id's first row wins; later duplicates are skipped
+    colmap = np.full(n_docs, -1, dtype=np.int64)  # doc number -> column of ``emb``
+    col_doc: list[int] = []
+    blocks: list[np.ndarray] = []
+
+    def doc_rows() -> Iterator[tuple[int, dict[str, Any]]]:
+        for batch in _read_units(ds, CORPUS, units, batch_size):
+            keep, nums = [], []
+            for did in batch.column(batch.schema.get_field_index("doc_id")).to_pylist():
+                dn = index.doc_number.get(did, -1)
+                ok = dn >= 0 and needed[dn] and not claimed[dn]
+                if ok:
+                    claimed[dn] = True
+                    nums.append(dn)
+                keep.append(ok)
+            yield from zip(nums, _rows(batch.filter(pa.array(keep, pa.bool_())), root), strict=True)
+
+    for chunk in _rebatch(doc_rows(), batch_size):
+        rows = [r for _, r in chunk]
+        blocks.append(_embeddings(encode_candidates(rows), len(rows), "encode_candidates"))
+        for dn, _ in chunk:
+            colmap[dn] = len(col_doc)
+            col_doc.append(dn)
+    emb = np.concatenate(blocks)
+    in_subset = index.doc_subset[np.array(col_doc, dtype=np.int64)] == code
+    n_subset = int(in_subset.sum())
+    all_in_subset = n_subset == len(col_doc)
+
+    # Stream the subset's queries and score them.
+    seen: set[str] = set()
+
+    def query_rows() -> Iterator[dict[str, Any]]:
+        for batch in _read_units(ds, QUERIES, index.queries.of([subset]), batch_size):
+            batch = batch.filter(_subset_mask(batch.column(batch.schema.get_field_index("subset")), subset))
+            for r in _rows(batch, root):
+                if r["query_id"] in plan and r["query_id"] not in seen:
+                    seen.add(r["query_id"])  # a duplicated query id keeps its first row
+                    yield r
+
+    # Whole-corpus scores are computed a block of queries at a time (at most _SCORE_BLOCK floats).
+    step = max(1, _SCORE_BLOCK // len(col_doc))
+    for rows in _rebatch(query_rows(), batch_size):
+        qemb = _embeddings(encode_queries(rows), len(rows), "encode_queries")
+        if qemb.shape[1] != emb.shape[1]:
+            raise ValueError(
+                f"query embeddings have dim {qemb.shape[1]} but candidate embeddings {emb.shape[1]}"
+            )
+        for start in range(0, len(rows), step):
+            chunk = range(start, min(start + step, len(rows)))
+            full_idx = [i for i in chunk if retrieval or not plan[rows[i]["query_id"]][3]]
+            block = qemb[full_idx] @ emb.T if full_idx else None
+            full = {i: block[j] for j, i in enumerate(full_idx)}
+            for i in chunk:
+                pos, cands, fn, use_pairs = plan[rows[i]["query_id"]]
+                pcols = colmap[pos]
+                ranked: np.ndarray | None = None
+                if i in full:
+                    fcols = colmap[fn]
+                    fcols = fcols[fcols >= 0]  # a false negative outside the subset is not ranked anyway
+                    v = full[i]
+                    if not all_in_subset:
+                        v = np.where(in_subset, v, -np.inf)
+                        v[pcols] = full[i][pcols]
+                    v[fcols] = -np.inf  # the block is dropped after this chunk: writing into it is fine
+                    ranked = _top(v, depth)
+                    n_cands = n_subset + int((~in_subset[pcols]).sum()) - int(in_subset[fcols].sum())
+                if use_pairs:
+                    ccols = np.sort(colmap[cands])
+                    top1 = ccols[_top(emb[ccols] @ qemb[i], 1)]
+                    n_cands = len(ccols)
+                else:
+                    top1 = ranked[:1]
+                acc.queries += 1
+                acc.hits += int(len(top1) > 0 and bool(np.isin(top1[0], pcols)))
+                acc.candidates += n_cands
+                acc.chance += len(pcols) / n_cands
+                if retrieval:
+                    rel = np.isin(ranked, pcols)
+                    for k in ks:
+                        acc.recall[k] = acc.recall.get(k, 0.0) + float(rel[:k].sum()) / len(pcols)
+                    dcg = float(_GAINS[: len(rel)][rel[:NDCG_AT]].sum())
+                    idcg = float(_GAINS[: min(len(pcols), NDCG_AT)].sum())
+                    acc.ndcg += dcg / idcg
+        bar.update(len(rows))
+    bar.update(acc.without_positive)
+    if acc.queries != len(plan):  # pragma: no cover - a query id read in pass 1 is read again here
+        raise RuntimeError(f"{subset}: {len(plan) - acc.queries} queries were not found on the second read")
+    return acc
+
+
+def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``metrics`` as JSON, atomically (readers see the old file or the whole new one)."""
+    path = Path(path)
+    atomic_write_json(path, _plain(metrics))
+    return path
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars to Python numbers, NaN to None: strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
