@@ -22,8 +22,9 @@ def cli() -> None:
 
 def _register() -> None:
     from pipelines.commands import dedup, export, filter, ingest, stats, validate
+    from pipelines.commands import eval as eval_command
 
-    for module in (ingest, validate, dedup, filter, export, stats):
+    for module in (ingest, validate, dedup, filter, export, stats, eval_command):
         cli.add_command(module.command)
 
 

@@ -63,7 +63,7 @@ def test_assay_help_lists_every_curation_command():
 
     res = CliRunner().invoke(cli, ["--help"])
     assert res.exit_code == 0
-    for name in ("ingest", "validate", "dedup", "filter", "export", "stats"):
+    for name in ("ingest", "validate", "dedup", "filter", "export", "stats", "eval"):
         assert name in res.output
         sub = CliRunner().invoke(cli, [name, "--help"])
         assert sub.exit_code == 0 and "Usage:" in sub.output, name
