@@ -99,10 +99,3 @@ VERDICTS = ("yes", "no")
 def empty_table(table: str) -> pa.Table:
     """An empty table with the schema of ``table``."""
     return SCHEMAS[table].empty_table()
-
-
-def image_value(data: bytes | None = None, path: str | None = None) -> dict | None:
-    """An ``image`` cell: inline bytes, or a path relative to the data root, or None."""
-    if data is None and path is None:
-        return None
-    return {"bytes": data, "path": path}

@@ -18,7 +18,7 @@ same output as a run that was never interrupted.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,29 +54,6 @@ PLAN_SCHEMA = pa.schema(
 ScanFn = Callable[[dict[str, Any]], pa.Table]
 #: plan(scans) -> {(table, shard): plan table}; scans maps table -> [(shard, side-table path)].
 PlanFn = Callable[[dict[str, list[tuple[str, Path]]]], dict[tuple[str, str], pa.Table]]
-
-
-def make_plan(rows: Iterable[dict[str, Any]]) -> pa.Table:
-    """A plan table from dicts with row, action, reason, detail and optional set_* keys."""
-    return pa.Table.from_pylist(list(rows), schema=PLAN_SCHEMA)
-
-
-def plan_from_arrays(
-    rows: np.ndarray, action: str, reason: str | None = None, details: list[str] | None = None
-) -> pa.Table:
-    """A plan table in which every listed row gets the same action (and reason)."""
-    n = len(rows)
-    return pa.table(
-        {
-            "row": pa.array(rows, pa.int64()),
-            "action": pa.array([action] * n, pa.string()),
-            "reason": pa.array([reason] * n, pa.string()),
-            "detail": pa.array(details if details is not None else [None] * n, pa.string()),
-            "set_query_id": pa.nulls(n, pa.string()),
-            "set_doc_id": pa.nulls(n, pa.string()),
-        },
-        schema=PLAN_SCHEMA,
-    )
 
 
 def _scan_task(task: dict[str, Any], scan_fn: ScanFn) -> dict[str, Any]:
