@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from curation.schema import resolve_image_path
+
 #: Bump when the normalisation or the key layout changes: a stage's config records it, so a resumed
 #: run never mixes keys of two versions.
 CONTENT_KEY_VERSION = 1
@@ -76,12 +78,11 @@ def image_data(image: dict[str, Any] | None, data_root: str | os.PathLike | None
         return ImageData(bytes(data), "bytes", path)
     if path is None:
         return ImageData(None, None)
-    root = os.path.realpath(data_root or ".")
-    full = os.path.realpath(os.path.join(root, path))
-    if os.path.commonpath([root, full]) != root:  # never read outside the data root (symlinks too)
-        return ImageData(None, "path", path, error=f"outside the data root {root}")
+    resolved = resolve_image_path(data_root or ".", path)
+    if not resolved.inside:
+        return ImageData(None, "path", path, error=f"outside the data root {resolved.root}")
     try:
-        return ImageData(Path(full).read_bytes(), "path", path)
+        return ImageData(Path(resolved.full).read_bytes(), "path", path)
     except OSError as e:
         return ImageData(None, "path", path, error=f"{type(e).__name__}: {e.strerror or e}")
 

@@ -364,7 +364,13 @@ class DatasetWriter:
                     if not dst.exists():
                         dst.parent.mkdir(parents=True, exist_ok=True)
                         tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}")
-                        shutil.copyfile(src, tmp)
+                        tmp.unlink(missing_ok=True)
+                        # Shards never change once written: a hard link shares the bytes instead of
+                        # copying every ancestor's quarantine again at each stage.
+                        try:
+                            os.link(src, tmp)
+                        except OSError:  # another filesystem, or one without links
+                            shutil.copyfile(src, tmp)
                         os.replace(tmp, dst)
             for r, n in parent.manifest.quarantine_reasons.items():
                 reasons[r] = reasons.get(r, 0) + n

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from curation.dataset import TMP_PREFIX, Dataset
-from curation.schema import QUERIES
+from curation.schema import QUERIES, resolve_image_path
 
 IMAGES_DIR = "images"
 
@@ -80,10 +80,10 @@ class ImageStore:
             return self.put(bytes(data), Path(path).suffix if path else None), None
         if path is None:
             return None, None
-        root = self.data_root.resolve()
-        src = (root / path).resolve()
-        if src != root and root not in src.parents:
+        resolved = resolve_image_path(self.data_root, path)
+        if not resolved.inside:
             return None, "outside"
+        src = Path(resolved.full)
         if not src.is_file():
             return None, "missing"
         if self.copy:

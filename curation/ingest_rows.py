@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from curation.dataset import TMP_PREFIX, atomic_write_json
 from curation.quarantine import QuarantineBuilder
-from curation.schema import CORPUS, PAIRS, QUARANTINE, QUERIES, SCHEMAS
+from curation.schema import CORPUS, PAIRS, QUARANTINE, QUERIES, SCHEMAS, resolve_image_path
 
 TARGETS = (
     "query_id",
@@ -200,15 +200,14 @@ def _image(row: dict[str, Any], target: str, spec: dict[str, Any]) -> tuple[dict
 
 def _embed(path: str, target: str, spec: dict[str, Any]) -> bytes:
     """Read an image file under the data root; paths that leave it (after symlinks) are refused."""
-    root = Path(spec["data_root"]).resolve()
-    full = (root / path).resolve()
-    if not full.is_relative_to(root):
+    resolved = resolve_image_path(spec["data_root"], path)
+    if not resolved.inside:
         raise RowError(
             "image_path_outside_root",
-            f"{_where(target, spec)} {path!r} resolves outside the data root {root}",
+            f"{_where(target, spec)} {path!r} resolves outside the data root {resolved.root}",
         )
     try:
-        return full.read_bytes()
+        return Path(resolved.full).read_bytes()
     except OSError as e:
         raise RowError("image_not_found", f"{_where(target, spec)} {path!r}: {e.strerror or e}") from None
 

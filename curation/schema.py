@@ -15,6 +15,9 @@ as a bare string when it can use these.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -99,3 +102,21 @@ VERDICTS = ("yes", "no")
 def empty_table(table: str) -> pa.Table:
     """An empty table with the schema of ``table``."""
     return SCHEMAS[table].empty_table()
+
+
+@dataclass(frozen=True)
+class ResolvedPath:
+    """An image path resolved under a data root, symlinks followed (``root`` and ``full`` are real
+    paths); ``inside`` is False when it leaves the root, and then nothing should read it."""
+
+    root: str
+    full: str
+    inside: bool
+
+
+def resolve_image_path(data_root: str | os.PathLike, path: str) -> ResolvedPath:
+    """Where an ``image.path`` of the dataset really points. Every reader of image files goes
+    through this, so no stage reads outside the data root (``..``, absolute paths, symlinks)."""
+    root = os.path.realpath(data_root)
+    full = os.path.realpath(os.path.join(root, path))
+    return ResolvedPath(root, full, os.path.commonpath([root, full]) == root)

@@ -48,7 +48,16 @@ from PIL import Image, UnidentifiedImageError
 
 from curation.dataset import Dataset, Manifest
 from curation.executor import Executor
-from curation.schema import CORPUS, ID_COLUMN, LABELS, PAIRS, QUERIES, SCHEMAS, VERDICTS
+from curation.schema import (
+    CORPUS,
+    ID_COLUMN,
+    LABELS,
+    PAIRS,
+    QUERIES,
+    SCHEMAS,
+    VERDICTS,
+    resolve_image_path,
+)
 from curation.shardstage import read_scans, run_shard_stage, split_by_shard
 
 STAGE = "validate"
@@ -161,9 +170,9 @@ def check_image(image: dict[str, Any], data_root: str, cfg: ValidateConfig) -> t
     data = image.get("bytes")
     path = image.get("path")
     if data is None and path is not None:
-        root = os.path.realpath(data_root)
-        full = os.path.realpath(os.path.join(root, path))
-        if os.path.commonpath([root, full]) != root:
+        resolved = resolve_image_path(data_root, path)
+        root, full = resolved.root, resolved.full
+        if not resolved.inside:
             return "image_path_outside_root", f"{path!r} resolves to {full}, outside the data root {root}"
         if not os.path.isfile(full):
             return "image_not_found", f"{path!r}: no such file under {root}"

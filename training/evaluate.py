@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from curation.dataset import Dataset, atomic_write_json
-from curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS
+from curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS, resolve_image_path
 
 #: The key used for a missing (null) subset or task (the same as ``assay stats``).
 NULL_KEY = "(none)"
@@ -219,7 +219,12 @@ def _resolve_image(image: dict[str, Any] | None, root: str) -> dict[str, Any] | 
         return None
     path = image.get("path")
     if path is not None:
-        path = os.path.normpath(os.path.join(root, path))
+        resolved = resolve_image_path(root, path)
+        if not resolved.inside:  # the encoder reads this file: never outside the data root
+            raise ValueError(
+                f"image path {path!r} resolves to {resolved.full}, outside the data root {resolved.root}"
+            )
+        path = resolved.full
     return {"bytes": image.get("bytes"), "path": path}
 
 

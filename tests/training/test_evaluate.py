@@ -374,6 +374,27 @@ def test_image_paths_resolved_against_data_root(tmp_path, make_png):
     assert set(seen["d0"]) == {"doc_id", "subset", "instruction", "text", "image"}
 
 
+def test_an_image_path_leaving_the_data_root_is_never_handed_to_the_encoder(tmp_path, make_png):
+    images = tmp_path / "images"
+    images.mkdir()
+    (tmp_path / "secret.png").write_bytes(make_png())
+    ds = write_dataset(
+        tmp_path / "ds",
+        {
+            "queries": [q("q", "s", image={"bytes": None, "path": "../secret.png"})],
+            "corpus": [d("d0", "s"), d("d1", "s")],
+            "pairs": [p("q", "d0"), p("q", "d1", "negative")],
+        },
+        data_root=str(images),
+    )
+
+    def enc(rows):
+        return np.stack([unit(0) for _ in rows])
+
+    with pytest.raises(ValueError, match="outside the data root"):
+        evaluate(ds, enc, enc)
+
+
 def test_batches_and_each_doc_encoded_once_per_subset(tmp_path):
     n = 23
     queries = [q(f"q{i}", "s", "retrieval") for i in range(n)]
