@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -120,3 +121,22 @@ def resolve_image_path(data_root: str | os.PathLike, path: str) -> ResolvedPath:
     root = os.path.realpath(data_root)
     full = os.path.realpath(os.path.join(root, path))
     return ResolvedPath(root, full, os.path.commonpath([root, full]) == root)
+
+
+def resolve_image_cell(image: dict[str, Any] | None, data_root: str | os.PathLike) -> dict[str, Any] | None:
+    """An ``image`` cell with its path made absolute under the data root, for a reader that opens it.
+
+    A path that leaves the root (``..``, absolute, a symlink out) is refused with ``ValueError``:
+    validate quarantines such rows, so meeting one later means the dataset was not validated.
+    """
+    if not image:
+        return None
+    path = image.get("path")
+    if path is not None:
+        resolved = resolve_image_path(data_root, path)
+        if not resolved.inside:
+            raise ValueError(
+                f"image path {path!r} resolves to {resolved.full}, outside the data root {resolved.root}"
+            )
+        path = resolved.full
+    return {"bytes": image.get("bytes"), "path": path}

@@ -31,6 +31,7 @@ never runs remote code. Resume::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -56,6 +57,8 @@ MANIFEST_FILE = "checkpoint.json"
 TRAINING_CONFIG_FILE = "training_config.json"
 STATE_TENSORS_FILE = "trainer_state.safetensors"
 STATE_JSON_FILE = "trainer_state.json"
+#: A LoRA run's adapter (peft's own files, safetensors), beside the merged weights.
+ADAPTER_DIR = "adapter"
 #: Suffixes of files that torch / pickle would execute code to read.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: Hidden prefix of a checkpoint being written (not ``.tmp-``: curation's sweeper unlinks files).
@@ -308,6 +311,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _whole(embedder: MMEmbedder) -> MMEmbedder:
+    """The embedder as a whole model: a LoRA-wrapped one merged on a copy, else itself."""
+    if not hasattr(embedder.model, "get_base_model"):
+        return embedder
+    merged = copy.deepcopy(embedder.model).merge_and_unload()
+    return MMEmbedder(
+        merged,
+        embedder.processor,
+        max_tiles=embedder.max_tiles,
+        padding_side=embedder.padding_side,
+        image_root=embedder.image_root,
+    )
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     embedder: MMEmbedder,
@@ -320,6 +337,7 @@ def save_checkpoint(
     rng: bool = True,
     parent: str | os.PathLike | None = None,
     overwrite: bool = False,
+    resume_key: dict[str, Any] | None = None,
 ) -> CheckpointManifest:
     """Write a complete checkpoint at ``path`` atomically; returns its manifest.
 
@@ -328,7 +346,12 @@ def save_checkpoint(
     ignores (and the next save of the same name clears). ``parent`` is the weights hash of the
     model this training started from, or a model directory to hash. An existing ``path`` is
     refused unless ``overwrite``; replacing it swaps two renames, so for an instant neither is
-    there (a reader then finds the previous step).
+    there (a reader then finds the previous step). ``resume_key`` is the part of the config a
+    resumed run must match (its fingerprint is stored); default the whole config.
+
+    A peft (LoRA) model is saved merged, as a whole model any reader can load, and its adapter
+    under ``adapter/`` (peft's safetensors files) for resuming. The merge is done on a copy, so
+    the training model is not touched (merging and unmerging in place would round the weights).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -341,7 +364,9 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     try:
         tmp.mkdir()
-        embedder.save_pretrained(tmp)
+        _whole(embedder).save_pretrained(tmp)
+        if hasattr(embedder.model, "get_base_model"):
+            embedder.model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
         atomic_write_json(tmp / TRAINING_CONFIG_FILE, training_config)
         trainer_state: dict[str, Any] = {}
         if optimizer is not None:
@@ -357,7 +382,9 @@ def save_checkpoint(
             weights_sha256=weights_hash(tmp),
             files=_file_entries(tmp),
             parent=str(parent) if parent is not None else None,
-            training_config_fingerprint=fingerprint(training_config),
+            training_config_fingerprint=fingerprint(
+                resume_key if resume_key is not None else training_config
+            ),
             has_optimizer=optimizer is not None,
             has_scheduler=scheduler is not None,
             has_rng=rng,

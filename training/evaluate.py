@@ -20,8 +20,8 @@ The protocol (MMEB, per subset):
   correct-but-unlabelled doc neither helps nor hurts the score. A doc labelled both positive and
   false_negative for the same query counts as positive.
 - **Candidate set for P@1**: with ``candidate_set='pairs'`` (the default), the docs the query's pairs
-  name (positives, negatives and hard negatives, found in the corpus) when there are at least two of
-  them; otherwise, and always with ``candidate_set='subset'``, every corpus doc of the query's subset
+  name (positives, negatives and hard negatives, found in the corpus) when at least one of them is
+  a negative; otherwise, and always with ``candidate_set='subset'``, every corpus doc of the query's subset
   (plus the query's positives, wherever they live). P@1 = the top-ranked candidate is a positive.
 - **Retrieval subsets** (task ``retrieval`` or ``visdoc``): Recall@k (fraction of the query's
   positives in the top k, averaged over queries) and nDCG@10 (binary relevance, ideal DCG over
@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from curation.dataset import Dataset, atomic_write_json
-from curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS, resolve_image_path
+from curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS, resolve_image_cell
 
 #: The key used for a missing (null) subset or task (the same as ``assay stats``).
 NULL_KEY = "(none)"
@@ -214,25 +214,11 @@ def _subset_mask(col: pa.Array, subset: str) -> pa.Array:
     return pc.fill_null(pc.equal(col, pa.scalar(subset, pa.string())), False)
 
 
-def _resolve_image(image: dict[str, Any] | None, root: str) -> dict[str, Any] | None:
-    if not image:
-        return None
-    path = image.get("path")
-    if path is not None:
-        resolved = resolve_image_path(root, path)
-        if not resolved.inside:  # the encoder reads this file: never outside the data root
-            raise ValueError(
-                f"image path {path!r} resolves to {resolved.full}, outside the data root {resolved.root}"
-            )
-        path = resolved.full
-    return {"bytes": image.get("bytes"), "path": path}
-
-
 def _rows(batch: pa.RecordBatch, root: str) -> list[dict[str, Any]]:
     rows = batch.to_pylist()
     for r in rows:
         if "image" in r:
-            r["image"] = _resolve_image(r["image"], root)
+            r["image"] = resolve_image_cell(r["image"], root)
     return rows
 
 
@@ -311,15 +297,18 @@ def evaluate(
     subsets: Iterable[str] | None = None,
     retrieval_tasks: Iterable[str] = RETRIEVAL_TASKS,
     progress: bool = False,
+    max_queries_per_subset: int | None = None,
 ) -> dict[str, Any]:
     """P@1 per subset and meta-task (MMEB), Recall@k and nDCG@10 for retrieval subsets.
 
     ``dataset`` is a Dataset (or its path). ``encode_queries`` / ``encode_candidates`` map a list of
     row dicts (at most ``batch_size``) to an ``(n, dim)`` array or tensor of L2-normalised embeddings.
-    ``candidate_set``: ``'pairs'`` (each query against the docs its pairs name, when at least two;
+    ``candidate_set``: ``'pairs'`` (each query against the docs its pairs name, when one is a negative;
     else its whole subset) or ``'subset'`` (every query against its whole subset corpus).
     ``ks``: the cut-offs of Recall@k. ``subsets`` restricts the evaluation to those subsets;
-    ``retrieval_tasks`` names the tasks that get Recall@k and nDCG@10. See the module docstring.
+    ``retrieval_tasks`` names the tasks that get Recall@k and nDCG@10. ``max_queries_per_subset``
+    scores only the first N queries of each subset (dataset order), against the full candidate
+    sets: a quicker, deterministic estimate. See the module docstring.
 
     Returns ``{"overall", "per_subset", "per_task", "chance_p_at_1", "counts", "settings"}``.
     """
@@ -337,7 +326,10 @@ def evaluate(
     index = _index(ds)  # pass 1: ids, subsets and labels only
     names = sorted(s for s in index.queries_of if only is None or s in only)
     bar = tqdm(
-        total=sum(len(index.queries_of[s]) for s in names), desc="eval", unit="query", disable=not progress
+        total=sum(len(index.queries_of[s][:max_queries_per_subset]) for s in names),
+        desc="eval",
+        unit="query",
+        disable=not progress,
     )
     per_subset: dict[str, dict[str, Any]] = {}
     accs: dict[str, _Acc] = {}
@@ -356,6 +348,7 @@ def evaluate(
             candidate_set=candidate_set,
             root=str(ds.data_root.resolve()),
             bar=bar,
+            limit=max_queries_per_subset,
         )
         n = acc.queries
         code = index.subset_code.get(s)
@@ -398,6 +391,7 @@ def evaluate(
             "ndcg_at": NDCG_AT,
             "retrieval_tasks": sorted(retrieval_tasks),
             "subsets": None if only is None else sorted(only),
+            "max_queries_per_subset": max_queries_per_subset,
             "ties": "corpus order",
         },
     }
@@ -416,10 +410,11 @@ def _evaluate_subset(
     candidate_set: str,
     root: str,
     bar: tqdm,
+    limit: int | None = None,
 ) -> _Acc:
     acc = _Acc()
     depth = max([*ks, NDCG_AT])
-    qids = index.queries_of[subset]
+    qids = index.queries_of[subset][:limit]
     code = index.subset_code.get(subset, -1)
     n_docs = len(index.doc_subset)
     # Which queries are scorable (doc numbers of positives, candidates, false negatives), and
@@ -437,7 +432,9 @@ def _evaluate_subset(
             continue
         fn = np.setdiff1d(docs[labels == _FN], pos)  # positive wins over false_negative
         cands = np.setdiff1d(np.union1d(pos, docs[labels == _NEG]), fn)
-        use_pairs = candidate_set == "pairs" and len(cands) >= 2
+        # the pairs make a candidate set only if they name a negative: all-positive pairs would
+        # make P@1 trivially 1 (a retrieval query with many gold images)
+        use_pairs = candidate_set == "pairs" and len(cands) > len(pos)
         whole = whole or not use_pairs
         plan[qid] = (pos, cands, fn, use_pairs)
         needed[cands] = True

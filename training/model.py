@@ -164,7 +164,14 @@ class EmbedderProcessor(InternVLProcessor):
             path, trust_remote_code=False, backend=image_backend
         )
         seq = _read_json(path, "processor_config.json").get("image_seq_length", 256)
-        return cls(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=int(seq))
+        template_file = Path(path) / "chat_template.jinja"
+        chat_template = template_file.read_text() if template_file.is_file() else tokenizer.chat_template
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            image_seq_length=int(seq),
+            chat_template=chat_template,
+        )
 
 
 # ---------------------------------------------------------------- prompts and images

@@ -50,6 +50,8 @@ CHAT_TEMPLATE = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+#: The judge's answer words; real vocabularies have each as one token, and so does the tiny one.
+LABEL_WORDS = ("yes", "no")
 #: InternVL normalises with the ImageNet statistics.
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -199,6 +201,7 @@ def build_tiny(
     """
     template_words = ["Instruct: Query: Text:"]
     tokenizer = train_tokenizer([*template_words, *texts], vocab_size=vocab_size)
+    tokenizer.add_tokens(list(LABEL_WORDS))  # one token each, as in real vocabularies: the judge reads them
     config = tiny_config(
         vocab_size=-(-len(tokenizer) // 64) * 64,
         image_token_id=tokenizer.context_image_token_id,

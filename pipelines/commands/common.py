@@ -80,3 +80,14 @@ def print_counts(manifest: Any, stage: str) -> None:
         click.echo("quarantined by this stage, per reason:")
         for k, v in sorted(mine.items(), key=lambda kv: (-kv[1], kv[0])):
             click.echo(f"  {k.split(':', 1)[1]:<28} {v}")
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars or deprecation chatter from transformers / peft in assay's output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pipelines.commands.common import friendly_errors, open_dataset
+from pipelines.commands.common import friendly_errors, open_dataset, quiet_transformers
 
 #: "org/name": what a Hugging Face hub id looks like (a path that does not exist may still be one).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -132,6 +132,12 @@ def _dataset_subsets(ds: Any) -> set[str]:
     default=None,
     help="Where the model runs (default: cuda when available, else cpu).",
 )
+@click.option(
+    "--max-queries",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Score only the first N queries of each subset (a quick estimate; candidates stay complete).",
+)
 @friendly_errors
 def command(
     checkpoint: str,
@@ -142,6 +148,7 @@ def command(
     subsets: tuple[str, ...],
     tokens_per_tile: int | None,
     device: str | None,
+    max_queries: int | None,
 ) -> None:
     """Score the embedder CHECKPOINT on DATASET and write the metrics as JSON.
 
@@ -189,6 +196,7 @@ def command(
     elif device == "cuda" and not torch.cuda.is_available():
         raise click.ClickException("--device cuda: no CUDA device is available")
 
+    quiet_transformers()
     click.echo(f"loading {ref} on {device}", err=True)
     try:
         embedder = load_embedder(ref, tokens_per_tile=tokens_per_tile, trust_remote_code=False, device=device)
@@ -209,6 +217,7 @@ def command(
         candidate_set=candidate_set,
         subsets=list(subsets) or None,
         progress=True,
+        max_queries_per_subset=max_queries,
     )
     metrics["checkpoint"] = ref
     metrics["dataset"] = str(Path(dataset).resolve())

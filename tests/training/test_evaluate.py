@@ -149,9 +149,10 @@ def test_recall_and_ndcg_by_hand(tmp_path):
     dcg = 1 / math.log2(2) + 1 / math.log2(4)
     idcg = 1 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)
     assert r["ndcg@10"] == pytest.approx(dcg / idcg)
-    # three pair candidates, all positive: P@1 = 1 by construction, chance 1
-    assert r["p_at_1"] == 1.0 and r["candidates_per_query"] == 3.0
-    assert m["chance_p_at_1"]["ret"] == 1.0
+    # the pairs name positives only: P@1 ranks the whole subset (pairs alone would make it 1 by
+    # construction); the top doc is a positive, and chance is 3 positives in 12
+    assert r["p_at_1"] == 1.0 and r["candidates_per_query"] == 12.0
+    assert m["chance_p_at_1"]["ret"] == pytest.approx(0.25)
 
 
 def test_per_task_averages_subsets_not_queries(tmp_path):

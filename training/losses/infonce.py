@@ -117,10 +117,11 @@ class InfoNCELoss(nn.Module):
         neg_mask: Tensor | None = None,
         pos_doc_ids: DocIds | None = None,
         neg_doc_ids: DocIds | None = None,
+        exclude: Tensor | None = None,
     ) -> Tensor:
         """The mean InfoNCE loss of the batch; see :meth:`compute_loss_from_embeddings`."""
         return self.compute_loss_from_embeddings(
-            q, p, n, neg_mask=neg_mask, pos_doc_ids=pos_doc_ids, neg_doc_ids=neg_doc_ids
+            q, p, n, neg_mask=neg_mask, pos_doc_ids=pos_doc_ids, neg_doc_ids=neg_doc_ids, exclude=exclude
         )
 
     def compute_loss_from_embeddings(
@@ -132,6 +133,7 @@ class InfoNCELoss(nn.Module):
         neg_mask: Tensor | None = None,
         pos_doc_ids: DocIds | None = None,
         neg_doc_ids: DocIds | None = None,
+        exclude: Tensor | None = None,
     ) -> Tensor:
         """
         The mean over queries of ``-log softmax(logits_i)[target_i]``.
@@ -146,12 +148,15 @@ class InfoNCELoss(nn.Module):
                 means unknown (never matched).
             neg_doc_ids: doc id of each negative, (B, k) (a tensor, or rows as lists / tuples) or
                 flat (B*k,), same kinds of ids as ``pos_doc_ids``.
+            exclude: bool (B, C) over the logit columns (see :meth:`compute_logits`): True takes that
+                candidate out of row i's softmax (the query's other positives and judged false
+                negatives, which doc ids alone cannot tell). Never row i's own target.
 
         Returns:
             A scalar tensor.
         """
         logits, target = self.compute_logits(
-            q, p, n, neg_mask=neg_mask, pos_doc_ids=pos_doc_ids, neg_doc_ids=neg_doc_ids
+            q, p, n, neg_mask=neg_mask, pos_doc_ids=pos_doc_ids, neg_doc_ids=neg_doc_ids, exclude=exclude
         )
         return F.cross_entropy(logits, target)
 
@@ -164,6 +169,7 @@ class InfoNCELoss(nn.Module):
         neg_mask: Tensor | None = None,
         pos_doc_ids: DocIds | None = None,
         neg_doc_ids: DocIds | None = None,
+        exclude: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """
         The logits and the targets the loss takes the cross-entropy of.
@@ -205,7 +211,7 @@ class InfoNCELoss(nn.Module):
             target = torch.zeros(b, dtype=torch.long, device=q.device)
 
         if n is None:
-            return pos_logits / self.temperature, target
+            return _excluded(pos_logits, exclude, target) / self.temperature, target
 
         # Hard-negative columns.
         if self.share_hard_negatives:
@@ -220,7 +226,8 @@ class InfoNCELoss(nn.Module):
             if neg_ids is not None:
                 drop = drop | ((neg_ids == pos_ids[:, None]) & (pos_ids[:, None] >= 0))
         neg_logits = neg_logits.masked_fill(drop, float("-inf"))
-        return torch.cat([pos_logits, neg_logits], dim=1) / self.temperature, target
+        logits = _excluded(torch.cat([pos_logits, neg_logits], dim=1), exclude, target)
+        return logits / self.temperature, target
 
     def extra_repr(self) -> str:
         return (
@@ -238,6 +245,19 @@ class InfoNCELoss(nn.Module):
   year={2018}
 }
 """
+
+
+def _excluded(logits: Tensor, exclude: Tensor | None, target: Tensor) -> Tensor:
+    """``logits`` with the ``exclude`` entries set to -inf; the targets are never excluded."""
+    if exclude is None:
+        return logits
+    exclude = exclude.to(device=logits.device, dtype=torch.bool)
+    if exclude.shape != logits.shape:
+        raise ValueError(f"exclude must be {tuple(logits.shape)} like the logits; got {tuple(exclude.shape)}")
+    rows = torch.arange(len(target), device=logits.device)
+    if exclude[rows, target].any():
+        raise ValueError("exclude masks a row's own positive")
+    return logits.masked_fill(exclude, float("-inf"))
 
 
 def _negatives_as_padded(

@@ -1,0 +1,323 @@
+"""The trainer: configs, training units, the stages on a tiny model, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.colours import TINY, colour_dataset
+from safetensors.torch import load_file
+
+from training.config import ConfigError, config_from_dict, load_config
+from training.data import TrainingData, epoch_batches, generative_sample
+from training.evaluate import evaluate
+from training.generative import Reranker
+from training.losses import InfoNCELoss
+from training.model import load_embedder
+from training.trainer import COMPLETE_FILE, LOG_FILE, TrainingError, final_checkpoint, train
+
+QUIET = {"progress": False, "save_every": 100}
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    return colour_dataset(tmp_path_factory.mktemp("colours") / "ds")
+
+
+@pytest.fixture(scope="module")
+def stage1(colours, tmp_path_factory):
+    """A stage-1 checkpoint of the tiny model on the colours (shared by the later stages)."""
+    out = tmp_path_factory.mktemp("stage1")
+    config = config_from_dict(
+        {
+            "stage": "1",
+            "data": [str(colours)],
+            "output": str(out),
+            "tiny": TINY,
+            "tokens_per_tile": 16,
+            "lr": 3e-3,
+            "batch_size": 8,
+            "mini_batch": 8,
+            "epochs": 8,
+            **QUIET,
+        }
+    )
+    return train(config)
+
+
+def losses(output: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output / LOG_FILE).read_text().splitlines()]
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors")
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_config_defaults_follow_the_paper(tmp_path):
+    c2 = config_from_dict({"stage": 2, "data": "d", "output": "o", "init": "m"})
+    assert c2.stage == "2" and c2.lora.rank == 16 and c2.temperature == 0.03 and c2.lr == 2e-4
+    c3 = config_from_dict({"stage": "3", "data": ["d"], "output": "o", "init": "m"})
+    assert c3.negatives == "judged" and c3.num_negatives == 12
+    c1 = config_from_dict({"stage": "1", "data": ["d"], "output": "o", "init": "m"})
+    assert c1.lora is None and c1.lr == 1e-5
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("stage: '2'\ndata: [d]\noutput: o\ninit: m\nlearning_rate: 1\n", "unknown key(s) learning_rate"),
+        ("stage: '2'\ndata: [d]\noutput: o\ninit: m\nlora: {rnak: 4}\n", "lora: unknown key(s) rnak"),
+        ("stage: '4'\ndata: [d]\noutput: o\ninit: m\n", "stage must be one of"),
+        ("stage: '2'\ndata: [d]\noutput: o\ninit: m\nbatch_size: many\n", "batch_size must be int"),
+        ("stage: '2'\ndata: [d]\noutput: o\ninit: m\nepochs: true\n", "epochs must be float"),
+        ("stage: '2'\ndata: [d]\noutput: o\ntiny: {}\n", "tiny is for stage 1"),
+        ("stage: '2'\ndata: [d]\noutput: o\n", "give init"),
+        ("stage: '2'\ndata: [d]\noutput: o\ninit: m\ntrust_remote_code: true\n", "trust_remote_code"),
+        ("!!python/object/apply:os.system ['echo hi']\n", "not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_file_and_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+# ---------------------------------------------------------------- units
+
+
+def test_contrastive_units_take_judged_negatives_and_never_false_negatives(tmp_path):
+    extra = [
+        {
+            "query_id": "q-red-0",
+            "doc_id": "ans-blue",
+            "label": "hard_negative",
+            "rank": 3,
+            "judge_verdict": "no",
+        },
+        {
+            "query_id": "q-red-0",
+            "doc_id": "ans-green",
+            "label": "hard_negative",
+            "rank": 1,
+            "judge_verdict": "yes",
+        },  # judged relevant: a false negative
+        {"query_id": "q-red-0", "doc_id": "ans-yellow", "label": "hard_negative", "rank": 2},  # not judged
+        {"query_id": "q-red-1", "doc_id": "ans-blue", "label": "false_negative"},
+    ]
+    data = TrainingData.load([str(colour_dataset(tmp_path / "ds", extra_pairs=extra))])
+    q0, q1 = data.query_index["q-red-0"], data.query_index["q-red-1"]
+    docs = data.doc_index
+    by_query = {u.query: u for u in data.contrastive_units("judged", 12)}
+    assert by_query[q0].negatives == (docs["ans-blue"],)
+    mined = {u.query: u for u in data.contrastive_units("mined", 12)}
+    assert mined[q0].negatives == (docs["ans-yellow"], docs["ans-blue"])  # rank order, green left out
+    assert (
+        mined[q0].negatives[:1]
+        == data.contrastive_units("mined", 1)[
+            [u.query for u in data.contrastive_units("mined", 1)].index(q0)
+        ].negatives
+    )
+    assert docs["ans-green"] in data.excluded(q0) and docs["ans-blue"] in data.excluded(q1)
+    assert all(not u.negatives for u in data.contrastive_units("none", 12))
+
+
+def test_excluded_docs_are_masked_out_of_the_softmax():
+    q = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    exclude = torch.zeros(3, 3, dtype=torch.bool)
+    exclude[0, 1] = True
+    loss = InfoNCELoss(temperature=0.05)
+    logits, _ = loss.compute_logits(q, p, exclude=exclude)
+    assert logits[0, 1] == float("-inf") and torch.isfinite(logits[1]).all()
+    # the same loss as if column 1 did not exist for row 0
+    by_hand = -torch.log_softmax(torch.stack([q[0] @ p[0], q[0] @ p[2]]) / 0.05, 0)[0]
+    per_row = torch.nn.functional.cross_entropy(logits, torch.arange(3), reduction="none")
+    assert torch.allclose(per_row[0], by_hand, atol=1e-5)
+    with pytest.raises(ValueError, match="own positive"):
+        loss.compute_logits(q, p, exclude=torch.eye(3, dtype=torch.bool))
+
+
+def test_generative_samples_read_the_image_side_as_input():
+    img = {"bytes": b"x", "path": None}
+    vqa = generative_sample(
+        {"image": img, "text": "What colour?", "task": "vqa"}, {"text": "red", "image": None}
+    )
+    assert vqa == ({"image": img, "text": "What colour?"}, "red")
+    caption = generative_sample({"image": None, "text": "a red image"}, {"text": None, "image": img})
+    assert caption[1] == "a red image" and caption[0]["image"] is img
+    assert generative_sample({"image": img, "text": None}, {"image": img, "text": None}) is None
+
+
+def test_batches_are_a_function_of_seed_and_epoch():
+    subsets = ["a"] * 10 + ["b"] * 7
+    first = epoch_batches(subsets, 4, seed=1, epoch=0)
+    assert first == epoch_batches(subsets, 4, seed=1, epoch=0)
+    assert first != epoch_batches(subsets, 4, seed=1, epoch=1)
+    assert all(len({subsets[i] for i in b}) == 1 for b in first)  # one subset per batch
+    assert sorted(i for b in first for i in b) == list(range(17))
+    capped = epoch_batches(subsets, 4, seed=1, epoch=0, max_units_per_subset=3)
+    assert sum(len(b) for b in capped) == 6
+
+
+# ---------------------------------------------------------------- stages
+
+
+def test_stage1_learns_and_writes_a_complete_checkpoint(stage1):
+    out = stage1.parent
+    curve = losses(out)
+    assert curve[-1] < 0.75 * curve[0]
+    done = json.loads((out / COMPLETE_FILE).read_text())
+    assert done["final"] == stage1.name and final_checkpoint(out) == stage1
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "training_config.json",
+        "checkpoint.json",
+    ):
+        assert (stage1 / name).is_file(), name
+    assert not list(stage1.rglob("*.bin")) and not list(stage1.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("lora", [None, {"rank": 8}], ids=["full", "lora"])
+def test_stage2_warmup_learns_the_colours(colours, stage1, tmp_path, lora):
+    config = config_from_dict(
+        {
+            "stage": "2",
+            "data": [str(colours)],
+            "output": str(tmp_path),
+            "init": str(stage1),
+            "lora": lora,
+            "lr": 2e-3,
+            "batch_size": 8,
+            "mini_batch": 4,
+            "epochs": 6,
+            **QUIET,
+        }
+    )
+    final = train(config)
+    embedder = load_embedder(final)
+    metrics = evaluate(colours, embedder.encode_queries, embedder.encode_candidates, subsets=["vqa"])
+    assert metrics["per_subset"]["vqa"]["p_at_1"] >= 0.5  # chance is 0.25
+    if lora:
+        assert (final / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "stage, extra",
+    [
+        ("1", {"tiny": TINY, "tokens_per_tile": 16, "lr": 3e-3}),
+        ("2", {"lora": {"rank": 4}, "lr": 1e-3}),
+        ("3", {"lora": None, "lr": 1e-3}),
+    ],
+)
+def test_resume_mid_stage_ends_where_an_uninterrupted_run_ends(colours, stage1, tmp_path, stage, extra):
+    """Stop after the step-2 checkpoint (what a kill leaves), rerun: the same final weights."""
+    base = {
+        "stage": stage,
+        "data": [str(colours)],
+        "batch_size": 8,
+        "mini_batch": 4,
+        "max_steps": 4,
+        "progress": False,
+        "save_every": 2,
+        "keep_checkpoints": 5,
+        **extra,
+    }
+    if stage != "1":
+        base["init"] = str(stage1)
+    whole = train(config_from_dict({**base, "output": str(tmp_path / "whole")}))
+    cut = tmp_path / "cut"
+    shutil.copytree(whole.parent, cut)
+    shutil.rmtree(cut / "step-000004")
+    (cut / COMPLETE_FILE).unlink()
+    resumed = train(config_from_dict({**base, "output": str(cut)}))
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(cut) == losses(whole.parent)  # the log is rewritten from the resumed step
+
+
+def test_resume_refuses_a_different_config(colours, stage1, tmp_path):
+    base = {
+        "stage": "2",
+        "data": [str(colours)],
+        "init": str(stage1),
+        "output": str(tmp_path),
+        "batch_size": 8,
+        "max_steps": 2,
+        "progress": False,
+        "save_every": 1,
+    }
+    train(config_from_dict(base))
+    (tmp_path / COMPLETE_FILE).unlink()
+    with pytest.raises(TrainingError, match="different config"):
+        train(config_from_dict({**base, "lr": 1e-3}))
+    train(config_from_dict({**base, "save_every": 5}))  # a runtime setting may change
+
+
+def test_stage3_runs_on_judged_negatives(colours, stage1, tmp_path):
+    extra = [
+        {
+            "query_id": f"q-red-{k}",
+            "doc_id": "ans-green",
+            "label": "hard_negative",
+            "rank": 1,
+            "judge_verdict": "no",
+        }
+        for k in range(4)
+    ]
+    ds = colour_dataset(tmp_path / "judged", extra_pairs=extra)
+    config = config_from_dict(
+        {
+            "stage": "3",
+            "data": [str(ds)],
+            "output": str(tmp_path / "s3"),
+            "init": str(stage1),
+            "batch_size": 8,
+            "mini_batch": 4,
+            "max_steps": 2,
+            **QUIET,
+        }
+    )
+    final = train(config)
+    assert final.is_dir()
+    assert all(torch.isfinite(torch.tensor(losses(final.parent))))
+
+
+def test_reranker_learns_to_tell_right_answers_from_wrong(colours, stage1, tmp_path):
+    config = config_from_dict(
+        {
+            "stage": "reranker",
+            "data": [str(colours)],
+            "output": str(tmp_path),
+            "init": str(stage1),
+            "lr": 3e-3,
+            "batch_size": 8,
+            "mini_batch": 8,
+            "epochs": 8,
+            "subsets": ["vqa"],
+            **QUIET,
+        }
+    )
+    final = train(config)
+    reranker = Reranker(load_embedder(final))
+    data = TrainingData.load([str(colours)], ["vqa"])
+    queries, docs, gold = [], [], []
+    for q, row in enumerate(data.queries):
+        for name in ("red", "green", "blue", "yellow"):
+            queries.append(row)
+            docs.append(data.corpus[data.doc_index[f"ans-{name}"]])
+            gold.append(data.positives[q] == [data.doc_index[f"ans-{name}"]])
+    p_yes = reranker.score(queries, docs)
+    agree = sum((p > 0.5) == g for p, g in zip(p_yes, gold, strict=True)) / len(gold)
+    assert agree >= 0.8, agree  # all-"no" would score 0.75
+    assert min(p for p, g in zip(p_yes, gold, strict=True) if g) > 0.0

@@ -1,0 +1,193 @@
+"""Next-token training (stage 1, the reranker) and the reranker's yes/no scoring.
+
+A *sample* is one chat turn: the user's content parts (text and image parts, the form transformers
+chat templates take) with the images they refer to, and the assistant's target text. The processor
+renders the prompt with the model's own chat template and expands each image into its tokens; the
+target is tokenised on its own and appended, so the loss covers the target tokens and nothing else.
+
+The loss reads the LM head only where there is a label: ``lm_head(hidden[labelled positions])``
+instead of full ``(B, T, vocab)`` logits, which for a 150k vocabulary would be most of the memory.
+
+The reranker (PAPER.md's pointwise judge) is the same model trained on samples whose target is one
+word, "yes" or "no", under the judge prompt of ``curation.judge.prompts``. Scoring reads the two
+label tokens' logits at the answer position in one forward pass:
+``p_yes = e^yes / (e^yes + e^no)``; no generation, no softmax over the vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render
+from training.model import MMEmbedder, load_image
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Sample:
+    parts: list[dict[str, Any]]  # user content parts: {"type": "text", "text"} | {"type": "image"}
+    images: list[Any]  # one per image part, in order (PIL, bytes, path or {bytes, path})
+    target: str
+
+
+def sample_from_input(inp: Mapping[str, Any], target: str) -> Sample:
+    """A sample from ``{"image", "text"}`` (``training.data.generative_sample``'s input)."""
+    parts: list[dict[str, Any]] = []
+    images = []
+    if inp.get("image") is not None:
+        parts.append({"type": "image"})
+        images.append(inp["image"])
+    if inp.get("text"):
+        parts.append({"type": "text", "text": inp["text"]})
+    return Sample(parts, images, target)
+
+
+def _prompt_texts(embedder: MMEmbedder, samples: Sequence[Sample]) -> list[str]:
+    proc = embedder._processor
+    return [
+        proc.apply_chat_template(
+            [{"role": "user", "content": s.parts}], tokenize=False, add_generation_prompt=True
+        )
+        for s in samples
+    ]
+
+
+def _encode_prompts(embedder: MMEmbedder, samples: Sequence[Sample], padding_side: str) -> Any:
+    proc = embedder._processor
+    images = [load_image(img, embedder.image_root) for s in samples for img in s.images]
+    kwargs: dict[str, Any] = {"padding": True, "padding_side": padding_side, "return_tensors": "pt"}
+    if images:
+        kwargs.update(images=images, crop_to_patches=embedder.max_tiles > 1, max_patches=embedder.max_tiles)
+    return proc(text=_prompt_texts(embedder, samples), **kwargs)
+
+
+def build_batch(embedder: MMEmbedder, samples: Sequence[Sample], *, end_of_turn: bool = True) -> dict:
+    """Tensors for next-token training: prompt + target, right-padded, labels only on the target.
+
+    ``end_of_turn`` appends the tokenizer's end-of-turn token to the target (stage 1: the model
+    learns where an answer stops); the reranker leaves it off so its loss is the label alone.
+    """
+    tok = embedder._processor.tokenizer
+    enc = _encode_prompts(embedder, samples, "right")
+    rows, labels = [], []
+    for i, s in enumerate(samples):
+        prompt = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+        target = tok(s.target + (tok.eos_token if end_of_turn else ""), add_special_tokens=False)["input_ids"]
+        rows.append(prompt + target)
+        labels.append([IGNORE] * len(prompt) + target)
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id
+    batch = {
+        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in labels]),
+    }
+    if "pixel_values" in enc:
+        batch["pixel_values"] = enc["pixel_values"]
+    return batch
+
+
+def _hidden(embedder: MMEmbedder, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch["attention_mask"]
+    out = embedder.backbone(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        pixel_values=batch.get("pixel_values"),
+        position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
+def lm_head(embedder: MMEmbedder) -> torch.nn.Module:
+    model = embedder.model
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.lm_head
+
+
+def next_token_loss(embedder: MMEmbedder, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of the target tokens' cross-entropy, number of target tokens) of one batch."""
+    hidden = _hidden(embedder, batch)
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    logits = lm_head(embedder)(hidden[:, :-1][keep])
+    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+# ---------------------------------------------------------------- the reranker
+
+
+def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> tuple[int, int]:
+    """The first token of each label word as the model would write it right after the prompt.
+
+    The two must differ; a label that only exists with a leading space in the vocabulary still
+    resolves (tokenised as written, no space, because the answer opens the assistant turn).
+    """
+    ids = []
+    for word in labels:
+        toks = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not toks:
+            raise ValueError(f"label {word!r} tokenises to nothing")
+        ids.append(toks[0])
+    if ids[0] == ids[1]:
+        raise ValueError(
+            f"labels {labels} start with the same token ({ids[0]}): the judge cannot tell them apart"
+        )
+    return ids[0], ids[1]
+
+
+def reranker_sample(
+    template: PromptTemplate | None, query: Mapping[str, Any], doc: Mapping[str, Any], answer: str, **kw: Any
+) -> Sample:
+    """The judge prompt for (query, doc) with target ``answer`` (a label word)."""
+    template = template or load_prompt(family_for_task(query.get("task")))
+    return Sample(render(template, dict(query), dict(doc), **kw), images_of(dict(query), dict(doc)), answer)
+
+
+class Reranker:
+    """A trained reranker checkpoint as a judge: ``score(queries, docs) -> p_yes`` per pair.
+
+    ``template`` fixes the prompt (default: each query's task family); the label tokens are the
+    template's labels. Scores come from one forward pass per batch, reading only the two label rows
+    of the LM head at the answer position.
+    """
+
+    def __init__(self, embedder: MMEmbedder, template: PromptTemplate | None = None, batch_size: int = 16):
+        self.embedder = embedder
+        self.template = template
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score(self, queries: Sequence[Mapping[str, Any]], docs: Sequence[Mapping[str, Any]]) -> list[float]:
+        if len(queries) != len(docs):
+            raise ValueError(f"{len(queries)} queries but {len(docs)} docs")
+        was_training = self.embedder.training
+        self.embedder.eval()
+        device = next(self.embedder.parameters()).device
+        head = lm_head(self.embedder).weight
+        out: list[float] = []
+        try:
+            for i in range(0, len(queries), self.batch_size):
+                samples = [
+                    reranker_sample(self.template, q, d, "")
+                    for q, d in zip(
+                        queries[i : i + self.batch_size], docs[i : i + self.batch_size], strict=True
+                    )
+                ]
+                labels = (self.template or load_prompt(family_for_task(queries[i].get("task")))).labels
+                yes, no = label_token_ids(self.embedder._processor.tokenizer, labels)
+                enc = _encode_prompts(self.embedder, samples, "left").to(device)
+                hidden = _hidden(self.embedder, enc)[:, -1]
+                logits = hidden.float() @ head[[yes, no]].float().T  # (B, 2)
+                out.extend(torch.softmax(logits, dim=-1)[:, 0].tolist())
+        finally:
+            self.embedder.train(was_training)
+        return out
