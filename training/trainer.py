@@ -237,7 +237,7 @@ class _Stage:
         ]
         total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         if world > 1:  # normalise by the global batch's target tokens
-            count = torch.tensor([total], dtype=torch.float64)
+            count = torch.tensor([total], dtype=torch.float64, device=self.device)
             dist.all_reduce(count)
             total = int(count.item())
         loss_sum = 0.0
@@ -406,12 +406,13 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None) -> P
         start = state.step
         if rank == 0:
             _rewrite_log(output, start)
+    precision = "bf16" if isinstance(_autocast(config, device), torch.autocast) else "fp32"
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in params)
         print(
             f"stage {config.stage}: {stage.describe()}, {per_epoch} steps/epoch, {total} steps, "
-            f"{n_train:,} trainable parameters on {device}"
+            f"{n_train:,} trainable parameters on {device} ({precision})"
             + (f" x {world} workers" if world > 1 else "")
             + (f", resuming at step {start} from {resume.name}" if resume is not None else "")
         )
@@ -440,14 +441,14 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None) -> P
         if world > 1:
             divide = world if combine == "mean" else 1
             _all_reduce_grads(params, divide)
-            reduced = torch.tensor([loss], dtype=torch.float64)
+            reduced = torch.tensor([loss], dtype=torch.float64, device=device)
             dist.all_reduce(reduced)
             loss = float(reduced) / divide
+        if not math.isfinite(loss):  # before the step: a NaN never reaches the weights or a checkpoint
+            raise TrainingError(f"stage {config.stage}: loss is {loss} at step {step + 1}; lower lr?")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
         optimizer.step()
         scheduler.step()
-        if not math.isfinite(loss):
-            raise TrainingError(f"stage {config.stage}: loss is {loss} at step {step + 1}; lower lr?")
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if rank == 0 and ((step + 1) % config.log_every == 0 or step + 1 == total):
@@ -459,6 +460,7 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None) -> P
                 "grad_norm": grad_norm,
                 "seconds": round(time.perf_counter() - t0, 4),
                 "units": len(batches[index]),
+                "precision": precision,
             }
             with open(output / LOG_FILE, "a") as f:
                 f.write(json.dumps(entry) + "\n")
