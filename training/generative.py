@@ -16,6 +16,7 @@ label tokens' logits at the answer position in one forward pass:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -144,11 +145,17 @@ def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
+@functools.cache
+def default_template(task: str | None) -> PromptTemplate:
+    """The shipped judge template of a task's family, read once per process."""
+    return load_prompt(family_for_task(task))
+
+
 def reranker_sample(
     template: PromptTemplate | None, query: Mapping[str, Any], doc: Mapping[str, Any], answer: str, **kw: Any
 ) -> Sample:
     """The judge prompt for (query, doc) with target ``answer`` (a label word)."""
-    template = template or load_prompt(family_for_task(query.get("task")))
+    template = template or default_template(query.get("task"))
     return Sample(render(template, dict(query), dict(doc), **kw), images_of(dict(query), dict(doc)), answer)
 
 
@@ -182,7 +189,7 @@ class Reranker:
                         queries[i : i + self.batch_size], docs[i : i + self.batch_size], strict=True
                     )
                 ]
-                labels = (self.template or load_prompt(family_for_task(queries[i].get("task")))).labels
+                labels = (self.template or default_template(queries[i].get("task"))).labels
                 yes, no = label_token_ids(self.embedder._processor.tokenizer, labels)
                 enc = _encode_prompts(self.embedder, samples, "left").to(device)
                 hidden = _hidden(self.embedder, enc)[:, -1]

@@ -60,7 +60,15 @@ from training.checkpoint import (
     weights_hash,
 )
 from training.config import TrainConfig
-from training.data import ContrastiveUnit, TrainingData, epoch_batches, generative_sample
+from training.data import (
+    CAPTION_PROMPT,
+    LABEL_PROMPT,
+    ContrastiveUnit,
+    TrainingData,
+    epoch_batches,
+    generative_sample,
+    steps_per_epoch,
+)
 from training.generative import build_batch, next_token_loss, reranker_sample, sample_from_input
 from training.losses import GradCache, InfoNCELoss
 from training.model import MMEmbedder, load_embedder
@@ -115,8 +123,6 @@ def final_checkpoint(output: str | os.PathLike) -> Path | None:
 def _dataset_texts(data: TrainingData) -> list[str]:
     texts = [r[k] for r in data.queries for k in ("text", "instruction") if r.get(k)]
     texts += [r[k] for r in data.corpus for k in ("text", "instruction") if r.get(k)]
-    from training.data import CAPTION_PROMPT, LABEL_PROMPT
-
     return [*dict.fromkeys(texts), CAPTION_PROMPT, LABEL_PROMPT]
 
 
@@ -383,15 +389,8 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None) -> P
     params = [p for p in embedder.parameters() if p.requires_grad]
     stage = _Stage(config, data, embedder, device)
 
-    per_epoch = len(
-        epoch_batches(
-            stage.unit_subsets,
-            config.batch_size,
-            seed=config.seed,
-            epoch=0,
-            batching=config.batching,
-            max_units_per_subset=config.max_units_per_subset,
-        )
+    per_epoch = steps_per_epoch(
+        stage.unit_subsets, config.batch_size, config.batching, config.max_units_per_subset
     )
     total = math.ceil(config.epochs * per_epoch)
     if config.max_steps is not None:
