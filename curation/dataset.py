@@ -94,6 +94,23 @@ def atomic_write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
         raise
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Put ``src``'s bytes at ``dst`` atomically: a hard link, or a copy across filesystems.
+
+    Shards never change once written, so a stage that passes a table through unchanged (and every
+    stage carrying its ancestors' quarantine) shares the bytes instead of copying them.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # another filesystem, or one without links
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def remove_stale_tmp(root: str | os.PathLike) -> int:
     """Delete temporary files a killed run left behind; returns how many."""
     n = 0
@@ -238,6 +255,14 @@ class ShardSink:
     def quarantine_path(self, table: str, name: str) -> Path:
         return Path(self.root) / QUARANTINE / f"q{self.depth:02d}-{self.stage}-{table}-{name}"
 
+    def link_shard(self, table: str, name: str, src: str | os.PathLike) -> dict[str, Any]:
+        """Pass an input shard through unchanged (hard link, else copy), then mark it done."""
+        link_or_copy(src, self.shard_path(table, name))
+        marker = {"table": table, "shard": name, "rows": pq.ParquetFile(src).metadata.num_rows}
+        marker |= {"quarantined": 0, "reasons": {}}
+        atomic_write_json(self.marker(table, name), marker)
+        return marker
+
     def write_shard(
         self,
         table: str,
@@ -363,15 +388,7 @@ class DatasetWriter:
                     dst = self.root / QUARANTINE / src.name
                     if not dst.exists():
                         dst.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}")
-                        tmp.unlink(missing_ok=True)
-                        # Shards never change once written: a hard link shares the bytes instead of
-                        # copying every ancestor's quarantine again at each stage.
-                        try:
-                            os.link(src, tmp)
-                        except OSError:  # another filesystem, or one without links
-                            shutil.copyfile(src, tmp)
-                        os.replace(tmp, dst)
+                        link_or_copy(src, dst)
             for r, n in parent.manifest.quarantine_reasons.items():
                 reasons[r] = reasons.get(r, 0) + n
         qdir = self.root / QUARANTINE

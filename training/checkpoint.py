@@ -49,6 +49,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from curation.dataset import atomic_write_json, code_version, fingerprint
+from curation.judge.scoring import weights_sha256
 from training.model import MMEmbedder, load_embedder
 
 log = logging.getLogger(__name__)
@@ -136,27 +137,16 @@ def _sha256_file(path: Path, h: Any = None) -> str:
     return h.hexdigest()
 
 
-def _weight_files(path: Path) -> list[Path]:
-    files = sorted(
-        (p for p in path.glob("*.safetensors") if p.name != STATE_TENSORS_FILE), key=lambda p: p.name
-    )
-    if not files:
-        raise CheckpointError(f"{path} holds no *.safetensors weights")
-    return files
-
-
 def weights_hash(path: str | os.PathLike) -> str:
     """sha256 over the weight ``*.safetensors`` files' bytes, in sorted name order.
 
     Computed from the bytes on disk, never read from the manifest, so it works on any model
     directory (a pretrained InternVL too) and cannot go stale. The trainer state is not weights.
     """
-    h = hashlib.sha256()
-    for file in _weight_files(Path(path)):
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    try:
+        return weights_sha256(path, exclude=(STATE_TENSORS_FILE,))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _file_entries(path: Path) -> list[dict[str, Any]]:

@@ -63,6 +63,7 @@ class TinySettings:
     image_size: int = 64
     patch_size: int = 2
     vocab_size: int = 1024
+    layer_scale: float = 0.1  # the vision tower's residual-branch scale at init (InternViT: 0.1)
     seed: int = 0
 
 

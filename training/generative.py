@@ -24,7 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from curation.judge.hf import TransformersScorer
 from curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render
+from curation.judge.scoring import JudgeItem
 from training.model import MMEmbedder, load_image
 
 IGNORE = -100
@@ -126,25 +128,6 @@ def next_token_loss(embedder: MMEmbedder, batch: Mapping[str, torch.Tensor]) -> 
 # ---------------------------------------------------------------- the reranker
 
 
-def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> tuple[int, int]:
-    """The first token of each label word as the model would write it right after the prompt.
-
-    The two must differ; a label that only exists with a leading space in the vocabulary still
-    resolves (tokenised as written, no space, because the answer opens the assistant turn).
-    """
-    ids = []
-    for word in labels:
-        toks = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if not toks:
-            raise ValueError(f"label {word!r} tokenises to nothing")
-        ids.append(toks[0])
-    if ids[0] == ids[1]:
-        raise ValueError(
-            f"labels {labels} start with the same token ({ids[0]}): the judge cannot tell them apart"
-        )
-    return ids[0], ids[1]
-
-
 @functools.cache
 def default_template(task: str | None) -> PromptTemplate:
     """The shipped judge template of a task's family, read once per process."""
@@ -163,38 +146,46 @@ class Reranker:
     """A trained reranker checkpoint as a judge: ``score(queries, docs) -> p_yes`` per pair.
 
     ``template`` fixes the prompt (default: each query's task family); the label tokens are the
-    template's labels. Scores come from one forward pass per batch, reading only the two label rows
-    of the LM head at the answer position.
+    template's labels. The scoring itself is the judge's transformers backend
+    (``curation.judge.hf.TransformersScorer``) over this model and processor: one forward pass per
+    batch, reading only the two label logits at the answer position. ``scorer`` is that backend,
+    ready to hand to the judge stage.
     """
 
-    def __init__(self, embedder: MMEmbedder, template: PromptTemplate | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        embedder: MMEmbedder,
+        template: PromptTemplate | None = None,
+        batch_size: int = 16,
+        model_id: str = "assay-reranker",
+    ):
         self.embedder = embedder
         self.template = template
-        self.batch_size = batch_size
+        self.scorer = TransformersScorer(
+            embedder.model,
+            embedder._processor,
+            model_id=model_id,
+            batch_size=batch_size,
+            image_root=embedder.image_root,
+        )
 
-    @torch.no_grad()
+    def item(self, query: Mapping[str, Any], doc: Mapping[str, Any]) -> JudgeItem:
+        template = self.template or default_template(query.get("task"))
+        q, d = dict(query), dict(doc)
+        return JudgeItem(render(template, q, d), images_of(q, d), template.labels)
+
     def score(self, queries: Sequence[Mapping[str, Any]], docs: Sequence[Mapping[str, Any]]) -> list[float]:
+        """p_yes per (query, doc); ValueError when a pair cannot be scored."""
         if len(queries) != len(docs):
             raise ValueError(f"{len(queries)} queries but {len(docs)} docs")
         was_training = self.embedder.training
         self.embedder.eval()
-        device = next(self.embedder.parameters()).device
-        head = lm_head(self.embedder).weight
-        out: list[float] = []
+        self.scorer.image_root = self.embedder.image_root
         try:
-            for i in range(0, len(queries), self.batch_size):
-                samples = [
-                    reranker_sample(self.template, q, d, "")
-                    for q, d in zip(
-                        queries[i : i + self.batch_size], docs[i : i + self.batch_size], strict=True
-                    )
-                ]
-                labels = (self.template or default_template(queries[i].get("task"))).labels
-                yes, no = label_token_ids(self.embedder._processor.tokenizer, labels)
-                enc = _encode_prompts(self.embedder, samples, "left").to(device)
-                hidden = _hidden(self.embedder, enc)[:, -1]
-                logits = hidden.float() @ head[[yes, no]].float().T  # (B, 2)
-                out.extend(torch.softmax(logits, dim=-1)[:, 0].tolist())
+            scores = self.scorer.score([self.item(q, d) for q, d in zip(queries, docs, strict=True)])
         finally:
             self.embedder.train(was_training)
-        return out
+        bad = [(i, s.error) for i, s in enumerate(scores) if not s.ok]
+        if bad:
+            raise ValueError(f"{len(bad)} pair(s) could not be scored; first: pair {bad[0][0]}: {bad[0][1]}")
+        return [float(s.p_yes) for s in scores]

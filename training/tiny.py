@@ -88,6 +88,7 @@ def tiny_config(
     hidden_size: int = 64,
     num_layers: int = 2,
     head_dim: int = 32,
+    layer_scale: float = 0.1,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
 ) -> InternVLConfig:
@@ -101,6 +102,7 @@ def tiny_config(
         image_size=image_size,
         patch_size=patch_size,
         attention_bias=True,  # InternViT-300M has qkv bias
+        layer_scale_init_value=layer_scale,
     )
     text = Qwen2Config(
         vocab_size=vocab_size,
@@ -192,6 +194,7 @@ def build_tiny(
     hidden_size: int = 64,
     num_layers: int = 2,
     vocab_size: int = 1024,
+    layer_scale: float = 0.1,
     seed: int = 0,
 ) -> tuple[CompressedInternVLForConditionalGeneration, EmbedderProcessor]:
     """A randomly initialised tiny compressed InternVL and its processor, built with no network.
@@ -210,6 +213,7 @@ def build_tiny(
         patch_size=patch_size,
         hidden_size=hidden_size,
         num_layers=num_layers,
+        layer_scale=layer_scale,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

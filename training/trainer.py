@@ -140,6 +140,7 @@ def _initial_embedder(config: TrainConfig, data: TrainingData) -> tuple[MMEmbedd
             hidden_size=t.hidden_size,
             num_layers=t.num_layers,
             vocab_size=t.vocab_size,
+            layer_scale=t.layer_scale,
             seed=t.seed,
         )
         return MMEmbedder(model, processor), None

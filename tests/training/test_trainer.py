@@ -325,7 +325,8 @@ def test_reranker_trains_on_yes_no_and_scores_from_the_two_label_tokens(colours,
     p_yes = Reranker(embedder).score(queries, docs)
     assert len(p_yes) == 4 and all(0.0 < p < 1.0 for p in p_yes)
     # the same number as a forward pass over the whole vocabulary would give, renormalised to the labels
-    from training.generative import _encode_prompts, label_token_ids, reranker_sample
+    from curation.judge.scoring import label_token_ids
+    from training.generative import _encode_prompts, reranker_sample
 
     yes, no = label_token_ids(tok, ("yes", "no"))
     batch = _encode_prompts(embedder, [reranker_sample(None, queries[0], docs[0], "")], "left")

@@ -1,0 +1,274 @@
+"""`assay judge DATASET OUT --model ...`: score pairs with an MLLM judge, write verdicts to a new dataset."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from pipelines.commands.common import friendly_errors, open_dataset, print_counts, quiet_transformers
+
+BACKENDS = ("transformers", "vllm", "openai")
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def _assay_checkpoint(model: str) -> bool:
+    from training.model import EMBEDDER_FILE
+
+    return (Path(model) / EMBEDDER_FILE).is_file()
+
+
+def scorer_factory(
+    backend: str,
+    model: str,
+    *,
+    device: str,
+    batch_size: int,
+    trust_remote_code: bool,
+    image_root: str,
+    endpoint: str | None = None,
+    concurrency: int = 8,
+    timeout: float = 60.0,
+):
+    """A zero-argument function that builds the judge (called in this process or in each Ray actor)."""
+    if backend == "openai":
+        if not endpoint:
+            raise click.UsageError("--backend openai needs --endpoint (e.g. http://localhost:8000/v1)")
+
+        def openai_judge():
+            from curation.judge.openai_backend import OpenAIScorer
+
+            return OpenAIScorer(
+                endpoint, model, concurrency=concurrency, timeout=timeout, image_root=image_root
+            )
+
+        return openai_judge
+    if not Path(model).is_dir():
+        raise click.BadParameter(
+            f"{model} is not a model directory (models are never downloaded)", param_hint="--model"
+        )
+    if backend == "vllm":
+
+        def vllm_judge():
+            from curation.judge.vllm_backend import VLLMScorer
+
+            return VLLMScorer(model, trust_remote_code=trust_remote_code)
+
+        return vllm_judge
+
+    def transformers_judge():
+        import torch
+
+        if _assay_checkpoint(model):
+            # An assay reranker: training/ loads it (compressed InternVL) and hands its scorer over.
+            from curation.judge.scoring import model_id_for
+            from training.generative import Reranker
+            from training.model import load_embedder
+
+            dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            embedder = load_embedder(model).to(dev).eval()
+            embedder.image_root = image_root
+            return Reranker(embedder, batch_size=batch_size, model_id=model_id_for(model)).scorer
+        from curation.judge.hf import TransformersScorer
+
+        dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        return TransformersScorer.from_pretrained(
+            model,
+            device=dev,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+            image_root=image_root,
+        )
+
+    return transformers_judge
+
+
+def format_histograms(hists: dict[str, dict[str, list[int]]]) -> str:
+    """One line per subset and group: p_yes from 0 to 1 as bars, and the count."""
+    lines = ["p_yes per subset (0 ... 1):"]
+    for subset in sorted(hists):
+        for group, counts in sorted(hists[subset].items()):
+            top = max(counts) or 1
+            bars = "".join(BARS[round(c / top * (len(BARS) - 1))] for c in counts)
+            lines.append(f"  {subset:<16} {group:<9} |{bars}| n={sum(counts)}")
+    return "\n".join(lines)
+
+
+@click.command("judge", short_help="Score pairs with an MLLM judge; write verdicts to a new dataset.")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--model",
+    required=True,
+    help="Judge model directory (an assay reranker checkpoint, or a "
+    "transformers/vLLM model), or the served model name with --backend openai.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="transformers",
+    show_default=True,
+    help="transformers: in process; vllm: vLLM offline engine(s); openai: an OpenAI-compatible "
+    "endpoint such as `vllm serve`.",
+)
+@click.option(
+    "--prompt",
+    default=None,
+    metavar="NAME|FILE",
+    help="Judge prompt: a family of judge_prompts/ (vqa, retrieval, ...) or a YAML file "
+    "(default: each query's task family).",
+)
+@click.option(
+    "--rule",
+    default="paper",
+    show_default=True,
+    metavar="RULE",
+    help="Verdict rule: paper (logit yes > logit no), unime:BETA (p_yes > p_yes(positive) - BETA), "
+    "threshold:T (p_yes > T).",
+)
+@click.option(
+    "--labels",
+    default="positive,negative,hard_negative,false_negative",
+    show_default=True,
+    help="Comma-separated pair labels to judge; other pairs pass through untouched.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Pairs per forward pass (transformers) or per request batch.",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--cache",
+    "cache_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Judgment cache (SQLite; default: $ASSAY_CACHE_DIR or ~/.cache/assay/judgments.sqlite).",
+)
+@click.option("--endpoint", default=None, metavar="URL", help="Base URL of the OpenAI-compatible server.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Requests in flight (openai backend).",
+)
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per request (openai).")
+@click.option(
+    "--actors",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Run the judge in N Ray actors (one per GPU with --gpus-per-actor 1); 0: in this process.",
+)
+@click.option("--gpus-per-actor", type=float, default=0.0, show_default=True)
+@click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster for --actors.")
+@click.option(
+    "--max-chars",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Candidate text is cut to this many characters (and fenced) in the prompt.",
+)
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Allow the model directory's own code (off by default)."
+)
+@click.option("--no-progress", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds a dataset or another run.")
+@friendly_errors
+def command(
+    dataset,
+    out,
+    model,
+    backend,
+    prompt,
+    rule,
+    labels,
+    batch_size,
+    device,
+    cache_path,
+    endpoint,
+    concurrency,
+    timeout,
+    actors,
+    gpus_per_actor,
+    ray_address,
+    max_chars,
+    trust_remote_code,
+    no_progress,
+    overwrite,
+):
+    """Judge the (query, doc) pairs of DATASET and write them, with judge_p_yes and judge_verdict, to OUT.
+
+    \b
+    The judge reads the prompt of judge_prompts/ for each query's task family, and answers with
+    p_yes = e^yes / (e^yes + e^no) from the two label tokens' logits in one forward pass. A
+    non-positive pair judged "yes" becomes label false_negative; gold positives keep their label.
+    Judgments are cached by (judge model and weights hash, prompt version, query_id, doc_id): a
+    rerun, or a later dataset holding the same pairs, judges only what is new. Pairs the judge
+    cannot score (bad image, timeout, NaN) are listed in OUT/judge_failures.parquet.
+    """
+    quiet_transformers()
+    from tqdm import tqdm
+
+    from curation.judge.cache import default_cache_path
+    from curation.judge.stage import judge_dataset, p_yes_histograms
+    from curation.judge.verdicts import parse_rule
+
+    src = open_dataset(dataset)
+    verdict_rule = parse_rule(rule)
+    chosen = [s.strip() for s in labels.split(",") if s.strip()]
+    factory = scorer_factory(
+        backend,
+        model,
+        device=device,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        image_root=str(src.data_root.resolve()),
+        endpoint=endpoint,
+        concurrency=concurrency,
+        timeout=timeout,
+    )
+    t0 = time.perf_counter()
+    if actors:
+        from pipelines.judge_ray import RayPoolScorer
+
+        scorer = RayPoolScorer(factory, actors=actors, num_gpus=gpus_per_actor, address=ray_address)
+    else:
+        scorer = factory()
+    click.echo(f"judge {scorer.model_id} ({backend}) loaded in {time.perf_counter() - t0:.1f} s")
+    cache = Path(cache_path) if cache_path else default_cache_path()
+    bar = tqdm(desc="judge", unit="pair", disable=no_progress)
+    try:
+        manifest, report = judge_dataset(
+            src,
+            out,
+            scorer,
+            cache=cache,
+            prompt=prompt,
+            rule=verdict_rule,
+            labels=chosen,
+            batch_size=batch_size,
+            max_chars=max_chars,
+            overwrite=overwrite,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+        if hasattr(scorer, "close"):
+            scorer.close()
+    print_counts(manifest, "judge")
+    click.echo(
+        f"judged {report.scored} pairs in {report.seconds:.1f} s ({report.pairs_per_second:.1f} pairs/s), "
+        f"{report.cached} from the cache ({cache}), {report.failed} failed"
+    )
+    click.echo(
+        f"verdicts: {report.verdicts.get('yes', 0)} yes, {report.verdicts.get('no', 0)} no (rule {report.rule}); "
+        f"{report.relabelled} relabelled false_negative; {report.positives_judged_no} gold positives judged no"
+    )
+    if report.failed:
+        click.echo(f"failures: {Path(out) / 'judge_failures.parquet'}")
+    click.echo(format_histograms(p_yes_histograms(out)))
