@@ -21,10 +21,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from pipelines.commands import dedup, export, filter, ingest, judge, stats, train, validate
+    from pipelines.commands import dedup, export, filter, ingest, judge, mine, stats, train, validate
     from pipelines.commands import eval as eval_command
 
-    for module in (ingest, validate, dedup, filter, export, stats, judge, train, eval_command):
+    for module in (ingest, validate, dedup, filter, export, stats, judge, mine, train, eval_command):
         cli.add_command(module.command)
 
 

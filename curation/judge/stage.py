@@ -67,6 +67,7 @@ class JudgeReport:
     failed: int = 0
     verdicts: dict[str, int] = field(default_factory=dict)
     relabelled: int = 0
+    trimmed: int = 0  # judged hard negatives beyond keep_negatives per query, dropped
     positives_judged_no: int = 0
     unime_fallbacks: int = 0
     seconds: float = 0.0
@@ -151,6 +152,7 @@ def judge_dataset(
     batch_size: int = 64,
     max_chars: int = 2000,
     relabel: bool = True,
+    keep_negatives: int | None = None,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
@@ -161,6 +163,8 @@ def judge_dataset(
     its path. ``prompt``: a template (name, YAML path or object) for every pair; default: each query's
     task family. ``progress(n)`` is called with the number of pairs scored or served after each batch;
     ``on_batch(done, total)`` after each batch is committed (tests kill runs there).
+    ``keep_negatives``: keep at most that many judged hard negatives (verdict no) per query, the
+    best-ranked first (the paper keeps up to n after judging the top-k); the rest are dropped.
     """
     ds = source if isinstance(source, Dataset) else Dataset(source)
     rule = rule or VerdictRule()
@@ -181,6 +185,7 @@ def judge_dataset(
         "labels": sorted(labels),
         "max_chars": max_chars,
         "relabel": relabel,
+        "keep_negatives": keep_negatives,
     }
     report = JudgeReport(model_id=scorer.model_id, rule=str(rule))
     try:
@@ -216,6 +221,11 @@ def judge_dataset(
             for name, (_, keys, pids, _) in shard_keys.items()
         }
         positive_p = _positive_p_yes(ds, shard_keys, found)
+        drop = (
+            _negatives_to_drop(ds, shard_keys, found, positive_p, rule, keep_negatives)
+            if keep_negatives is not None
+            else {}
+        )
         failures: list[dict[str, Any]] = []
         for name in ds.shards(PAIRS):
             # Verdicts are recomputed for every shard (cheap, deterministic) so that the report counts
@@ -225,6 +235,9 @@ def judge_dataset(
             table, shard_failures = _apply_verdicts(
                 pairs, rows, keys, subsets, found[name], positive_p, rule, relabel, report
             )
+            if drop.get(name):
+                table = table.filter(pa.array([i not in drop[name] for i in range(table.num_rows)]))
+                report.trimmed += len(drop[name])
             failures.extend(shard_failures)
             if not writer.is_done(PAIRS, name):
                 writer.sink.write_shard(PAIRS, name, table)
@@ -349,6 +362,34 @@ def _apply_verdicts(
     ):
         table = table.set_column(table.column_names.index(col), col, pa.array(values, typ))
     return table, failures
+
+
+def _negatives_to_drop(
+    ds: Dataset,
+    shard_keys: dict[str, tuple],
+    found: dict[str, list[Score]],
+    positive_p: dict[str, float],
+    rule: VerdictRule,
+    n: int,
+) -> dict[str, set[int]]:
+    """Rows (per shard) of judged hard negatives beyond the ``n`` best-ranked "no"s of their query."""
+    ranked: dict[str, list[tuple[int, int, str, int]]] = defaultdict(list)
+    for order, (name, (rows, keys, _, _)) in enumerate(shard_keys.items()):
+        t = ds.read_shard(PAIRS, name, columns=["label", "rank"])
+        labels, ranks = t.column("label").to_pylist(), t.column("rank").to_pylist()
+        for r, key, score in zip(rows, keys, found[name], strict=True):
+            if labels[r] != "hard_negative" or not score.ok:
+                continue
+            reference = positive_p.get(key.query_id) if rule.needs_positive else None
+            if rule.verdict(float(score.p_yes), reference) == "no":
+                rank = ranks[r] if ranks[r] is not None else 1 << 30
+                ranked[key.query_id].append((rank, order, name, r))
+    drop: dict[str, set[int]] = defaultdict(set)
+    for entries in ranked.values():
+        entries.sort()
+        for _, _, name, r in entries[n:]:
+            drop[name].add(r)
+    return drop
 
 
 def read_failures(dataset: str | Path) -> pa.Table:

@@ -240,3 +240,28 @@ def test_cache_keeps_every_committed_batch(tmp_path):
         assert cache.lookup("m", "p@v1", [key]) == {}
         assert cache.lookup("m", "p@v1", [key], failures=True)[key].error == "boom"
     assert pq  # parquet reader used by read_failures
+
+
+def test_keep_negatives_keeps_the_best_ranked_judged_no_per_query(tmp_path):
+    ranked = [dict(p, rank=r) for p, r in zip(EXTRA, [5, 2, 9] * len(COLOURS), strict=False)]
+    data = colour_dataset(tmp_path / "ranked", extra_pairs=ranked)
+    _, report = judge_dataset(
+        data,
+        tmp_path / "j",
+        FakeJudge(),
+        cache=tmp_path / "c.sqlite",
+        labels=["hard_negative"],
+        keep_negatives=1,
+    )
+    pairs = _pairs(tmp_path / "j")
+    kept = [r for r in pairs.values() if r["label"] == "hard_negative"]
+    by_query: dict[str, list] = {}
+    for r in kept:
+        by_query.setdefault(r["query_id"], []).append(r)
+    assert all(len(v) == 1 and v[0]["judge_verdict"] == "no" for v in by_query.values())
+    # of each query's "no" negatives the best-ranked stays; false negatives are never trimmed
+    for qid, (row,) in by_query.items():
+        nos = [p for p in ranked if p["query_id"] == qid and p["doc_id"] != "ans-green"]
+        assert row["rank"] == min(p["rank"] for p in nos)
+    assert sum(r["label"] == "false_negative" for r in pairs.values()) == 3
+    assert report.trimmed == len(EXTRA) - 3 - len(by_query)

@@ -1,0 +1,224 @@
+"""`assay mine DATASET OUT --encoder CKPT`: hard negatives per query, against the current checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from pipelines.commands.common import friendly_errors, open_dataset, print_counts, quiet_transformers
+
+PRESETS = {"stage2": "ranks:50-100,sample:random:2", "stage3": "top:20"}
+
+
+def format_stats(stats: dict[str, dict]) -> str:
+    """Positive vs mined-negative cosine per subset, as a table."""
+    head = f"{'subset':<18}{'queries':>8}{'negs':>7}  {'positive mean/p50':>18}  {'negative mean/p10/p50/p90':>27}"
+    lines = [head, "-" * len(head)]
+    for subset, s in sorted(stats.items()):
+        p, n = s.get("positive_score", {}), s.get("negative_score", {})
+        pos = f"{p['mean']:.3f}/{p['p50']:.3f}" if p else "-"
+        neg = f"{n['mean']:.3f}/{n['p10']:.3f}/{n['p50']:.3f}/{n['p90']:.3f}" if n else "-"
+        lines.append(f"{subset or '(none)':<18}{s['queries']:>8}{s['negatives']:>7}  {pos:>18}  {neg:>27}")
+        if s.get("recall_at_depth") is not None:
+            lines.append(
+                f"{'':<18}index {s['index']}: recall@depth {s['recall_at_depth']:.4f} against exact search"
+            )
+    return "\n".join(lines)
+
+
+@click.command("mine", short_help="Mine hard negatives per query against a checkpoint (kNN per subset).")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--encoder",
+    required=True,
+    help="An assay checkpoint, a sentence-transformers model directory, or all-MiniLM-L6-v2 (shipped).",
+)
+@click.option(
+    "--rules",
+    default="stage2",
+    show_default=True,
+    help="Selection rules, e.g. 'ranks:50-100,sample:random:2', 'top:20', "
+    "'percent:0.95,sample:top:4', 'margin:0.05,min:0.2,max:0.9'; presets: stage2 (the paper's ranks "
+    "50-100, 2 sampled), stage3 (top 20).",
+)
+@click.option(
+    "--depth", type=click.IntRange(min=1), default=None, help="kNN depth (default: from the rules)."
+)
+@click.option(
+    "--subset", "subsets", multiple=True, metavar="NAME", help="Mine only this subset (repeatable)."
+)
+@click.option(
+    "--index",
+    "method",
+    type=click.Choice(["auto", "exact", "ivf", "hnsw"]),
+    default="auto",
+    show_default=True,
+    help="auto: exact inner product up to 200k vectors per pool, IVF above.",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Rows per encode."
+)
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Embedding cache folder (default: $ASSAY_CACHE_DIR/embeddings or ~/.cache/assay/embeddings).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random sampling rules.")
+@click.option(
+    "--judge",
+    "judge_model",
+    default=None,
+    metavar="MODEL",
+    help="Judge the mined candidates with this model (transformers backend; see `assay judge`): "
+    "verdict yes -> false_negative, no -> hard_negative.",
+)
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --judge: keep up to N judged hard negatives per query, best-ranked first.",
+)
+@click.option(
+    "--judge-cache", type=click.Path(dir_okay=False), default=None, help="Judgment cache (see `assay judge`)."
+)
+@click.option(
+    "--instructions", is_flag=True, help="sentence-transformers encoders: prefix each row's instruction."
+)
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Allow a model directory's own code (off by default)."
+)
+@click.option("--no-progress", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds a dataset or another run.")
+@friendly_errors
+def command(
+    dataset,
+    out,
+    encoder,
+    rules,
+    depth,
+    subsets,
+    method,
+    device,
+    batch_size,
+    cache_dir,
+    seed,
+    judge_model,
+    keep,
+    judge_cache,
+    instructions,
+    trust_remote_code,
+    no_progress,
+    overwrite,
+):
+    """Mine hard negatives for the queries of DATASET with ENCODER; write DATASET plus them to OUT.
+
+    \b
+    Per subset: queries and documents are embedded (cached by encoder weights, template and
+    content: re-mining with the same checkpoint encodes nothing), the corpus is searched shard by
+    shard (memory bounded by a shard), gold positives and documents with a positive's content are
+    dropped, and the rules pick the negatives. They are written as pairs labelled hard_negative with
+    score, rank and origin (mined:<encoder>:<rules>); an earlier round's mined pairs are replaced.
+    With --judge, the mined dataset goes to OUT.unjudged and the judged one to OUT.
+    """
+    if keep is not None and judge_model is None:
+        raise click.UsageError("--keep needs --judge")
+    quiet_transformers()
+    from tqdm import tqdm
+
+    from mining.encoders import load_encoder
+    from mining.stage import mine_dataset
+
+    src = open_dataset(dataset)
+    enc = load_encoder(
+        encoder,
+        device=device,
+        batch_size=batch_size,
+        image_root=str(src.data_root.resolve()),
+        instructions=instructions,
+        trust_remote_code=trust_remote_code,
+    )
+    if cache_dir is None:
+        base = os.environ.get("ASSAY_CACHE_DIR") or Path.home() / ".cache" / "assay"
+        cache_dir = Path(base) / "embeddings"
+    bars = {
+        "embed": tqdm(desc="embed", unit="row", disable=no_progress),
+        "mine": tqdm(desc="mine", unit="query", disable=no_progress),
+    }
+    mined_out = f"{out.rstrip('/')}.unjudged" if judge_model else out
+    try:
+        manifest, stats = mine_dataset(
+            src,
+            mined_out,
+            enc,
+            cache_dir=cache_dir,
+            rules=PRESETS.get(rules, rules),
+            depth=depth,
+            subsets=list(subsets) or None,
+            method=method,
+            device=device,
+            seed=seed,
+            overwrite=overwrite,
+            progress=lambda what, n: bars[what].update(n),
+        )
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print_counts(manifest, "mine")
+    click.echo(f"encoder {enc.model_id}; rules {manifest.config['rules']}; depth {manifest.config['depth']}")
+    click.echo(format_stats(stats))
+    if judge_model:
+        _judge(
+            mined_out,
+            out,
+            judge_model,
+            device,
+            batch_size,
+            keep,
+            judge_cache,
+            trust_remote_code,
+            no_progress,
+            overwrite,
+        )
+
+
+def _judge(mined, out, model, device, batch_size, keep, cache, trust_remote_code, no_progress, overwrite):
+    from tqdm import tqdm
+
+    from curation.judge.cache import default_cache_path
+    from curation.judge.stage import judge_dataset
+    from pipelines.commands.judge import scorer_factory
+
+    src = open_dataset(mined)
+    scorer = scorer_factory(
+        "transformers",
+        model,
+        device="auto" if device == "cpu" else device,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        image_root=str(src.data_root.resolve()),
+    )()
+    bar = tqdm(desc="judge", unit="pair", disable=no_progress)
+    try:
+        manifest, report = judge_dataset(
+            src,
+            out,
+            scorer,
+            cache=Path(cache) if cache else default_cache_path(),
+            labels=["hard_negative"],
+            keep_negatives=keep,
+            overwrite=overwrite,
+            progress=bar.update,
+        )
+    finally:
+        bar.close()
+    print_counts(manifest, "judge")
+    click.echo(
+        f"judged {report.scored} mined pairs ({report.cached} cached): {report.verdicts.get('no', 0)} hard "
+        f"negatives, {report.relabelled} false negatives; {report.trimmed} beyond --keep dropped"
+    )
