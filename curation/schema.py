@@ -92,6 +92,11 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 #: The id column of each table; pairs are identified by (query_id, doc_id).
 ID_COLUMN = {QUERIES: "query_id", CORPUS: "doc_id"}
+#: The columns a model reads from a query or corpus row (judging, mining): id, where it belongs, content.
+ROW_COLUMNS = {
+    QUERIES: ["query_id", "subset", "task", "instruction", "text", "image"],
+    CORPUS: ["doc_id", "subset", "instruction", "text", "image"],
+}
 
 #: Pair labels (DESIGN.md): false_negative = judged relevant though not gold.
 LABELS = ("positive", "negative", "hard_negative", "false_negative")

@@ -46,7 +46,7 @@ from curation.dataset import (
     atomic_write_parquet,
     shard_name,
 )
-from curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS, resolve_image_cell
+from curation.schema import CORPUS, PAIRS, QUERIES, ROW_COLUMNS, SCHEMAS, resolve_image_cell
 from mining.embed_cache import EmbeddingCache
 from mining.encoders import Encoder
 from mining.knn import estimate_recall, search
@@ -65,10 +65,6 @@ from mining.select import (
 
 MINED_PREFIX = "mined:"
 FILTERS = (AbsoluteMargin, PercentOfPositive, MinScore, MaxScore)
-ROW_COLUMNS = {
-    QUERIES: ["query_id", "subset", "task", "instruction", "text", "image"],
-    CORPUS: ["doc_id", "subset", "instruction", "text", "image"],
-}
 
 
 class MiningError(ValueError):

@@ -40,10 +40,14 @@ CREATE TABLE IF NOT EXISTS judgments (
 """
 
 
+def cache_root() -> Path:
+    """Where assay keeps its caches by default: ``$ASSAY_CACHE_DIR``, else ``~/.cache/assay``."""
+    return Path(os.environ.get("ASSAY_CACHE_DIR") or Path.home() / ".cache" / "assay")
+
+
 def default_cache_path() -> Path:
     """``$ASSAY_CACHE_DIR/judgments.sqlite``, else ``~/.cache/assay/judgments.sqlite``."""
-    base = os.environ.get("ASSAY_CACHE_DIR") or Path.home() / ".cache" / "assay"
-    return Path(base) / "judgments.sqlite"
+    return cache_root() / "judgments.sqlite"
 
 
 def _image_identity(value: Any) -> bytes:

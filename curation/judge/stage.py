@@ -38,16 +38,12 @@ from curation.judge.cache import JudgmentCache, Key, content_hash
 from curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render
 from curation.judge.scoring import JudgeItem, Score, Scorer
 from curation.judge.verdicts import VerdictRule
-from curation.schema import CORPUS, ID_COLUMN, LABELS, PAIRS, QUERIES, resolve_image_cell
+from curation.schema import CORPUS, ID_COLUMN, LABELS, PAIRS, QUERIES, ROW_COLUMNS, resolve_image_cell
 
 FAILURES_FILE = "judge_failures.parquet"
 FAILURES_SCHEMA = pa.schema(
     [("query_id", pa.string()), ("doc_id", pa.string()), ("label", pa.string()), ("error", pa.string())]
 )
-ROW_COLUMNS = {
-    QUERIES: ["query_id", "subset", "task", "instruction", "text", "image"],
-    CORPUS: ["doc_id", "subset", "instruction", "text", "image"],
-}
 
 
 class JudgeError(ValueError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -144,8 +143,9 @@ def command(
         trust_remote_code=trust_remote_code,
     )
     if cache_dir is None:
-        base = os.environ.get("ASSAY_CACHE_DIR") or Path.home() / ".cache" / "assay"
-        cache_dir = Path(base) / "embeddings"
+        from curation.judge.cache import cache_root
+
+        cache_dir = cache_root() / "embeddings"
     bars = {
         "embed": tqdm(desc="embed", unit="row", disable=no_progress),
         "mine": tqdm(desc="mine", unit="query", disable=no_progress),
