@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,train]"
 	touch $(STAMP)
 
-## quickstart: the main job on the bundled easy-vqa example (runs/quickstart/)
+## quickstart: the main job, the whole recipe on the bundled easy-vqa example (runs/quickstart/)
 quickstart: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/quickstart.sh
+	$(BIN)/assay loop examples/quickstart.yaml
 
 ## test: the test suite (slow and GPU tests are kept out; `make test ARGS="-m slow"` runs them)
 test: $(STAMP)

@@ -109,16 +109,37 @@ def scan_shard(task: dict[str, Any]) -> pa.Table:
         )
     near = bool(task["config"]["near"])
     if _no_images(pf):
-        return _scan_text_only(pf, table, near)
-    data_root = task["data_root"]
+        return _scan_text_only(pf.read(columns=[ID_COLUMN[table], "subset", "text"]), near)
+    # Batches bound the memory a shard of large inline images takes.
+    batches = pf.iter_batches(
+        batch_size=SCAN_BATCH_ROWS, columns=[ID_COLUMN[table], "subset", "text", "image"]
+    )
+    return _scan_batches(batches, task["data_root"], near)
+
+
+def scan_rows(table: str, data: pa.Table, data_root: str, near: bool) -> pa.Table:
+    """The scan side table (``ROW_SCAN_SCHEMA``) of rows of queries or corpus already in memory, in
+    their order (``row`` is the position in ``data``): the same keys and hashes as ``scan_shard``."""
+    columns = [ID_COLUMN[table], "subset", "text", "image"]
+    image = data.column("image")
+    no_images = data.num_rows == 0 or (
+        pc.sum(
+            pc.or_(pc.is_valid(pc.struct_field(image, [0])), pc.is_valid(pc.struct_field(image, [1])))
+        ).as_py()
+        in (0, None)
+    )
+    if no_images:
+        return _scan_text_only(data.select(columns[:3]), near)
+    return _scan_batches(data.select(columns).to_batches(max_chunksize=SCAN_BATCH_ROWS), data_root, near)
+
+
+def _scan_batches(batches: Iterable[pa.RecordBatch], data_root: str, near: bool) -> pa.Table:
+    """The row-by-row scan of batches of (id, subset, text, image)."""
     columns: list[list[Any]] = [[] for _ in ROW_SCAN_SCHEMA.names]
     # An image file shared by many rows (one picture, many questions) is read and hashed once.
     by_path: dict[str, tuple[bytes | None, str | None, int | None, bool]] = {}
     row = 0
-    # Batches bound the memory a shard of large inline images takes.
-    for batch in pf.iter_batches(
-        batch_size=SCAN_BATCH_ROWS, columns=[ID_COLUMN[table], "subset", "text", "image"]
-    ):
+    for batch in batches:
         ids, subsets, texts, images = (batch.column(i).to_pylist() for i in range(4))
         for rid, subset, text, image in zip(ids, subsets, texts, images, strict=True):
             path = image.get("path") if image and image.get("bytes") is None else None
@@ -162,9 +183,9 @@ def _no_images(pf: pq.ParquetFile) -> bool:
     return True
 
 
-def _scan_text_only(pf: pq.ParquetFile, table: str, near: bool) -> pa.Table:
-    """The scan of a shard without images: the same keys as the row-by-row path, vectorised."""
-    t = pf.read(columns=[ID_COLUMN[table], "subset", "text"])
+def _scan_text_only(t: pa.Table, near: bool) -> pa.Table:
+    """The scan of rows (id, subset, text) without images: the same keys as the row-by-row path,
+    vectorised."""
     n = t.num_rows
     keys, tkeys = text_only_keys(t.column("text"), with_text_key=near)
     return pa.table(
@@ -462,6 +483,42 @@ def _plan_pairs(
     return decisions, stats
 
 
+def eval_rows(parts: list[tuple[str, pa.Table]]) -> _EvalRows:
+    """The rows of one table of the eval datasets, from (dataset name, scan side table) in order."""
+    return _EvalRows(parts)
+
+
+def plan_content_rows(
+    table: str,
+    side: pa.Table,
+    evals: _EvalRows | None,
+    *,
+    near: bool,
+    distance: int,
+    text_only: bool = True,
+) -> tuple[pa.Table, np.ndarray, dict[str, Any]]:
+    """The dedup decisions of rows of queries or corpus, from their scan rows in dataset order.
+
+    ``side`` holds ``ROW_SCAN_SCHEMA`` plus ``shard`` (int32): all of a table's rows, or any part of
+    them that holds, with every row it holds, every row of the same subset and content key (and, with
+    ``near``, of the same subset and ``text_key``): a partition on those keys decides exactly as the
+    whole table does. Returns (the decisions of the removed rows: shard, row and the plan columns; the
+    canonical row of every row, as an index into ``side``, -1 when contaminated; counts).
+    """
+    return _plan_content_table(table, _Rows(side), evals, near, distance, text_only)
+
+
+def plan_pair_rows(
+    rows: pa.Table, shard_names: list[str], content: dict[str, tuple[pa.Array, np.ndarray]]
+) -> tuple[pa.Table, dict[str, int]]:
+    """The dedup decisions of pairs (``shard``, ``row``, ``query_id``, ``doc_id`` in dataset order;
+    ``shard`` indexes ``shard_names``): rewrites to the kept rows, references_removed_row and
+    duplicate_pair. ``content`` maps queries and corpus to (ids, the canonical row of each as an
+    index into ids, -1 when contaminated) and must hold every id the pairs name. Any part of the
+    pairs holding every pair of each canonical (query, doc) it holds decides as the whole does."""
+    return _plan_pairs(rows, [(name, Path(name)) for name in shard_names], content)
+
+
 def _plan_part(part: pa.Table) -> pa.Table:
     return part.select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
 
@@ -563,6 +620,45 @@ def _tables(decontaminate: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(t for t in CONTENT_TABLES if t in tables)
 
 
+def dedup_config(
+    source: Dataset,
+    out: str | os.PathLike,
+    *,
+    near: bool = True,
+    phash_distance: int = 4,
+    against: Iterable[Dataset | str | os.PathLike] = (),
+    decontaminate: str | Iterable[str] = DEFAULT_DECONTAMINATE,
+    decontaminate_text_only: bool = True,
+) -> tuple[dict[str, Any], list[Dataset]]:
+    """The settings of a dedup run as its manifest records them, checked, and the eval datasets
+    (arguments as for ``dedup``). ``config["near"]`` says whether near duplicates are looked for,
+    ``config["phash_distance"]`` within how many bits, ``config["decontaminate"]`` which tables."""
+    near = bool(near) and phash_distance is not None and phash_distance >= 0
+    if near and phash_distance > MAX_DISTANCE:
+        raise ValueError(
+            f"phash_distance {phash_distance} is too large: use 0 to {MAX_DISTANCE} (unrelated "
+            "images are about 32 bits apart; 4 to 10 catches resized or re-encoded copies)"
+        )
+    evals = [a if isinstance(a, Dataset) else Dataset(a) for a in against]
+    tables = _tables(decontaminate) if evals else ()
+    for ev in evals:
+        if ev.root.resolve() in (source.root.resolve(), Path(out).resolve()):
+            raise ValueError(
+                f"{ev.root}: an eval dataset to decontaminate against must not be the "
+                "dataset being deduplicated or the output"
+            )
+    config = {
+        "content_key_version": CONTENT_KEY_VERSION,
+        "near": near,
+        "phash": "imagehash.phash 8x8 (64 bits)" if near else None,
+        "phash_distance": int(phash_distance) if near else None,
+        "against": [ev.parent_ref() for ev in evals],
+        "decontaminate": list(tables),
+        "decontaminate_text_only": bool(decontaminate_text_only),
+    }
+    return config, evals
+
+
 def dedup(
     source: Dataset,
     out: str | os.PathLike,
@@ -593,35 +689,21 @@ def dedup(
     Returns:
         The manifest of the new dataset; ``manifest.extra["dedup"]`` has counts per table.
     """
-    near = bool(near) and phash_distance is not None and phash_distance >= 0
-    if near and phash_distance > MAX_DISTANCE:
-        raise ValueError(
-            f"phash_distance {phash_distance} is too large: use 0 to {MAX_DISTANCE} (unrelated "
-            "images are about 32 bits apart; 4 to 10 catches resized or re-encoded copies)"
-        )
-    evals = [a if isinstance(a, Dataset) else Dataset(a) for a in against]
-    tables = _tables(decontaminate) if evals else ()
-    out = Path(out)
-    for ev in evals:
-        if ev.root.resolve() in (source.root.resolve(), out.resolve()):
-            raise ValueError(
-                f"{ev.root}: an eval dataset to decontaminate against must not be the "
-                "dataset being deduplicated or the output"
-            )
-    config = {
-        "content_key_version": CONTENT_KEY_VERSION,
-        "near": near,
-        "phash": "imagehash.phash 8x8 (64 bits)" if near else None,
-        "phash_distance": int(phash_distance) if near else None,
-        "against": [ev.parent_ref() for ev in evals],
-        "decontaminate": list(tables),
-        "decontaminate_text_only": bool(decontaminate_text_only),
-    }
+    config, evals = dedup_config(
+        source,
+        out,
+        near=near,
+        phash_distance=phash_distance,
+        against=against,
+        decontaminate=decontaminate,
+        decontaminate_text_only=decontaminate_text_only,
+    )
+    near, tables, out = config["near"], tuple(config["decontaminate"]), Path(out)
     executor = executor or LocalExecutor()
     planner = _Planner(
         out,
         near=near,
-        distance=int(phash_distance) if near else 0,
+        distance=config["phash_distance"] if near else 0,
         against=evals,
         decontaminate=tables,
         config=config,

@@ -81,6 +81,14 @@ def filter_targets(flt: Filter, table: str | None = None) -> tuple[str, ...]:
     return targets
 
 
+def keep_mask(flt: Filter, data: pa.Table, applies: bool = True) -> pa.Array:
+    """The expression's verdict on every row of ``data`` (which holds the columns it names), or all
+    True where it does not apply to the table."""
+    if not applies:
+        return pa.array(np.ones(data.num_rows, dtype=bool))
+    return flt.mask(pl.from_arrow(data)).to_arrow()
+
+
 def _scan_filter(task: dict[str, Any]) -> pa.Table:
     """Scan one shard: ``row``, ``keep`` (the expression's verdict, or True where it does not
     apply) and the id columns."""
@@ -93,8 +101,7 @@ def _scan_filter(task: dict[str, Any]) -> pa.Table:
     columns = list(dict.fromkeys(ids + (list(flt.columns) if applies else [])))
     data = pq.read_table(task["src"], columns=columns)
     n = data.num_rows
-    keep = flt.mask(pl.from_arrow(data)).to_arrow() if applies else pa.array(np.ones(n, dtype=bool))
-    cols = {"row": pa.array(np.arange(n, dtype=np.int64)), "keep": keep}
+    cols = {"row": pa.array(np.arange(n, dtype=np.int64)), "keep": keep_mask(flt, data, applies)}
     for c in ids:
         cols[c] = data.column(c)
     return pa.table(cols)
@@ -124,6 +131,18 @@ def _drop_plan(part: pa.Table) -> pa.Table:
     )
 
 
+def pair_filter_reasons(p: pl.DataFrame) -> pl.DataFrame:
+    """Add ``reason`` to pair rows: ``filter`` where ``keep`` is false, else ``dangling`` where
+    ``q_kept`` or ``d_kept`` (whether the pair's query / doc is kept) is not true; null for kept pairs."""
+    return p.with_columns(
+        reason=pl.when(~pl.col("keep"))
+        .then(pl.lit(REASON_FILTER))
+        .when(~(pl.col("q_kept").fill_null(False) & pl.col("d_kept").fill_null(False)))
+        .then(pl.lit(REASON_DANGLING))
+        .otherwise(pl.lit(None, pl.String))
+    )
+
+
 def _plan_filter(
     scans: dict[str, list[tuple[str, Path]]], prune: bool, report: dict[str, Any]
 ) -> dict[tuple[str, str], pa.Table]:
@@ -133,18 +152,12 @@ def _plan_filter(
 
     kept_q = q.filter(pl.col("keep"))["query_id"].unique()
     kept_d = d.filter(pl.col("keep"))["doc_id"].unique()
-    p = p.with_columns(
-        reason=pl.when(~pl.col("keep"))
-        .then(pl.lit(REASON_FILTER))
-        .when(
-            ~(
-                pl.col("query_id").is_in(kept_q.implode()).fill_null(False)
-                & pl.col("doc_id").is_in(kept_d.implode()).fill_null(False)
-            )
+    p = pair_filter_reasons(
+        p.with_columns(
+            q_kept=pl.col("query_id").is_in(kept_q.implode()),
+            d_kept=pl.col("doc_id").is_in(kept_d.implode()),
         )
-        .then(pl.lit(REASON_DANGLING))
-        .otherwise(pl.lit(None, pl.String))
-    )
+    ).drop("q_kept", "d_kept")
     q = q.with_columns(
         reason=pl.when(~pl.col("keep")).then(pl.lit(REASON_FILTER)).otherwise(pl.lit(None, pl.String))
     )

@@ -17,7 +17,10 @@ a polars expression; nothing is ever evaluated as Python. Allowed:
 - ``col == None``, ``col is None`` (and ``!=`` / ``is not``) test for a missing value, as do the
   functions ``is_null(col)`` and ``not_null(col)``;
 - ``startswith(col, 'text')``, ``endswith(col, 'text')``, ``contains(col, 'text')`` (a literal
-  substring, not a regular expression).
+  substring, not a regular expression);
+- ``sample(col, 0.1)``: true for a fixed pseudo-random 10% of the values of a string column (a
+  blake2b hash of the value, so the same ids are kept on every run, machine and shard layout):
+  ``subset != 'vqa' or sample(query_id, 0.1)`` keeps a tenth of the vqa queries.
 
 Everything else (attribute access, subscripts, calls to other names, arithmetic, lambdas,
 comprehensions, names starting with an underscore) is refused with a :class:`FilterError` that names
@@ -32,6 +35,7 @@ Use ``is_null(col)`` to select missing values explicitly.
 from __future__ import annotations
 
 import ast
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +53,11 @@ _CMP_OPS = {
     ast.Gt: ">",
     ast.GtE: ">=",
 }
-_FUNCTIONS = ("is_null", "not_null", "startswith", "endswith", "contains")
+_FUNCTIONS = ("is_null", "not_null", "startswith", "endswith", "contains", "sample")
 _ALLOWED = (
     "comparisons (== != < <= > >=), and/or/not, `col in [...]`, string/number/True/False/None "
-    "literals, column names, is_null(col), not_null(col), startswith/endswith/contains(col, 'text')"
+    "literals, column names, is_null(col), not_null(col), startswith/endswith/contains(col, 'text'), "
+    "sample(col, fraction)"
 )
 
 
@@ -419,6 +424,8 @@ class _Translator:
         if want == 1:
             return self.null_test(col, name == "is_null", self.part(node))
         ok, v = self.literal(node.args[1])
+        if name == "sample":
+            return self.sample(col, ok, v, node)
         if not ok or not isinstance(v, str):
             raise FilterError(
                 f"filter expression {self.text!r}: `{self.part(node)}`: the second argument of {name}() must be "
@@ -432,6 +439,35 @@ class _Translator:
             "contains": s.contains(v, literal=True),
         }[name]
         return e.fill_null(False)
+
+    def sample(self, col: str, ok: bool, fraction: Any, node: ast.Call) -> pl.Expr:
+        if (
+            not ok
+            or isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not 0 <= fraction <= 1
+        ):
+            raise FilterError(
+                f"filter expression {self.text!r}: `{self.part(node)}`: the second argument of sample() must be "
+                "a fraction between 0 and 1"
+            )
+        self.uses.append(_Use(col, "string", "sample", self.part(node)))
+        return (
+            pl.col(col)
+            .map_batches(lambda s: _hash_unit(s) < fraction, return_dtype=pl.Boolean)
+            .fill_null(False)
+        )
+
+
+def _hash_unit(values: pl.Series) -> pl.Series:
+    """A stable pseudo-random number in [0, 1) per string (blake2b; null stays null)."""
+    out = [
+        None
+        if v is None
+        else int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "big") / 2**64
+        for v in values.to_list()
+    ]
+    return pl.Series(values.name, out, dtype=pl.Float64)
 
 
 def parse_filter(text: str) -> Filter:

@@ -247,8 +247,13 @@ def _string_columns(table_name: str) -> list[str]:
 
 def scan_validate(task: dict[str, Any]) -> pa.Table:
     """Row checks of one shard; returns the scan table (row, id, doc_id, reason, detail)."""
-    table_name, cfg = task["table"], ValidateConfig(**_cfg_args(task["config"]))
-    raw = pq.read_table(task["src"])
+    cfg = ValidateConfig(**_cfg_args(task["config"]))
+    return check_rows(task["table"], pq.read_table(task["src"]), task["data_root"], cfg)
+
+
+def check_rows(table_name: str, raw: pa.Table, data_root: str, cfg: ValidateConfig) -> pa.Table:
+    """The row checks of one whole shard as read (before any cast): the scan table (row, id, doc_id,
+    reason, detail) with the first reason of every row that fails one, null for the others."""
     n = raw.num_rows
     r = _Reasons(n)
     shard, problem = conform_columns(table_name, raw)
@@ -273,7 +278,7 @@ def scan_validate(task: dict[str, Any]) -> pa.Table:
             ids = shard.column("query_id").combine_chunks()
             doc_ids = shard.column("doc_id").combine_chunks()
         else:
-            _check_items(table_name, shard, r, task["data_root"], cfg)
+            _check_items(table_name, shard, r, data_root, cfg)
             ids = shard.column(ID_COLUMN[table_name]).combine_chunks()
             doc_ids = pa.nulls(n, pa.string())
     return pa.table(
@@ -375,61 +380,78 @@ def plan_validate(scans: dict[str, list[tuple[str, Path]]]) -> dict[tuple[str, s
         if s is None or s.height == 0:
             kept_ids[table] = pl.Series("id", [], dtype=pl.String)
             continue
-        s = s.with_row_index("order").select("order", "shard", "row", "id", "reason", "detail")
-        ok = s.filter(pl.col("reason").is_null()).with_columns(
-            pl.col("id").is_first_distinct().alias("first")
-        )
-        first = ok.filter(pl.col("first"))
-        kept_ids[table] = first.get_column("id")
-        shard_names = [name for name, _ in scans[table]]
-        repeated = ok.filter(~pl.col("first"))
-        names = pl.DataFrame(
-            {"shard": pl.Series(range(len(shard_names)), dtype=pl.Int32), "shard_name": shard_names}
-        )
-        first_at = (
-            first.filter(pl.col("id").is_in(repeated.get_column("id").implode()))
-            .join(names, on="shard", how="left")
-            .select(pl.col("id"), pl.format("{} row {}", pl.col("shard_name"), pl.col("row")).alias("at"))
-        )
-        dups = (
-            repeated.join(first_at, on="id", how="left", maintain_order="left")
-            .with_columns(
-                pl.lit("duplicate_id").alias("reason"),
-                pl.format(
-                    "{} {} was already used (first at {}/{})",
-                    pl.lit(ID_COLUMN[table]),
-                    pl.col("id"),
-                    pl.lit(table),
-                    pl.col("at"),
-                ).alias("detail"),
-            )
-            .select(s.columns)
-        )
-        rejected = pl.concat([s.filter(pl.col("reason").is_not_null()), dups]).sort("order")
+        rejected, kept_ids[table] = item_decisions(table, s, [name for name, _ in scans[table]])
         plans.update(_plans_for(rejected, scans[table], table))
     if scans.get(PAIRS):
-        s = pl.from_arrow(read_scans(scans[PAIRS])).with_row_index("order")
-        q_ok = pl.col("id").is_in(kept_ids[QUERIES].implode())
-        d_ok = pl.col("doc_id").is_in(kept_ids[CORPUS].implode())
-        s = s.with_columns(
-            pl.when(pl.col("reason").is_not_null())
-            .then(pl.col("reason"))
-            .when(~q_ok)
-            .then(pl.lit("unknown_query_id"))
-            .when(~d_ok)
-            .then(pl.lit("unknown_doc_id"))
-            .alias("reason"),
-        ).with_columns(
-            pl.when(pl.col("detail").is_not_null())
-            .then(pl.col("detail"))
-            .when(pl.col("reason") == "unknown_query_id")
-            .then(pl.format("query_id {} is not in queries (or was refused)", pl.col("id")))
-            .when(pl.col("reason") == "unknown_doc_id")
-            .then(pl.format("doc_id {} is not in corpus (or was refused)", pl.col("doc_id")))
-            .alias("detail")
+        s = pl.from_arrow(read_scans(scans[PAIRS])).with_columns(
+            pl.col("id").is_in(kept_ids[QUERIES].implode()).alias("q_ok"),
+            pl.col("doc_id").is_in(kept_ids[CORPUS].implode()).alias("d_ok"),
         )
+        s = pair_decisions(s)
         plans.update(_plans_for(s.filter(pl.col("reason").is_not_null()), scans[PAIRS], PAIRS))
     return plans
+
+
+def item_decisions(table: str, s: pl.DataFrame, shard_names: list[str]) -> tuple[pl.DataFrame, pl.Series]:
+    """The refused rows of queries or corpus and the ids kept, from their scan rows.
+
+    ``s`` holds ``shard`` (an index into ``shard_names``), ``row``, ``id``, ``reason`` and ``detail``
+    of rows in dataset order: all of a table's rows, or any subset that holds every row of each id it
+    holds (a partition by id). Rows with a reason are refused with it; of the others, the first row
+    of each id is kept and the later ones are refused as duplicate_id. Returns (the refused rows:
+    order, shard, row, id, reason, detail; the kept ids).
+    """
+    s = s.with_row_index("order").select("order", "shard", "row", "id", "reason", "detail")
+    ok = s.filter(pl.col("reason").is_null()).with_columns(pl.col("id").is_first_distinct().alias("first"))
+    first = ok.filter(pl.col("first"))
+    repeated = ok.filter(~pl.col("first"))
+    names = pl.DataFrame(
+        {"shard": pl.Series(range(len(shard_names)), dtype=pl.Int32), "shard_name": shard_names}
+    )
+    first_at = (
+        first.filter(pl.col("id").is_in(repeated.get_column("id").implode()))
+        .join(names, on="shard", how="left")
+        .select(pl.col("id"), pl.format("{} row {}", pl.col("shard_name"), pl.col("row")).alias("at"))
+    )
+    dups = (
+        repeated.join(first_at, on="id", how="left", maintain_order="left")
+        .with_columns(
+            pl.lit("duplicate_id").alias("reason"),
+            pl.format(
+                "{} {} was already used (first at {}/{})",
+                pl.lit(ID_COLUMN[table]),
+                pl.col("id"),
+                pl.lit(table),
+                pl.col("at"),
+            ).alias("detail"),
+        )
+        .select(s.columns)
+    )
+    rejected = pl.concat([s.filter(pl.col("reason").is_not_null()), dups]).sort("order")
+    return rejected, first.get_column("id")
+
+
+def pair_decisions(s: pl.DataFrame) -> pl.DataFrame:
+    """The reason of every pair scan row (``id`` is the query_id): its row check's, else
+    unknown_query_id where ``q_ok`` is false, else unknown_doc_id where ``d_ok`` is false (both: whether
+    the id names a kept row of queries / corpus); null for a pair that passes."""
+    return s.with_columns(
+        pl.when(pl.col("reason").is_not_null())
+        .then(pl.col("reason"))
+        .when(~pl.col("q_ok"))
+        .then(pl.lit("unknown_query_id"))
+        .when(~pl.col("d_ok"))
+        .then(pl.lit("unknown_doc_id"))
+        .alias("reason"),
+    ).with_columns(
+        pl.when(pl.col("detail").is_not_null())
+        .then(pl.col("detail"))
+        .when(pl.col("reason") == "unknown_query_id")
+        .then(pl.format("query_id {} is not in queries (or was refused)", pl.col("id")))
+        .when(pl.col("reason") == "unknown_doc_id")
+        .then(pl.format("doc_id {} is not in corpus (or was refused)", pl.col("doc_id")))
+        .alias("detail")
+    )
 
 
 def _plans_for(

@@ -21,10 +21,37 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from pipelines.commands import dedup, export, filter, ingest, judge, mine, stats, train, validate
+    from pipelines.commands import (
+        curate,
+        dedup,
+        export,
+        filter,
+        ingest,
+        judge,
+        loop,
+        mine,
+        report,
+        stats,
+        train,
+        validate,
+    )
     from pipelines.commands import eval as eval_command
 
-    for module in (ingest, validate, dedup, filter, export, stats, judge, mine, train, eval_command):
+    for module in (
+        ingest,
+        validate,
+        dedup,
+        filter,
+        curate,
+        export,
+        stats,
+        judge,
+        mine,
+        train,
+        eval_command,
+        loop,
+        report,
+    ):
         cli.add_command(module.command)
 
 

@@ -49,14 +49,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from curation.dataset import atomic_write_json, code_version, fingerprint
-from curation.judge.scoring import weights_sha256
+from curation.judge.scoring import TRAINER_STATE_FILE, weights_sha256
 from training.model import MMEmbedder, load_embedder
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "checkpoint.json"
 TRAINING_CONFIG_FILE = "training_config.json"
-STATE_TENSORS_FILE = "trainer_state.safetensors"
+STATE_TENSORS_FILE = TRAINER_STATE_FILE
 STATE_JSON_FILE = "trainer_state.json"
 #: A LoRA run's adapter (peft's own files, safetensors), beside the merged weights.
 ADAPTER_DIR = "adapter"

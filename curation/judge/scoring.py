@@ -121,6 +121,13 @@ def weights_sha256(path: str | os.PathLike, exclude: Sequence[str] = ()) -> str:
     return h.hexdigest()
 
 
+#: An assay checkpoint's optimizer and scheduler state (training/checkpoint.py): stored beside the
+#: weights as safetensors, but not part of what the model computes.
+TRAINER_STATE_FILE = "trainer_state.safetensors"
+
+
 def model_id_for(path: str | os.PathLike) -> str:
-    """``<directory name>@<first 16 hex of the weights hash>``: a judge's part of the cache key."""
-    return f"{Path(path).resolve().name}@{weights_sha256(path)[:16]}"
+    """``<directory name>@<first 16 hex of the weights hash>``: a judge's and an encoder's part of the
+    cache keys. The trainer state is left out: two runs that end with the same weights are the same
+    model, whatever their optimizer state."""
+    return f"{Path(path).resolve().name}@{weights_sha256(path, exclude=(TRAINER_STATE_FILE,))[:16]}"

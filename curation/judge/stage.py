@@ -79,7 +79,7 @@ class JudgeReport:
         return out
 
 
-class _Prompts:
+class JudgePrompts:
     """The template of each task family (or the one given), loaded once."""
 
     def __init__(self, prompt: str | Path | PromptTemplate | None):
@@ -111,7 +111,7 @@ def _rows_by_id(ds: Dataset, table: str, ids: set[str]) -> dict[str, dict[str, A
 
 
 def _shard_items(
-    ds: Dataset, pairs: pa.Table, selected: pa.Array, prompts: _Prompts, max_chars: int
+    ds: Dataset, pairs: pa.Table, selected: pa.Array, prompts: JudgePrompts, max_chars: int
 ) -> tuple[list[int], list[Key], list[JudgeItem], list[str], list[str | None]]:
     """Render the selected pairs of one shard: (row indices, keys, items, prompt ids, subsets)."""
     rows = [i for i, keep in enumerate(selected.to_pylist()) if keep]
@@ -127,13 +127,24 @@ def _shard_items(
                 f"{ds.root}: pair ({qids[i]}, {dids[i]}) names a {'query' if q is None else 'doc'} that "
                 "the dataset does not hold; run `assay validate` on it first"
             )
-        template = prompts.for_task(q.get("task"))
-        item = JudgeItem(render(template, q, d, max_chars=max_chars), images_of(q, d), template.labels)
+        key, item, prompt_id = render_pair(prompts, q, d, max_chars)
         items.append(item)
-        keys.append(Key(qids[i], dids[i], content_hash(item)))
-        prompt_ids.append(template.id)
+        keys.append(key)
+        prompt_ids.append(prompt_id)
         subsets.append(q.get("subset"))
     return rows, keys, items, prompt_ids, subsets
+
+
+def render_pair(
+    prompts: JudgePrompts, query: dict[str, Any], doc: dict[str, Any], max_chars: int
+) -> tuple[Key, JudgeItem, str]:
+    """The judge prompt of one pair and its cache key: (key, item, prompt id). ``query`` and ``doc``
+    are rows (``ROW_COLUMNS``) whose image paths are already resolved (``resolve_image_cell``)."""
+    template = prompts.for_task(query.get("task"))
+    item = JudgeItem(
+        render(template, query, doc, max_chars=max_chars), images_of(query, doc), template.labels
+    )
+    return Key(query["query_id"], doc["doc_id"], content_hash(item)), item, template.id
 
 
 def judge_dataset(
@@ -169,7 +180,7 @@ def judge_dataset(
         raise JudgeError(f"labels to judge must be among {', '.join(LABELS)}; got {list(labels)}")
     if batch_size < 1:
         raise JudgeError("batch_size must be at least 1")
-    prompts = _Prompts(prompt)
+    prompts = JudgePrompts(prompt)
     if rule.needs_positive and "positive" not in labels:
         raise JudgeError("the unime rule compares with the query's positive: include 'positive' in labels")
     own_cache = not isinstance(cache, JudgmentCache)
@@ -209,11 +220,11 @@ def judge_dataset(
             rows, keys, items, prompt_ids, subsets = _shard_items(ds, pairs, selected, prompts, max_chars)
             shard_keys[name] = (rows, keys, prompt_ids, subsets)
             report.selected += len(rows)
-            _score_missing(scorer, cache, keys, items, prompt_ids, batch_size, report, progress, on_batch)
+            score_missing(scorer, cache, keys, items, prompt_ids, batch_size, report, progress, on_batch)
         report.seconds = time.perf_counter() - t0
         # -- pass 2: verdicts, written shard by shard
         found = {
-            name: _lookup(cache, scorer.model_id, keys, pids)
+            name: lookup_scores(cache, scorer.model_id, keys, pids)
             for name, (_, keys, pids, _) in shard_keys.items()
         }
         positive_p = _positive_p_yes(ds, shard_keys, found)
@@ -228,7 +239,7 @@ def judge_dataset(
             # the whole dataset even when a resumed run finds some shards already written.
             pairs = ds.read_shard(PAIRS, name)
             rows, keys, _, subsets = shard_keys[name]
-            table, shard_failures = _apply_verdicts(
+            table, shard_failures = apply_verdicts(
                 pairs, rows, keys, subsets, found[name], positive_p, rule, relabel, report
             )
             if drop.get(name):
@@ -252,7 +263,7 @@ def judge_dataset(
     return manifest, report
 
 
-def _score_missing(
+def score_missing(
     scorer: Scorer,
     cache: JudgmentCache,
     keys: list[Key],
@@ -262,13 +273,17 @@ def _score_missing(
     report: JudgeReport,
     progress: Callable[[int], None] | None,
     on_batch: Callable[[int, int], None] | None,
-) -> None:
+) -> list[int]:
+    """Send the items the cache does not hold to the scorer, in batches, each batch stored in the
+    cache as soon as it is scored; returns the indices of the items scored."""
     by_prompt: dict[str, list[int]] = defaultdict(list)
     for i, pid in enumerate(prompt_ids):
         by_prompt[pid].append(i)
+    scored: list[int] = []
     for pid, idx in by_prompt.items():
         hits = cache.lookup(scorer.model_id, pid, [keys[i] for i in idx])
         todo = [i for i in idx if keys[i] not in hits]
+        scored.extend(todo)
         report.cached += len(idx) - len(todo)
         if progress and len(idx) > len(todo):
             progress(len(idx) - len(todo))
@@ -285,9 +300,11 @@ def _score_missing(
                 progress(len(chunk))
             if on_batch:
                 on_batch(start + len(chunk), len(todo))
+    return scored
 
 
-def _lookup(cache: JudgmentCache, model_id: str, keys: list[Key], prompt_ids: list[str]) -> list[Score]:
+def lookup_scores(cache: JudgmentCache, model_id: str, keys: list[Key], prompt_ids: list[str]) -> list[Score]:
+    """The cached judgment of every key (failures included; "not judged" where there is none)."""
     by_prompt: dict[str, list[int]] = defaultdict(list)
     for i, pid in enumerate(prompt_ids):
         by_prompt[pid].append(i)
@@ -306,13 +323,21 @@ def _positive_p_yes(
     best: dict[str, float] = {}
     for name, (rows, keys, _, _) in shard_keys.items():
         labels = ds.read_shard(PAIRS, name, columns=["label"]).column("label").to_pylist()
-        for r, key, score in zip(rows, keys, found[name], strict=True):
-            if labels[r] == "positive" and score.ok:
-                best[key.query_id] = max(best.get(key.query_id, 0.0), float(score.p_yes))
+        positive_reference([labels[r] for r in rows], keys, found[name], best)
     return best
 
 
-def _apply_verdicts(
+def positive_reference(
+    labels: Sequence[str | None], keys: Sequence[Key], scores: Sequence[Score], best: dict[str, float]
+) -> dict[str, float]:
+    """Fold judged pairs into ``best``: the highest p_yes among each query's judged gold positives."""
+    for label, key, score in zip(labels, keys, scores, strict=True):
+        if label == "positive" and score.ok:
+            best[key.query_id] = max(best.get(key.query_id, 0.0), float(score.p_yes))
+    return best
+
+
+def apply_verdicts(
     pairs: pa.Table,
     rows: list[int],
     keys: list[Key],
@@ -323,6 +348,9 @@ def _apply_verdicts(
     relabel: bool,
     report: JudgeReport,
 ) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """Write the verdicts of the judged ``rows`` of a pairs table (``scores`` in the order of ``keys``)
+    into its label, judge_p_yes and judge_verdict columns, counting into ``report``; returns the table
+    and the pairs that could not be judged (query_id, doc_id, label, error)."""
     labels = pairs.column("label").to_pylist()
     p_col = pairs.column("judge_p_yes").to_pylist()
     v_col = pairs.column("judge_verdict").to_pylist()

@@ -176,6 +176,13 @@ def format_histograms(hists: dict[str, dict[str, list[int]]]) -> str:
 @click.option(
     "--trust-remote-code", is_flag=True, help="Allow the model directory's own code (off by default)."
 )
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep up to N judged hard negatives (verdict no) per query, best-ranked first; drop the rest "
+    "(the paper keeps up to 12 of the top 20).",
+)
 @click.option("--no-progress", is_flag=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds a dataset or another run.")
 @friendly_errors
@@ -198,6 +205,7 @@ def command(
     ray_address,
     max_chars,
     trust_remote_code,
+    keep,
     no_progress,
     overwrite,
 ):
@@ -253,6 +261,7 @@ def command(
             labels=chosen,
             batch_size=batch_size,
             max_chars=max_chars,
+            keep_negatives=keep,
             overwrite=overwrite,
             progress=bar.update,
         )
@@ -272,3 +281,32 @@ def command(
     if report.failed:
         click.echo(f"failures: {Path(out) / 'judge_failures.parquet'}")
     click.echo(format_histograms(p_yes_histograms(out)))
+    warning = constant_judge_warning(out)
+    if warning:
+        click.echo(warning, err=True)
+
+
+#: Below this spread of p_yes over the judged pairs the verdicts say nothing about the pairs.
+CONSTANT_JUDGE_STD = 0.01
+
+
+def constant_judge_warning(out: str | Path) -> str | None:
+    """A warning when the judge gave (nearly) every pair the same p_yes: an untrained or broken
+    judge, whose verdicts are then one answer for all (the paper's rule turns it into all yes or
+    all no)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    ds = open_dataset(str(out))
+    values = [
+        pc.drop_null(ds.read_shard("pairs", name, ["judge_p_yes"])["judge_p_yes"]).to_numpy()
+        for name in ds.shards("pairs")
+    ]
+    p = np.concatenate(values) if values else np.empty(0)
+    if p.size < 2 or float(p.std()) >= CONSTANT_JUDGE_STD:
+        return None
+    return (
+        f"warning: the judge gave {p.size} pairs nearly the same p_yes ({p.mean():.3f} +- {p.std():.4f}): "
+        "it does not tell these pairs apart, so its verdicts carry no information. Check the judge model "
+        "(an assay reranker needs more training), its prompt and its label words."
+    )

@@ -196,3 +196,27 @@ def test_check_struct_column_only_null_tests():
     with pytest.raises(FilterError, match="only is_null"):
         parse_filter("image == 'x'").check(schema)
     assert isinstance(schema["image"], pa.StructType)
+
+
+def test_sample_keeps_a_stable_fraction_of_values_whatever_the_row_order():
+    flt = parse_filter("subset != 'vqa' or sample(query_id, 0.1)")
+    ids = [f"vqa-{i}" for i in range(20_000)]
+    df = pl.DataFrame({"subset": ["vqa"] * len(ids) + ["cls"] * 3, "query_id": ids + ["c1", "c2", "c3"]})
+    kept = set(df.filter(flt.mask(df))["query_id"])
+    assert {"c1", "c2", "c3"} <= kept  # other subsets untouched
+    assert 0.09 < (len(kept) - 3) / len(ids) < 0.11
+    # the same ids on another run, in another order, split over other shards
+    shuffled = df.sample(fraction=1.0, shuffle=True, seed=3)
+    halves = [shuffled[: len(shuffled) // 2], shuffled[len(shuffled) // 2 :]]
+    again = set().union(*(set(h.filter(flt.mask(h))["query_id"]) for h in halves))
+    assert again == kept
+    # a null id is never sampled; fraction 0 keeps nothing, 1 keeps everything
+    nulls = pl.DataFrame({"query_id": ["a", None]})
+    assert parse_filter("sample(query_id, 1)").mask(nulls).to_list() == [True, False]
+    assert not parse_filter("sample(query_id, 0)").mask(df).any()
+
+
+@pytest.mark.parametrize("text", ["sample(query_id, 1.5)", "sample(query_id, 'x')", "sample(query_id, True)"])
+def test_sample_refuses_a_bad_fraction(text):
+    with pytest.raises(FilterError, match="fraction between 0 and 1"):
+        parse_filter(text)

@@ -91,3 +91,47 @@ def test_ray_actor_pool_gives_the_in_process_numbers(reranker, tmp_path):
     a, b = _judged(tmp_path / "a"), _judged(tmp_path / "b")
     assert a.keys() == b.keys()
     assert all(abs(a[k][1] - b[k][1]) < 1e-5 for k in a)
+
+
+def test_keep_caps_the_judged_hard_negatives_per_query(reranker, tmp_path):
+    data = colour_dataset(tmp_path / "data", extra_pairs=EXTRA)
+    base = [
+        "judge",
+        str(data),
+        "--model",
+        str(reranker),
+        "--cache",
+        str(tmp_path / "c.sqlite"),
+        "--no-progress",
+    ]
+    runs = {}
+    for name, extra in (("all", []), ("keep1", ["--keep", "1"])):
+        args = [base[0], base[1], str(tmp_path / name), *base[2:], *extra, "--rule", "threshold:1.0"]
+        result = CliRunner().invoke(cli, args)  # threshold 1.0: every pair is judged "no"
+        assert result.exit_code == 0, result.output
+        runs[name] = [k for k, (label, _, _) in _judged(tmp_path / name).items() if label == "hard_negative"]
+    assert len(runs["all"]) == 3 and len(runs["keep1"]) == 1 and set(runs["keep1"]) < set(runs["all"])
+
+
+def test_a_judge_that_gives_every_pair_the_same_p_yes_is_flagged(tmp_path):
+    from curation.dataset import write_dataset
+    from pipelines.commands.judge import constant_judge_warning
+
+    def judged(name, p_yes):
+        pairs = [
+            {"query_id": "q", "doc_id": f"d{i}", "label": "hard_negative", "judge_p_yes": p}
+            for i, p in enumerate(p_yes)
+        ]
+        write_dataset(
+            tmp_path / name,
+            {
+                "queries": [{"query_id": "q", "subset": "s", "task": "retrieval", "text": "q"}],
+                "corpus": [{"doc_id": f"d{i}", "subset": "s", "text": f"doc {i}"} for i in range(len(p_yes))],
+                "pairs": pairs,
+            },
+        )
+        return tmp_path / name
+
+    warning = constant_judge_warning(judged("flat", [0.562, 0.5621, 0.5619, 0.562]))
+    assert warning and "4 pairs nearly the same p_yes (0.562" in warning
+    assert constant_judge_warning(judged("spread", [0.1, 0.9, 0.4, 0.7])) is None

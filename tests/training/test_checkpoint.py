@@ -194,3 +194,17 @@ def test_save_refuses_existing_and_overwrites(saved, tmp_path):
     m = save_checkpoint(path, emb, stage="s", step=2, training_config={}, overwrite=True)
     assert verify_checkpoint(path).step == m.step == 2
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint_name(1)]
+
+
+def test_model_id_names_the_weights_not_the_optimizer_state(tmp_path):
+    """Two runs that end with the same weights are one model for the judge and embedding caches."""
+    from curation.judge.scoring import TRAINER_STATE_FILE, model_id_for
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "ckpt" / TRAINER_STATE_FILE).write_bytes(b"adam state, run 1")
+    before = model_id_for(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / TRAINER_STATE_FILE).write_bytes(b"adam state, run 2")
+    assert model_id_for(tmp_path / "ckpt") == before
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"other weights")
+    assert model_id_for(tmp_path / "ckpt") != before

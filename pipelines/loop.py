@@ -1,0 +1,501 @@
+"""The mine-train loop: the steps of a YAML file, run in order into one run directory.
+
+A loop file names a run directory and a list of steps; each step is one ``assay`` command (ingest,
+validate, dedup, filter, curate, train, eval, mine, judge, export), with its positional ``args``
+and its ``options`` (``--key value``; ``true`` for a flag). ``{run}`` is the run directory and
+``{NAME}`` is what an earlier step NAME produced: a dataset directory, the final checkpoint of a
+train step, the metrics file of an eval step, the file an export wrote. A train step gives its
+config inline (``config:``, written to ``RUN/steps/NAME.train.yaml``) or as a path.
+
+    name: quickstart
+    run_dir: runs/quickstart
+    executor: local                   # or ray; ray_address: runs every Ray stage on a cluster
+    steps:
+      - {name: raw, run: ingest, args: [easy-vqa, "{run}/raw"], options: {format: example}}
+      - {name: train-valid, run: validate, args: ["{raw}/train", "{run}/train-valid"]}
+      - name: stage1
+        run: train
+        config: {stage: "1", data: ["{train-valid}"], output: "{run}/stage1", tiny: {}}
+      - {name: eval-s1, run: eval, args: ["{stage1}", "{test-valid}"]}
+    ablation:                         # optional: eval steps to put side by side in the report
+      - {arm: "no hard negatives", eval: eval-s1}
+
+Each step leaves ``RUN/steps/NAME.json``: its command line, a fingerprint (the command line, the
+train config and the fingerprints of the steps it reads), status, start, end and seconds, and
+what it produced. On a rerun a complete step with the same fingerprint is skipped; a step that was
+killed is run again with the same command line, and its stage resumes at the shard, subset or
+checkpoint it reached (every stage does, see DESIGN.md). A complete step whose definition changed
+is refused until ``--from NAME`` redoes it and every step after it (their outputs inside the run
+directory are removed first). ``RUN/report.html`` is written at the end, and after a failure.
+
+Steps run in this process, so a local Ray runtime started by the first Ray stage serves them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import re
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from curation.dataset import atomic_write_bytes, atomic_write_json
+
+#: The commands a step may run, and what each produces (the output a later ``{NAME}`` names).
+DATASET_COMMANDS = ("ingest", "validate", "dedup", "filter", "curate", "mine", "judge")
+COMMANDS = (*DATASET_COMMANDS, "train", "eval", "export")
+#: Loop-level settings handed to every command that has the option and whose step does not set it.
+SHARED_SETTINGS = ("executor", "ray_address", "num_cpus", "device")
+_STEP_KEYS = {"name", "run", "args", "options", "config"}
+_TOP_KEYS = {"name", "run_dir", "steps", "ablation", *SHARED_SETTINGS}
+_REF = re.compile(r"\{([A-Za-z0-9_.-]+)\}")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class LoopError(ValueError):
+    """A loop file or run directory that cannot be used; the message says which step and why."""
+
+
+@dataclass
+class Step:
+    name: str
+    run: str
+    args: list[Any] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] | str | None = None
+    index: int = 0
+
+
+@dataclass
+class LoopSpec:
+    name: str
+    run_dir: Path
+    steps: list[Step]
+    settings: dict[str, Any]
+    ablation: list[dict[str, str]]
+    source: Path
+
+    def step(self, name: str) -> Step:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise LoopError(f"{self.source}: no step named {name!r}; the steps are {', '.join(self.names)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+
+def load_loop(path: str | Path, run_dir: str | Path | None = None) -> LoopSpec:
+    """Read and check a loop file (``yaml.safe_load``); every problem names the file and the step."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise LoopError(f"loop file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise LoopError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise LoopError(f"{path}: expected a mapping with run_dir and steps, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise LoopError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(_TOP_KEYS))}"
+        )
+    if run_dir is None:
+        run_dir = raw.get("run_dir")
+    if not run_dir:
+        raise LoopError(f"{path}: no run_dir (give one in the file or with --run-dir)")
+    steps_raw = raw.get("steps")
+    if not isinstance(steps_raw, list) or not steps_raw:
+        raise LoopError(f"{path}: `steps` must be a non-empty list")
+    steps: list[Step] = []
+    seen: set[str] = set()
+    for i, s in enumerate(steps_raw):
+        where = f"{path}: step {i + 1}"
+        if not isinstance(s, dict):
+            raise LoopError(f"{where}: expected a mapping with name and run, got {s!r}")
+        name = s.get("name")
+        where = f"{path}: step {i + 1} ({name})"
+        bad = sorted(set(s) - _STEP_KEYS)
+        if bad:
+            raise LoopError(
+                f"{where}: unknown key(s) {', '.join(bad)}; a step has {', '.join(sorted(_STEP_KEYS))}"
+            )
+        if not isinstance(name, str) or not _NAME.match(name) or name == "run":
+            raise LoopError(f"{where}: `name` must be letters, digits, '-', '_' or '.' (and not 'run')")
+        if name in seen:
+            raise LoopError(f"{where}: a step named {name!r} comes earlier too")
+        if s.get("run") not in COMMANDS:
+            raise LoopError(f"{where}: `run` must be one of {', '.join(COMMANDS)}, got {s.get('run')!r}")
+        args = s.get("args", []) or []
+        options = s.get("options", {}) or {}
+        if not isinstance(args, list):
+            raise LoopError(f"{where}: `args` must be a list")
+        if not isinstance(options, dict):
+            raise LoopError(f"{where}: `options` must be a mapping of option name to value")
+        config = s.get("config")
+        if s["run"] == "train":
+            if not isinstance(config, dict | str):
+                raise LoopError(f"{where}: a train step needs `config:` (a mapping, or a YAML file's path)")
+        elif config is not None:
+            raise LoopError(f"{where}: only train steps take `config`")
+        # every {NAME} must be an earlier step (or {run})
+        for ref in _refs([args, options, config]):
+            if ref != "run" and ref not in seen:
+                later = " (it comes later)" if any(x.get("name") == ref for x in steps_raw) else ""
+                raise LoopError(f"{where}: {{{ref}}} names no earlier step{later}")
+        seen.add(name)
+        steps.append(Step(name, s["run"], list(args), dict(options), config, index=i))
+    ablation = raw.get("ablation") or []
+    if not isinstance(ablation, list):
+        raise LoopError(f"{path}: `ablation` must be a list of {{arm, eval}}")
+    for a in ablation:
+        if not isinstance(a, dict) or set(a) != {"arm", "eval"}:
+            raise LoopError(f"{path}: each ablation entry is {{arm: TEXT, eval: STEP}}, got {a!r}")
+        if a["eval"] not in seen or next(s for s in steps if s.name == a["eval"]).run != "eval":
+            raise LoopError(f"{path}: ablation arm {a['arm']!r}: {a['eval']!r} is not an eval step")
+    settings = {k: raw[k] for k in SHARED_SETTINGS if raw.get(k) is not None}
+    return LoopSpec(str(raw.get("name") or path.stem), Path(run_dir), steps, settings, ablation, path)
+
+
+def _refs(obj: Any) -> list[str]:
+    if isinstance(obj, str):
+        return _REF.findall(obj)
+    if isinstance(obj, dict):
+        return [r for v in obj.values() for r in _refs(v)]
+    if isinstance(obj, list | tuple):
+        return [r for v in obj for r in _refs(v)]
+    return []
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class Loop:
+    """Runs a :class:`LoopSpec`; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: LoopSpec,
+        *,
+        echo: Callable[[str], None] = print,
+        invoke: Callable[[list[str]], None] | None = None,
+    ):
+        self.spec = spec
+        self.run_dir = spec.run_dir.resolve()
+        self.steps_dir = self.run_dir / "steps"
+        self.echo = echo
+        self._invoke = invoke or invoke_cli
+
+    # -- the state of each step, on disk
+
+    def manifest_path(self, step: Step) -> Path:
+        return self.steps_dir / f"{step.name}.json"
+
+    def manifest(self, step: Step) -> dict[str, Any] | None:
+        p = self.manifest_path(step)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise LoopError(f"{p} is not valid JSON ({e}); delete it to rerun step {step.name}") from e
+
+    def _write(self, step: Step, record: dict[str, Any]) -> None:
+        atomic_write_json(self.manifest_path(step), record)
+
+    def _write_loop_record(self, finished: bool) -> None:
+        p = self.run_dir / "loop.json"
+        old = json.loads(p.read_text()) if p.exists() else {}
+        atomic_write_json(
+            p,
+            {
+                "file": str(self.spec.source.resolve()),
+                "name": self.spec.name,
+                "steps": self.spec.names,
+                "ablation": self.spec.ablation,
+                "settings": self.spec.settings,
+                "started": old.get("started") if old.get("finished") is None and old else _now(),
+                "finished": _now() if finished else None,
+            },
+        )
+
+    # -- resolving a step into a command line
+
+    def _output_of(self, name: str) -> str:
+        m = self.manifest(self.spec.step(name))
+        if not m or m.get("status") != "complete":
+            raise LoopError(f"step {name} has not completed, so nothing it produces can be used yet")
+        out = m["outputs"]
+        return next(iter(out.values()))
+
+    def _sub(self, obj: Any) -> Any:
+        if isinstance(obj, str):
+            return _REF.sub(lambda m: str(self.run_dir) if m[1] == "run" else self._output_of(m[1]), obj)
+        if isinstance(obj, dict):
+            return {k: self._sub(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._sub(v) for v in obj]
+        return obj
+
+    def resolve(self, step: Step) -> tuple[list[str], dict[str, Any] | None, dict[str, Any]]:
+        """The step's argv (after ``assay``), its train config (train steps) and its expected outputs."""
+        args = [str(a) for a in self._sub(step.args)]
+        options = dict(self._sub(step.options))
+        config: dict[str, Any] | None = None
+        outputs: dict[str, Any] = {}
+        params = command_params(step.run)
+        options = {str(k).replace("_", "-"): v for k, v in options.items()}
+        unknown = sorted(k for k in options if k not in params)
+        if unknown:
+            raise LoopError(
+                f"step {step.name}: assay {step.run} has no option {', '.join('--' + k for k in unknown)} "
+                f"(see assay {step.run} --help)"
+            )
+        for key, value in self.spec.settings.items():
+            flag = key.replace("_", "-")
+            if flag in params and flag not in options:
+                options[flag] = value
+        if step.run == "train":
+            if isinstance(step.config, str):
+                cfg_path = Path(self._sub(step.config))
+                try:
+                    config = yaml.safe_load(cfg_path.read_text())
+                except (OSError, yaml.YAMLError) as e:
+                    raise LoopError(f"step {step.name}: cannot read its config {cfg_path}: {e}") from e
+            else:
+                config = self._sub(step.config)
+            if not isinstance(config, dict) or "output" not in config:
+                raise LoopError(f"step {step.name}: the train config must be a mapping with `output`")
+            args = [str(self.steps_dir / f"{step.name}.train.yaml")]
+            outputs = {"train_dir": str(Path(config["output"]).resolve())}
+        elif step.run == "eval":
+            options.setdefault("out", str(self.run_dir / "metrics" / f"{step.name}.json"))
+            outputs = {"metrics": str(Path(options["out"]).resolve())}
+        elif len(args) < 2:
+            raise LoopError(f"step {step.name}: `assay {step.run}` takes INPUT and OUT as its two args")
+        elif step.run == "export":
+            outputs = {"path": str(Path(args[1]).resolve())}
+        else:
+            outputs = {"dataset": str(Path(args[1]).resolve())}
+        argv = [step.run, *args]
+        for key, value in options.items():
+            flag = "--" + key
+            if value is True:
+                argv.append(flag)
+            elif value is False or value is None:
+                continue
+            elif isinstance(value, list):
+                for v in value:
+                    argv += [flag, str(v)]
+            else:
+                argv += [flag, str(value)]
+        return argv, config, outputs
+
+    def fingerprint(self, step: Step, argv: list[str], config: dict[str, Any] | None) -> str:
+        upstream = {}
+        for ref in sorted(set(_refs([step.args, step.options, step.config])) - {"run"}):
+            m = self.manifest(self.spec.step(ref)) or {}
+            upstream[ref] = m.get("fingerprint")
+        blob = json.dumps({"argv": argv, "config": config, "upstream": upstream}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    # -- running
+
+    def status(self) -> list[tuple[Step, str]]:
+        """Each step with complete / stale / interrupted / failed / pending (for --dry-run)."""
+        out = []
+        for step in self.spec.steps:
+            m = self.manifest(step)
+            if m is None:
+                out.append((step, "pending"))
+                continue
+            state = m.get("status")
+            if state == "complete":
+                try:
+                    argv, config, _ = self.resolve(step)
+                    same = self.fingerprint(step, argv, config) == m.get("fingerprint")
+                except LoopError:
+                    same = False
+                out.append((step, "complete" if same else "stale"))
+            else:
+                out.append((step, "interrupted" if state == "running" else str(state)))
+        return out
+
+    def redo_from(self, name: str) -> None:
+        """Forget ``name`` and every later step, and remove their outputs (inside the run dir only)."""
+        start = self.spec.step(name).index
+        for step in self.spec.steps[start:]:
+            m = self.manifest(step)
+            if m is None:
+                continue
+            for out in m.get("outputs", {}).values():
+                self._remove(step, Path(out))
+            self.manifest_path(step).unlink()
+            self.echo(f"{step.name}: forgotten; it will run again")
+
+    def _remove(self, step: Step, path: Path) -> None:
+        path = path.resolve()
+        if path == self.run_dir or self.run_dir not in path.parents:
+            raise LoopError(
+                f"step {step.name}: its output {path} is outside the run directory {self.run_dir}; "
+                "remove it yourself before --from"
+            )
+        if step.run == "train" and path.name.startswith("step-"):
+            path = path.parent  # the final checkpoint: remove the whole training output
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    def run(self, *, start: str | None = None, stop: str | None = None, report: bool = True) -> bool:
+        """Run every step that is not complete; returns True when all (up to ``stop``) completed."""
+        self.steps_dir.mkdir(parents=True, exist_ok=True)
+        last = self.spec.step(stop).index if stop else len(self.spec.steps) - 1
+        if start:
+            self.redo_from(start)
+        self._write_loop_record(finished=False)
+        ok = True
+        try:
+            for step in self.spec.steps[: last + 1]:
+                if not self._run_step(step):
+                    ok = False
+                    break
+        finally:
+            if ok and last == len(self.spec.steps) - 1:
+                self._write_loop_record(finished=True)
+            if report:
+                self.write_report()
+        return ok
+
+    def _run_step(self, step: Step) -> bool:
+        argv, config, outputs = self.resolve(step)
+        fp = self.fingerprint(step, argv, config)
+        old = self.manifest(step)
+        label = f"[{step.index + 1}/{len(self.spec.steps)}] {step.name}"
+        if old and old.get("status") == "complete":
+            if old.get("fingerprint") == fp:
+                self.echo(f"{label}: complete, skipped ({old.get('seconds', 0):.1f} s when it ran)")
+                return True
+            raise LoopError(
+                f"step {step.name} is complete but its definition (or a step it reads) has changed since; "
+                f"rerun with --from {step.name} to redo it and every step after it"
+            )
+        if config is not None:
+            atomic_write_bytes(Path(argv[1]), yaml.safe_dump(config, sort_keys=False).encode())
+        resumed = old is not None and old.get("status") in ("running", "failed")
+        seconds_before = float(old.get("seconds") or 0) if resumed else 0.0
+        record = {
+            "name": step.name,
+            "index": step.index,
+            "run": step.run,
+            "argv": ["assay", *argv],
+            "fingerprint": fp,
+            "status": "running",
+            "started": _now(),
+            "finished": None,
+            "seconds": seconds_before or None,
+            "attempts": int(old.get("attempts", 0)) + 1 if resumed else 1,
+            "outputs": outputs,
+            "error": None,
+        }
+        self._write(step, record)
+        self.echo(f"{label}: {'resuming' if resumed else 'running'}: assay {' '.join(argv)}")
+        t0 = time.perf_counter()
+        try:
+            self._invoke(argv)
+            if step.run == "train":
+                record["outputs"] = {"checkpoint": _final_checkpoint(Path(outputs["train_dir"])), **outputs}
+        except Exception as e:  # noqa: BLE001 - any failure of the step is recorded, then re-raised
+            record.update(
+                status="failed",
+                finished=_now(),
+                seconds=seconds_before + time.perf_counter() - t0,
+                error=_describe(e),
+            )
+            self._write(step, record)
+            self.echo(f"{label}: FAILED after {record['seconds']:.1f} s: {record['error']}")
+            return False
+        record.update(status="complete", finished=_now(), seconds=seconds_before + time.perf_counter() - t0)
+        self._write(step, record)
+        self.echo(f"{label}: complete in {record['seconds']:.1f} s")
+        return True
+
+    def write_report(self) -> Path | None:
+        try:
+            from pipelines.report import build_report
+        except ImportError:  # the report module is optional for the loop itself
+            return None
+        try:
+            path = build_report(self.run_dir)
+        except Exception as e:  # noqa: BLE001 - a broken report must not hide the loop's own result
+            self.echo(f"report: could not be written: {_describe(e)}")
+            return None
+        self.echo(f"report: {path}")
+        return path
+
+
+def _final_checkpoint(train_dir: Path) -> str:
+    done = train_dir / "complete.json"
+    if not done.exists():
+        raise LoopError(f"training finished without {done}")
+    final = json.loads(done.read_text()).get("final")
+    if not final:
+        raise LoopError(f"{done} names no final checkpoint")
+    path = Path(final)
+    return str(path if path.is_absolute() else (train_dir / path).resolve())
+
+
+def _describe(e: BaseException) -> str:
+    import click
+
+    if isinstance(e, click.ClickException):
+        return e.format_message()
+    if isinstance(e, SystemExit):
+        return f"exited with status {e.code}"
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def command_params(run: str) -> set[str]:
+    """The long option names of ``assay RUN``, without the dashes (``format``, ``ray-address``)."""
+    import click
+
+    from pipelines.cli import cli
+
+    cmd = cli.commands.get(run)
+    if cmd is None:
+        raise LoopError(f"assay has no command {run!r}")
+    return {
+        o[2:]
+        for p in cmd.params
+        if isinstance(p, click.Option)
+        for o in (*p.opts, *p.secondary_opts)
+        if o.startswith("--")
+    }
+
+
+def invoke_cli(argv: list[str]) -> None:
+    """Run ``assay ARGV`` in this process; a non-zero exit raises."""
+    from pipelines.cli import cli
+
+    try:
+        cli.main(args=argv, prog_name="assay", standalone_mode=False)
+    except SystemExit as e:  # click's ctx.exit inside a command
+        if e.code not in (0, None):
+            raise
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
