@@ -10,6 +10,10 @@ One SQLite file per encoder (``<root>/<model_id>.sqlite``, vectors as float32 bl
 transaction per encoded batch: a killed run keeps every batch it finished, lookups are by primary
 key, and memory stays bounded by the batch, not by the corpus. Reading an image to hash it is the
 cost of a hit; encoding is the cost of a miss.
+
+``embed_table`` takes the rows as an Arrow table: keys are hashed from its columns, vectors are read
+with one query per 500 keys into one array, and row dicts are built only for the rows to encode, so
+a fully cached subset costs a hash and a primary-key lookup per row.
 """
 
 from __future__ import annotations
@@ -22,18 +26,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from curation.content_key import image_data
+from curation.schema import resolve_image_cell
 from mining.encoders import Encoder, Side
+
+MMAP_BYTES = 2**30  # of the SQLite file read through a memory map (virtual memory, not RAM)
+
+
+def _key_prefix(encoder: Encoder, side: Side) -> Any:
+    h = hashlib.sha256()
+    for part in (encoder.model_id, encoder.template_id, side):
+        h.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    return h
 
 
 def row_key(
     encoder: Encoder, side: Side, row: Mapping[str, Any], data_root: str | os.PathLike | None
 ) -> bytes:
     """The cache key of one row's vector (see the module docstring)."""
-    h = hashlib.sha256()
-    for part in (encoder.model_id, encoder.template_id, side, row.get("instruction") or ""):
-        h.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    h = _key_prefix(encoder, side)
+    h.update((row.get("instruction") or "").encode("utf-8", "surrogatepass") + b"\0")
     text = row.get("text")
     h.update(b"t" + text.encode("utf-8", "surrogatepass") if text is not None else b"-")
     h.update(b"\0")
@@ -51,6 +66,45 @@ def row_key(
     return h.digest()[:20]
 
 
+def _column(table: pa.Table, name: str) -> list[Any]:
+    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def table_rows(
+    table: pa.Table, data_root: str | os.PathLike | None, indices: Sequence[int] | None = None
+) -> list[dict]:
+    """Rows of ``table`` (all, or those at ``indices``) as dicts, image paths resolved under the data root."""
+    rows = (table if indices is None else table.take(pa.array(indices, pa.int64()))).to_pylist()
+    if data_root is not None:
+        for r in rows:
+            if r.get("image") is not None:
+                r["image"] = resolve_image_cell(r["image"], data_root)
+    return rows
+
+
+def table_keys(
+    encoder: Encoder, side: Side, table: pa.Table, data_root: str | os.PathLike | None
+) -> list[bytes]:
+    """:func:`row_key` of every row of ``table`` (columns ``text`` and, if present, ``instruction`` and
+    ``image``): the same keys, hashed from the columns; only rows with an image become dicts."""
+    prefix = _key_prefix(encoder, side)
+    instructions, texts = _column(table, "instruction"), _column(table, "text")
+    with_image: set[int] = set()
+    if "image" in table.column_names and table.column("image").null_count < table.num_rows:
+        with_image = set(pc.indices_nonzero(pc.is_valid(table.column("image"))).to_pylist())
+    keys: list[bytes] = []
+    for i, (instruction, text) in enumerate(zip(instructions, texts, strict=True)):
+        if i in with_image:
+            (row,) = table_rows(table, data_root, [i])
+            keys.append(row_key(encoder, side, row, data_root))
+            continue
+        h = prefix.copy()  # sha256 of the concatenation = row_key's successive updates
+        tail = b"t" + text.encode("utf-8", "surrogatepass") + b"\0" if text is not None else b"-\0"
+        h.update((instruction or "").encode("utf-8", "surrogatepass") + b"\0" + tail)
+        keys.append(h.digest()[:20])
+    return keys
+
+
 class EmbeddingCache:
     """Vectors of one encoder, by row key. ``embed`` returns cached vectors and encodes the rest."""
 
@@ -63,6 +117,7 @@ class EmbeddingCache:
         self._db = sqlite3.connect(self.path, timeout=60)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA mmap_size={MMAP_BYTES}")  # reads without a copy per page: hits cost half
         self._db.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, dim INTEGER, vec BLOB)")
         self._db.commit()
         self.hits = 0
@@ -77,15 +132,14 @@ class EmbeddingCache:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _lookup(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
-        found: dict[bytes, np.ndarray] = {}
+    def _lookup(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        found: dict[bytes, bytes] = {}
         for i in range(0, len(keys), 500):
             chunk = list(keys[i : i + 500])
             marks = ",".join("?" for _ in chunk)
-            for key, dim, blob in self._db.execute(
-                f"SELECT key, dim, vec FROM vectors WHERE key IN ({marks})", chunk
-            ):
-                found[bytes(key)] = np.frombuffer(blob, dtype=np.float32, count=dim)
+            found.update(
+                self._db.execute(f"SELECT key, vec FROM vectors WHERE key IN ({marks})", chunk).fetchall()
+            )
         return found
 
     def embed(
@@ -99,33 +153,61 @@ class EmbeddingCache:
     ) -> np.ndarray:
         """(len(rows), dim) float32 vectors, in order; only rows not in the cache are encoded."""
         keys = [row_key(self.encoder, side, r, data_root) for r in rows]
+        return self._embed(keys, lambda idx: [rows[i] for i in idx], side, batch_size, progress)
+
+    def embed_table(
+        self,
+        table: pa.Table,
+        side: Side,
+        *,
+        data_root: str | os.PathLike | None = None,
+        batch_size: int = 256,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """:meth:`embed` of the rows of an Arrow table (image paths resolved under ``data_root``)."""
+        keys = table_keys(self.encoder, side, table, data_root)
+        return self._embed(keys, lambda idx: table_rows(table, data_root, idx), side, batch_size, progress)
+
+    def _embed(
+        self,
+        keys: Sequence[bytes],
+        rows_at: Callable[[list[int]], list[Mapping[str, Any]]],
+        side: Side,
+        batch_size: int,
+        progress: Callable[[int], None] | None,
+    ) -> np.ndarray:
         found = self._lookup(keys)
-        self.hits += sum(k in found for k in keys)
         todo = [i for i, k in enumerate(keys) if k not in found]
-        if progress and len(rows) > len(todo):
-            progress(len(rows) - len(todo))
+        self.hits += len(keys) - len(todo)
+        if progress and len(keys) > len(todo):
+            progress(len(keys) - len(todo))
         seen: set[bytes] = set()
         todo = [i for i in todo if not (keys[i] in seen or seen.add(keys[i]))]  # one encode per content
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            vecs = self.encoder.encode([rows[i] for i in chunk], side)
+            vecs = self.encoder.encode(rows_at(chunk), side)
             if vecs.shape[0] != len(chunk) or not np.isfinite(vecs).all():
                 raise ValueError(
                     f"encoder {self.encoder.model_id} returned bad vectors for {len(chunk)} rows"
                 )
+            blobs = [
+                (keys[i], vecs.shape[1], vecs[j].astype(np.float32).tobytes()) for j, i in enumerate(chunk)
+            ]
             with self._db:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO vectors (key, dim, vec) VALUES (?,?,?)",
-                    [
-                        (keys[i], vecs.shape[1], vecs[j].astype(np.float32).tobytes())
-                        for j, i in enumerate(chunk)
-                    ],
-                )
-            for j, i in enumerate(chunk):
-                found[keys[i]] = vecs[j]
+                self._db.executemany("INSERT OR REPLACE INTO vectors (key, dim, vec) VALUES (?,?,?)", blobs)
+            found.update((key, blob) for key, _, blob in blobs)
             self.encoded += len(chunk)
             if progress:
                 progress(len(chunk))
-        if not rows:
+        if not keys:
             return np.zeros((0, self.encoder.dim), np.float32)
-        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+        ordered = [found[k] for k in keys]
+        sizes = set(map(len, ordered))
+        dim = self.encoder.dim or min(sizes) // 4  # an encoder may not know its dimension
+        if sizes != {4 * dim}:
+            raise ValueError(
+                f"{self.path}: cached vectors of {sorted(s // 4 for s in sizes)} dimensions, "
+                f"the encoder's are {dim}; delete the file to rebuild the cache"
+            )
+        # one copy: the blobs joined, read as one (n, dim) array
+        return np.frombuffer(b"".join(ordered), dtype=np.float32).reshape(len(keys), dim).copy()

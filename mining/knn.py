@@ -162,6 +162,20 @@ def _order(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
+def _order_ranked(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_order`` of a kernel's output, whose rows come sorted by descending score: a row without two
+    equal scores is in order already, so only rows holding ties are sorted (by id within a tie)."""
+    if scores.shape[1] < 2:
+        return scores[:, :k], ids[:, :k]
+    if not (scores[:, 1:] <= scores[:, :-1]).all():  # not sorted after all (NaN, another kernel)
+        return _order(scores, ids, k)
+    tied = np.flatnonzero((scores[:, 1:] == scores[:, :-1]).any(axis=1))
+    out_s, out_i = scores[:, :k].copy(), ids[:, :k].copy()
+    if tied.size:
+        out_s[tied], out_i[tied] = _order(scores[tied], ids[tied], k)
+    return out_s, out_i
+
+
 def _clean(scores: np.ndarray, ids: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
     """Local ids -> global ids; faiss's "not found" (-1) -> id -1, score -inf."""
     ids = ids.astype(np.int64, copy=False)
@@ -213,7 +227,7 @@ def _exact_topk(search_fn: Callable, q: np.ndarray, n: int, k: int, max_depth: i
     bound); ``fallback(q, k)`` finishes the queries still tied there. Returns (nq, min(n, k))."""
     depth = min(n, k + TIE_MARGIN, max(k + 1, max_depth))
     scores, ids = search_fn(q, depth)
-    out_s, out_i = _order(scores, ids, k)
+    out_s, out_i = _order_ranked(scores, ids, k)
     if depth >= n:  # the whole shard came back
         return out_s, out_i
     pending = np.flatnonzero(scores[:, -1] == scores[:, k - 1])
@@ -556,7 +570,14 @@ def search(
             if nq:
                 s, i, backend = searcher.run(used, x)
                 s, i = _clean(s, i, offset)
-                run_s, run_i = _order(np.concatenate([run_s, s], 1), np.concatenate([run_i, i], 1), k)
+                if searched == n:  # the first shard: nothing to merge with, only ties to order
+                    pad = k - s.shape[1]
+                    if pad > 0:
+                        s = np.concatenate([s, np.full((nq, pad), -np.inf, np.float32)], 1)
+                        i = np.concatenate([i, np.full((nq, pad), -1, np.int64)], 1)
+                    run_s, run_i = _order_ranked(s, i, k)
+                else:
+                    run_s, run_i = _order(np.concatenate([run_s, s], 1), np.concatenate([run_i, i], 1), k)
                 del s, i
                 if backend not in backends:
                     backends.append(backend)

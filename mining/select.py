@@ -50,6 +50,13 @@ from sha256 of the run seed and the query id (never Python's ``hash()``, which i
 process), so a run is reproducible, queries are independent of one another and of their order, and
 re-running one query reproduces its draw.
 
+Many queries at once: :func:`select_batch` takes the kNN result as arrays ((n_queries, depth) doc
+ids and scores, positive scores, masks of positives and same-content candidates) and runs the
+built-in rules as array operations, with the same per-query rng for ``sample:random``; it selects
+exactly what :func:`select_negatives` selects row by row (the property test in
+``tests/mining/test_select_batch.py`` holds it to that). A rule of one's own (any object with
+``apply``) goes through :func:`select_negatives`; :func:`batch_supported` tells which.
+
 Specs: ``parse_rules`` reads the CLI form ``"ranks:50-100,percent:0.95,sample:random:2"`` and the
 YAML form ``[{ranks: [50, 100]}, {percent: 0.95}, {sample: {n: 2, how: random}}]``;
 ``describe(rules)`` writes the canonical string, stored with outputs as provenance
@@ -65,11 +72,14 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
+
 __all__ = [
     "PAPER_STAGE2",
     "PAPER_STAGE3",
     "PRESETS",
     "AbsoluteMargin",
+    "BatchSelection",
     "Candidate",
     "MaxScore",
     "MinScore",
@@ -81,12 +91,14 @@ __all__ = [
     "Selection",
     "SelectionContext",
     "TopK",
+    "batch_supported",
     "candidates",
     "describe",
     "make_context",
     "parse_rules",
     "positive_score_of",
     "query_seed",
+    "select_batch",
     "select_negatives",
 ]
 
@@ -479,6 +491,127 @@ def apply_rules(cands: Iterable[Candidate], ctx: SelectionContext, rules: Sequen
         dropped[key] = dropped.get(key, 0) + len(current) - len(kept)
         current = kept
     return Selection(negatives=_by_rank(current), dropped=dropped)
+
+
+# -- batch fast path ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchSelection:
+    """What :func:`select_batch` chose: ``keep`` (n_queries, depth) bool marks the negatives (read a row
+    in column order: by rank); ``dropped`` holds, per step, the (n_queries,) counts of
+    :attr:`Selection.dropped` (``no_positive_score`` only when some query needed a positive score it lacks).
+    """
+
+    keep: np.ndarray
+    dropped: dict[str, np.ndarray]
+
+
+def batch_supported(rules: Iterable[Rule]) -> bool:
+    """Whether :func:`select_batch` can run ``rules`` (the built-in rule types; anything else needs the
+    per-query :func:`select_negatives`)."""
+    return all(type(rule) in RULE_TYPES for rule in rules)
+
+
+def _first_n(alive: np.ndarray, n: int) -> np.ndarray:
+    return alive & (np.cumsum(alive, axis=1) <= n)
+
+
+def select_batch(
+    docs: np.ndarray,
+    scores: np.ndarray,
+    *,
+    positive_scores: np.ndarray,
+    is_positive: np.ndarray | None,
+    same_content: np.ndarray | None,
+    rules: Sequence[Rule],
+    seed: int | str,
+    query_ids: Sequence[str],
+    present: np.ndarray | None = None,
+    start_rank: int = 1,
+) -> BatchSelection:
+    """:func:`select_negatives` for many queries at once, as array operations; the same negatives.
+
+    ``docs`` / ``scores``: (n_queries, depth) kNN rows in search order, so column ``j`` has rank
+    ``start_rank + j``; a doc id < 0 (faiss's "no result") or ``present`` False is no candidate.
+    ``positive_scores``: (n_queries,) the query's positive score, NaN when unknown. ``is_positive``
+    / ``same_content``: (n_queries, depth) bool, the candidate is a gold positive of the query / has
+    a positive's content key (``None``: none is); both must depend on (query, doc) only, so the
+    copies of a doc agree. ``query_ids`` seed each query's rng as :func:`select_negatives` does, so a
+    random sample draws exactly what the per-query path draws. Raises ``TypeError`` for a rule that is
+    not built in (see :func:`batch_supported`).
+    """
+    docs = np.asarray(docs)
+    scores = np.asarray(scores, dtype=np.float64)
+    if docs.ndim != 2 or scores.shape != docs.shape:
+        raise ValueError(
+            f"docs and scores must be (n_queries, depth) alike, got {docs.shape} and {scores.shape}"
+        )
+    nq, depth = docs.shape
+    pos_score = np.asarray(positive_scores, dtype=np.float64).reshape(nq)
+    if len(query_ids) != nq:
+        raise ValueError(f"{len(query_ids)} query ids for {nq} rows of candidates")
+    alive = docs >= 0 if present is None else np.asarray(present, dtype=bool) & (docs >= 0)
+
+    # A doc listed twice: keep its first (best-ranked) column. A stable sort by doc groups the copies
+    # in column order; every copy after the first of its group is a duplicate.
+    dup = np.zeros_like(alive)
+    if depth > 1:
+        order = np.argsort(np.where(alive, docs, -1), axis=1, kind="stable")
+        by_doc = np.take_along_axis(docs, order, axis=1)
+        live = np.take_along_axis(alive, order, axis=1)
+        later = (by_doc[:, 1:] == by_doc[:, :-1]) & live[:, 1:] & live[:, :-1]
+        np.put_along_axis(dup, order[:, 1:], later, axis=1)
+    dropped: dict[str, np.ndarray] = {"duplicate_doc": dup.sum(axis=1)}
+    alive &= ~dup
+    for name, mask in (("positive", is_positive), ("same_content_as_positive", same_content)):
+        removed = alive & np.asarray(mask, dtype=bool) if mask is not None else np.zeros_like(alive)
+        dropped[name] = removed.sum(axis=1)
+        alive &= ~removed
+
+    unknown = np.isnan(pos_score)
+    if unknown.any() and any(rule.needs_positive_score for rule in rules):
+        dropped[NO_POSITIVE_SCORE] = np.zeros(nq, dtype=np.int64)
+    ranks = start_rank + np.arange(depth)
+    rngs: dict[int, random.Random] = {}  # one per query, drawn from in rule order as the per-query path does
+    with np.errstate(invalid="ignore"):  # NaN positive scores compare False: keep nothing
+        for rule in rules:
+            if type(rule) not in RULE_TYPES:
+                raise TypeError(f"select_batch cannot run rule {rule!r}; use select_negatives")
+            if isinstance(rule, RankWindow):
+                keep = alive & ((ranks >= rule.start) & (ranks <= rule.end))[None, :]
+            elif isinstance(rule, TopK):
+                keep = _first_n(alive, rule.k)
+            elif isinstance(rule, AbsoluteMargin):
+                keep = alive & (scores < (pos_score - rule.margin)[:, None])
+            elif isinstance(rule, PercentOfPositive):
+                keep = alive & (scores < (rule.pct * pos_score)[:, None])
+            elif isinstance(rule, MinScore):
+                keep = alive & (scores >= rule.x)
+            elif isinstance(rule, MaxScore):
+                keep = alive & (scores <= rule.x)
+            elif rule.how == "top":
+                keep = _first_n(alive, rule.n)
+            else:
+                keep = alive.copy()
+                for row in np.flatnonzero(alive.sum(axis=1) > rule.n).tolist():
+                    rng = rngs.get(row)
+                    if rng is None:
+                        rng = rngs[row] = random.Random(query_seed(seed, query_ids[row]))
+                    cols = np.flatnonzero(alive[row])
+                    # random.sample picks positions from the length alone, so sampling range(m) draws
+                    # the positions that sampling the rank-ordered candidates draws
+                    keep[row] = False
+                    keep[row, cols[rng.sample(range(len(cols)), rule.n)]] = True
+            removed = (alive & ~keep).sum(axis=1)
+            alive = keep
+            counts = dropped.setdefault(rule.name, np.zeros(nq, dtype=np.int64))
+            if rule.needs_positive_score and NO_POSITIVE_SCORE in dropped:
+                dropped[NO_POSITIVE_SCORE] += np.where(unknown, removed, 0)
+                counts += np.where(unknown, 0, removed)
+            else:
+                counts += removed
+    return BatchSelection(keep=alive, dropped=dropped)
 
 
 # -- specs -------------------------------------------------------------------------------------------

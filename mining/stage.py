@@ -5,14 +5,20 @@ sub-dataset):
 
 1. embed the subset's queries that have a gold positive (through the embedding cache);
 2. stream the corpus shard by shard, embedding the subset's documents of each shard (cached), and
-   search them with ``mining.knn.search``: the running top-``depth`` per query is merged shard by
-   shard, so memory holds one shard of vectors, not the corpus;
-3. per query, drop its gold positives and every candidate whose content equals a positive's
+   search them with ``mining.knn.search``: consecutive shards are searched together in blocks of at
+   most ``SEARCH_BLOCK_ROWS`` rows / ``SEARCH_BLOCK_BYTES`` of vectors (a larger shard is a block of
+   its own), and the running top-``depth`` per query is merged block by block, so memory holds a
+   block of vectors, not the corpus;
+3. drop every query's gold positives and every candidate whose content equals a positive's
    (``curation.content_key``: normalised text and image bytes), then apply the selection rules
-   (``mining.select``: rank window, top-k, margins, percent of positive, sampling);
+   (``mining.select``: rank window, top-k, margins, percent of positive, sampling) to all queries at
+   once with ``select_batch``, which picks exactly what ``select_negatives`` picks query by query
+   (a rule of the user's own, which the batch path cannot run, goes query by query);
 4. write the negatives as pairs: label ``hard_negative``, ``score`` (cosine), ``rank`` (1 = the
    nearest candidate, positives included in the count, as the search returned them) and ``origin``
-   ``mined:<encoder model_id>:<rules>``.
+   ``mined:<encoder model_id>:<rules>``; and give each gold positive pair of a mined query its
+   ``score``: the encoder's cosine between query and positive (the score the margin rules compare
+   against), so positive and negative scores can be compared from the pairs alone.
 
 The output is a new dataset: queries and corpus linked unchanged, every input pair kept except the
 negatives of an earlier mining round (``origin`` starting with ``mined:``), which the new round
@@ -26,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +39,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.content_key import content_key
+from curation.content_key import content_key, normalize_texts
 from curation.dataset import (
     AlreadyComplete,
     Dataset,
@@ -58,13 +64,20 @@ from mining.select import (
     PercentOfPositive,
     RankWindow,
     TopK,
+    batch_supported,
     describe,
     parse_rules,
+    select_batch,
     select_negatives,
 )
 
 MINED_PREFIX = "mined:"
 FILTERS = (AbsoluteMargin, PercentOfPositive, MinScore, MaxScore)
+SELECT_CHUNK = 4096  # queries selected at once: bounds the (queries, depth) temporaries
+# The corpus is searched in blocks of whole dataset shards, up to these bounds (a larger shard is a
+# block alone): one kNN call per block, not per small shard, for the same result.
+SEARCH_BLOCK_ROWS = 65_536
+SEARCH_BLOCK_BYTES = 64 * 2**20
 
 
 class MiningError(ValueError):
@@ -120,9 +133,9 @@ def default_depth(rules: Sequence[Any], max_positives: int) -> int:
     return base + 2 * max_positives
 
 
-def _read(ds: Dataset, table: str, name: str, subset: str) -> list[dict[str, Any]]:
+def _subset_rows(ds: Dataset, table: str, name: str, subset: str) -> pa.Table:
     t = ds.read_shard(table, name, columns=ROW_COLUMNS[table])
-    return [r for r in t.to_pylist() if (r["subset"] or "") == subset]
+    return t.filter(pc.equal(pc.fill_null(t["subset"], ""), subset))
 
 
 def _subset_file(progress: Path, subset: str) -> Path:
@@ -157,15 +170,9 @@ def mine_dataset(
     spec = describe(rule_list)
     root = ds.data_root
 
-    positives: dict[str, set[str]] = defaultdict(set)
-    for name in ds.shards(PAIRS):
-        t = ds.read_shard(PAIRS, name, columns=["query_id", "doc_id", "label"])
-        for q, d, label in zip(
-            *(t.column(c).to_pylist() for c in ("query_id", "doc_id", "label")), strict=True
-        ):
-            if label == "positive":
-                positives[q].add(d)
-    max_pos = max((len(v) for v in positives.values()), default=1)
+    gold = _gold_pairs(ds)
+    per_query = gold.group_by("query_id").aggregate([("doc_id", "count", pc.CountOptions(mode="all"))])
+    max_pos = max(pc.max(per_query["doc_id_count"]).as_py() or 1, 1) if per_query.num_rows else 1
     depth = depth or default_depth(rule_list, max_pos)
     if depth < 1:
         raise MiningError("depth must be at least 1")
@@ -173,7 +180,7 @@ def mine_dataset(
         {
             (r or "")
             for n in ds.shards(QUERIES)
-            for r in ds.read_shard(QUERIES, n, columns=["subset"]).column(0).to_pylist()
+            for r in pc.unique(ds.read_shard(QUERIES, n, columns=["subset"]).column(0)).to_pylist()
         }
     )
     chosen = sorted(subsets) if subsets else all_subsets
@@ -210,7 +217,7 @@ def mine_dataset(
                 subset,
                 encoder,
                 cache,
-                positives,
+                gold,
                 rule_list,
                 depth,
                 method,
@@ -226,13 +233,15 @@ def mine_dataset(
 
     mined = [pq.read_table(_subset_file(writer.progress_dir, s)) for s in chosen]
     mined_table = pa.concat_tables(mined) if mined else SCHEMAS[PAIRS].empty_table()
+    is_gold = pc.equal(mined_table["label"], "positive")
+    gold = mined_table.filter(is_gold)
+    mined_table = mined_table.filter(pc.invert(is_gold))
     names = ds.shards(PAIRS)
     for name in names:
         if not writer.is_done(PAIRS, name):
             t = ds.read_shard(PAIRS, name)
-            origins = t.column("origin").to_pylist()
-            keep = [not (o or "").startswith(MINED_PREFIX) for o in origins]
-            writer.sink.write_shard(PAIRS, name, t.filter(pa.array(keep)))
+            t = t.filter(pc.invert(pc.starts_with(pc.fill_null(t["origin"], ""), MINED_PREFIX)))
+            writer.sink.write_shard(PAIRS, name, _score_positives(t, gold))
     extra_name = shard_name(len(names))
     if not writer.is_done(PAIRS, extra_name):
         writer.sink.write_shard(PAIRS, extra_name, mined_table)
@@ -244,12 +253,23 @@ def mine_dataset(
     return manifest, stats
 
 
+def _score_positives(pairs: pa.Table, gold: pa.Table) -> pa.Table:
+    """``pairs`` with the ``score`` of each gold positive found in ``gold`` set to its cosine there."""
+    if not gold.num_rows or not pairs.num_rows:
+        return pairs
+    key = lambda t: pc.binary_join_element_wise(t["query_id"], t["doc_id"], "\x1f")  # noqa: E731
+    at = pc.index_in(key(pairs), value_set=key(gold).combine_chunks())
+    found = pc.and_(pc.equal(pc.fill_null(pairs["label"], ""), "positive"), pc.is_valid(at))
+    score = pc.if_else(found, pc.take(gold["score"], pc.fill_null(at, 0)), pairs["score"])
+    return pairs.set_column(pairs.schema.get_field_index("score"), "score", score)
+
+
 def _mine_subset(
     ds: Dataset,
     subset: str,
     encoder: Encoder,
     cache: EmbeddingCache,
-    positives: dict[str, set[str]],
+    gold: pa.Table,
     rules: Sequence[Any],
     depth: int,
     method: str,
@@ -261,42 +281,56 @@ def _mine_subset(
 ) -> tuple[pa.Table, SubsetStats]:
     root = ds.data_root
     stats = SubsetStats()
-    queries = [
-        r for n in ds.shards(QUERIES) for r in _read(ds, QUERIES, n, subset) if r["query_id"] in positives
-    ]
+    query_parts = [_subset_rows(ds, QUERIES, n, subset) for n in ds.shards(QUERIES)]
+    queries = pa.concat_tables(query_parts) if query_parts else SCHEMAS[QUERIES].empty_table()
+    queries = queries.filter(pc.is_in(queries["query_id"], value_set=pc.unique(gold["query_id"])))
     empty = SCHEMAS[PAIRS].empty_table()
-    if not queries:
+    if not queries.num_rows:
         return empty, stats
-    for r in queries:
-        r["image"] = resolve_image_cell(r.get("image"), root)
 
     def tick(what: str) -> Callable[[int], None] | None:
         return (lambda n: progress(what, n)) if progress else None
 
-    q_vecs = cache.embed(queries, "query", data_root=root, batch_size=batch_size, progress=tick("embed"))
-    wanted_pos = {d for r in queries for d in positives[r["query_id"]]}
-    doc_ids: list[str] = []
-    doc_keys: list[bytes] = []
-    pos_vec: dict[str, np.ndarray] = {}
+    q_vecs = cache.embed_table(
+        queries, "query", data_root=root, batch_size=batch_size, progress=tick("embed")
+    )
+    qid_col = queries["query_id"].combine_chunks()
+    # (query row, doc_id) of every gold positive of the subset's queries
+    gold_rows = pa.table({"qi": pa.array(np.arange(len(qid_col))), "query_id": qid_col}).join(
+        gold, "query_id", join_type="inner"
+    )
+    wanted_pos = pc.unique(gold_rows["doc_id"])
+    doc_parts: list[pa.Array] = []
+    key_parts: list[Any] = []  # per shard: content keys (see _content_keys)
+    pos_parts: list[tuple[np.ndarray, np.ndarray]] = []  # (doc indices, vectors) of the gold positives
+    n_docs = 0
 
     def corpus(record: bool) -> Iterator[tuple[int, np.ndarray]]:
-        offset = 0
+        """The subset's corpus vectors in search blocks of whole dataset shards (see SEARCH_BLOCK_*)."""
+        nonlocal n_docs
+        offset, block, rows = 0, [], 0
         for name in ds.shards(CORPUS):
-            rows = _read(ds, CORPUS, name, subset)
-            if not rows:
+            t = _subset_rows(ds, CORPUS, name, subset)
+            if not t.num_rows:
                 continue
-            for r in rows:
-                r["image"] = resolve_image_cell(r.get("image"), root)
             tock = tick("embed") if record else None
-            vecs = cache.embed(rows, "candidate", data_root=root, batch_size=batch_size, progress=tock)
+            vecs = cache.embed_table(t, "candidate", data_root=root, batch_size=batch_size, progress=tock)
             if record:
-                for j, r in enumerate(rows):
-                    doc_ids.append(r["doc_id"])
-                    doc_keys.append(content_key(r.get("text"), r.get("image"), root).digest)
-                    if r["doc_id"] in wanted_pos:
-                        pos_vec[r["doc_id"]] = vecs[j]
-            yield offset, vecs
-            offset += len(rows)
+                wanted = pc.indices_nonzero(pc.is_in(t["doc_id"], value_set=wanted_pos)).to_numpy()
+                pos_parts.append((n_docs + wanted.astype(np.int64), vecs[wanted]))
+                doc_parts.append(t["doc_id"].combine_chunks())
+                key_parts.append(_content_keys(t, root))
+                n_docs += t.num_rows
+            if block and (
+                rows + len(vecs) > SEARCH_BLOCK_ROWS
+                or (rows + len(vecs)) * vecs.shape[1] * 4 > SEARCH_BLOCK_BYTES
+            ):
+                yield offset, np.concatenate(block) if len(block) > 1 else block[0]
+                offset, block, rows = offset + rows, [], 0
+            block.append(vecs)
+            rows += len(vecs)
+        if block:
+            yield offset, np.concatenate(block) if len(block) > 1 else block[0]
 
     result = search(q_vecs, corpus(record=True), depth, method=method, device=device)
     stats.index = result.method
@@ -306,45 +340,196 @@ def _mine_subset(
         stats.recall = estimate_recall(
             q_vecs, lambda: corpus(record=False), depth, method, sample=min(256, len(q_vecs)), device=device
         )
-    index_of = {d: i for i, d in enumerate(doc_ids)}
-    all_ids, all_scores = result.ids.tolist(), result.scores.tolist()
-    rows_out: dict[str, list[Any]] = defaultdict(list)
-    for qi, q in enumerate(queries):
-        qid = q["query_id"]
-        pos = {index_of[d] for d in positives[qid] if d in index_of}
-        pos_scores = [float(q_vecs[qi] @ pos_vec[d]) for d in positives[qid] if d in pos_vec]
-        stats.positive_scores.extend(pos_scores)
-        cands = [
-            Candidate(doc=int(i), score=float(s), rank=r + 1)
-            for r, (i, s) in enumerate(zip(all_ids[qi], all_scores[qi], strict=True))
-            if i >= 0 and math.isfinite(s)
-        ]
-        sel = select_negatives(
-            cands,
-            positives=pos,
-            positive_score=max(pos_scores) if pos_scores else None,
-            content_of=lambda i: doc_keys[i],
-            positive_contents={doc_keys[i] for i in pos},
-            rules=rules,
-            seed=seed,
-            query_id=qid,
-        )
-        for k, v in sel.dropped.items():
-            stats.dropped[k] = stats.dropped.get(k, 0) + v
-        stats.queries += 1
-        for c in sel.negatives:
-            rows_out["query_id"].append(qid)
-            rows_out["doc_id"].append(doc_ids[c.doc])
-            rows_out["label"].append("hard_negative")
-            rows_out["score"].append(c.score)
-            rows_out["rank"].append(c.rank)
-            rows_out["origin"].append(origin)
-            stats.negative_scores.append(c.score)
-            stats.negatives += 1
+    doc_col = pa.concat_arrays(doc_parts) if doc_parts else pa.array([], pa.string())
+    pair_q, pair_d = _positive_pairs(gold_rows, doc_col)
+    if pair_d.size:
+        pos_idx = np.concatenate([i for i, _ in pos_parts])
+        pos_mat = np.concatenate([v for _, v in pos_parts])
+        pair_scores = np.einsum("ij,ij->i", q_vecs[pair_q], pos_mat[np.searchsorted(pos_idx, pair_d)])
+    else:
+        pair_scores = np.zeros(0, np.float32)
+    stats.positive_scores = pair_scores.astype(np.float64).tolist()
+    best = np.full(len(qid_col), -np.inf)
+    np.maximum.at(best, pair_q, pair_scores.astype(np.float64))
+    best[np.isneginf(best)] = np.nan  # no scored positive: the positive-relative rules keep nothing
+    content_id = np.append(_content_ids(key_parts), -1)  # id -1 (no result) reads the last: -1, no content
+    qids: list[str] = qid_col.to_pylist()
+
+    ids, scores = result.ids, result.scores
+    present = (ids >= 0) & np.isfinite(scores)
+    keep = np.zeros(ids.shape, dtype=bool)
+    for lo in range(0, len(qids), SELECT_CHUNK):
+        hi = min(lo + SELECT_CHUNK, len(qids))
+        in_chunk = (pair_q >= lo) & (pair_q < hi)
+        chunk_q, chunk_d = pair_q[in_chunk] - lo, pair_d[in_chunk]
+        c_ids = ids[lo:hi]
+        cand_content = content_id[c_ids]
+        if batch_supported(rules):
+            sel = select_batch(
+                c_ids,
+                scores[lo:hi],
+                positive_scores=best[lo:hi],
+                is_positive=_rows_match(c_ids, chunk_q, chunk_d),
+                same_content=_rows_match(cand_content, chunk_q, content_id[chunk_d]),
+                rules=rules,
+                seed=seed,
+                query_ids=qids[lo:hi],
+                present=present[lo:hi],
+            )
+            keep[lo:hi] = sel.keep
+            for k, v in sel.dropped.items():
+                stats.dropped[k] = stats.dropped.get(k, 0) + int(v.sum())
+        else:
+            for qi in range(lo, hi):
+                keep[qi] = _select_one(
+                    qi, ids, scores, present, pair_q, pair_d, best, content_id, rules, seed, qids, stats
+                )
+        stats.queries += hi - lo
         if progress:
-            progress("mine", 1)
-    if not rows_out:
-        return empty, stats
-    n = len(rows_out["query_id"])
-    cols = {f.name: rows_out.get(f.name, [None] * n) for f in SCHEMAS[PAIRS]}
-    return pa.table(cols, schema=SCHEMAS[PAIRS]), stats
+            progress("mine", hi - lo)
+
+    rows, cols = np.nonzero(keep)
+    neg_scores = scores[rows, cols]
+    stats.negatives = int(rows.size)
+    stats.negative_scores = neg_scores.astype(np.float64).tolist()
+    negatives = _pairs_table(
+        qid_col.take(rows), doc_col.take(ids[rows, cols]), "hard_negative", neg_scores, cols + 1, origin
+    )
+    # the gold positives' cosines, for mine_dataset to write on the positive pairs
+    gold_scored = _pairs_table(
+        qid_col.take(pair_q), doc_col.take(pair_d), "positive", pair_scores, None, None
+    )
+    return pa.concat_tables([negatives, gold_scored]), stats
+
+
+def _gold_pairs(ds: Dataset) -> pa.Table:
+    """The distinct (query_id, doc_id) pairs labelled positive."""
+    parts = []
+    for name in ds.shards(PAIRS):
+        t = ds.read_shard(PAIRS, name, columns=["query_id", "doc_id", "label"])
+        parts.append(t.filter(pc.equal(t["label"], "positive")).select(["query_id", "doc_id"]))
+    if not parts:
+        return pa.table({"query_id": pa.array([], pa.string()), "doc_id": pa.array([], pa.string())})
+    return pa.concat_tables(parts).group_by(["query_id", "doc_id"]).aggregate([])
+
+
+def _positive_pairs(gold_rows: pa.Table, doc_ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, doc index) of every gold positive found in the subset's corpus, sorted by query row.
+    A doc id listed twice in the corpus is the last of its copies."""
+    docs = pa.table({"doc_id": doc_ids, "di": pa.array(np.arange(len(doc_ids)))})
+    last = docs.group_by("doc_id").aggregate([("di", "max")])
+    pairs = gold_rows.join(last, "doc_id", join_type="inner")
+    pairs = pairs.sort_by([("qi", "ascending"), ("di_max", "ascending")])
+    return pairs["qi"].to_numpy().astype(np.int64), pairs["di_max"].to_numpy().astype(np.int64)
+
+
+def _content_keys(rows: pa.Table, root: Path) -> pa.Array | list[Any]:
+    """Keys equal for two rows exactly when their ``curation.content_key`` digests are: the normalised
+    text (vectorised; "" for no text, which normalize_text never returns) as an Arrow array when no
+    row has an image, else a list holding each image row's digest (bytes: never equal to a text)."""
+    norms = _normalised_texts(rows["text"])
+    if rows["image"].null_count == rows.num_rows:
+        return norms
+    keys: list[Any] = norms.to_pylist()
+    texts = rows["text"].to_pylist()
+    for i in pc.indices_nonzero(pc.is_valid(rows["image"])).to_pylist():
+        cell = resolve_image_cell(rows["image"][i].as_py(), root)
+        keys[i] = content_key(texts[i], cell, root).digest
+    return keys
+
+
+# Printable ASCII words joined by single spaces: normalize_text only lower-cases such a text (NFKC
+# and casefold are the identity on it but for case, and there is no whitespace to collapse or strip).
+_WHITESPACE_NORMAL_ASCII = r"^[!-~]+(?: [!-~]+)*$"
+
+
+def _normalised_texts(texts: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """``normalize_text`` of each text, "" for None: lower-casing where that is all it does (most
+    texts, vectorised), ``normalize_texts`` for the rest."""
+    import polars as pl
+
+    series = pl.Series(texts)
+    simple = series.str.contains(_WHITESPACE_NORMAL_ASCII).fill_null(False)
+    out = series.str.to_lowercase()
+    rest = (~simple).arg_true()
+    if len(rest):
+        fixed = normalize_texts(pa.chunked_array(texts).take(rest.to_arrow()))
+        out = out.scatter(rest, pl.Series(fixed, dtype=pl.String))
+    return pc.fill_null(out.to_arrow().cast(pa.string()), "")
+
+
+def _content_ids(parts: Sequence[pa.Array | list[Any]]) -> np.ndarray:
+    """A small int per row, equal for equal content keys, from _content_keys' per-shard parts."""
+    if not parts:
+        return np.zeros(0, np.int64)
+    if all(isinstance(p, pa.Array) for p in parts):
+        codes = pc.dictionary_encode(pa.concat_arrays(parts)).indices
+        return codes.to_numpy(zero_copy_only=False).astype(np.int64)
+    first: dict[Any, int] = {}
+    keys = [k for p in parts for k in (p.to_pylist() if isinstance(p, pa.Array) else p)]
+    return np.fromiter((first.setdefault(k, len(first)) for k in keys), dtype=np.int64, count=len(keys))
+
+
+def _rows_match(values: np.ndarray, pair_q: np.ndarray, pair_v: np.ndarray) -> np.ndarray:
+    """(rows, depth) bool: ``values[q, j]`` equals one of the ``pair_v`` listed for row ``q``.
+
+    Pairs come grouped by row; the i-th pair of every row is matched in one step (a row has few)."""
+    out = np.zeros(values.shape, dtype=bool)
+    if pair_q.size == 0:
+        return out
+    starts = np.flatnonzero(np.r_[True, pair_q[1:] != pair_q[:-1]])
+    slot = np.arange(pair_q.size) - np.repeat(starts, np.diff(np.r_[starts, pair_q.size]))
+    for s in range(int(slot.max()) + 1):
+        at = slot == s
+        q = pair_q[at]
+        out[q] |= values[q] == pair_v[at][:, None]
+    return out
+
+
+def _select_one(
+    qi, ids, scores, present, pair_q, pair_d, best, content_id, rules, seed, qids, stats
+) -> np.ndarray:
+    """One query through the per-query reference path (rules the batch path cannot run)."""
+    cols = np.flatnonzero(present[qi])
+    cands = [Candidate(doc=int(ids[qi, j]), score=float(scores[qi, j]), rank=int(j) + 1) for j in cols]
+    pos = set(pair_d[np.searchsorted(pair_q, qi) : np.searchsorted(pair_q, qi, "right")].tolist())
+    sel = select_negatives(
+        cands,
+        positives=pos,
+        positive_score=None if math.isnan(best[qi]) else float(best[qi]),
+        content_of=lambda i: int(content_id[i]),
+        positive_contents={int(content_id[i]) for i in pos},
+        rules=rules,
+        seed=seed,
+        query_id=qids[qi],
+    )
+    for k, v in sel.dropped.items():
+        stats.dropped[k] = stats.dropped.get(k, 0) + v
+    row = np.zeros(ids.shape[1], dtype=bool)
+    row[[c.rank - 1 for c in sel.negatives]] = True
+    return row
+
+
+def _pairs_table(
+    qids: np.ndarray,
+    dids: np.ndarray,
+    label: str,
+    scores: np.ndarray,
+    ranks: np.ndarray | None,
+    origin: str | None,
+) -> pa.Table:
+    n = len(qids)
+    schema = SCHEMAS[PAIRS]
+    cols = {
+        "query_id": pa.array(qids, type=pa.string()),
+        "doc_id": pa.array(dids, type=pa.string()),
+        "label": pa.array(np.full(n, label, dtype=object), type=pa.string()),
+        "score": pa.array(np.asarray(scores, dtype=np.float32)),
+        "rank": pa.nulls(n, schema.field("rank").type)
+        if ranks is None
+        else pa.array(ranks, schema.field("rank").type),
+        "origin": pa.nulls(n, pa.string())
+        if origin is None
+        else pa.array(np.full(n, origin, dtype=object), pa.string()),
+    }
+    return pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in schema}, schema=schema)

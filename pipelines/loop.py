@@ -413,6 +413,7 @@ class Loop:
         }
         self._write(step, record)
         self.echo(f"{label}: {'resuming' if resumed else 'running'}: assay {' '.join(argv)}")
+        _release_ray_unless_needed(argv)
         t0 = time.perf_counter()
         try:
             self._invoke(argv)
@@ -445,6 +446,31 @@ class Loop:
             return None
         self.echo(f"report: {path}")
         return path
+
+
+def _release_ray_unless_needed(argv: list[str]) -> None:
+    """Stop the local Ray runtime an earlier step started when this step does not use Ray: its idle
+    workers would otherwise take CPU from training on a small machine. A later Ray step starts it
+    again (a few seconds). A cluster connection (--ray-address) is left alone."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    if any(flag in argv for flag in ("--executor", "--ray-address", "--actors", "--workers")):
+        return
+    with contextlib.suppress(Exception):
+        if ray.get_runtime_context().gcs_address and not _ray_is_local(ray):
+            return
+        ray.shutdown()
+
+
+def _ray_is_local(ray: Any) -> bool:
+    """Whether the connected Ray runtime was started by this process (not a cluster we joined)."""
+    try:
+        from ray._private import worker
+
+        return bool(getattr(worker.global_worker.node, "is_head", lambda: False)())
+    except Exception:  # noqa: BLE001 - private API; when unsure, treat it as a cluster and keep it
+        return False
 
 
 def _final_checkpoint(train_dir: Path) -> str:

@@ -119,8 +119,8 @@ def command(
 
     \b
     Per subset: queries and documents are embedded (cached by encoder weights, template and
-    content: re-mining with the same checkpoint encodes nothing), the corpus is searched shard by
-    shard (memory bounded by a shard), gold positives and documents with a positive's content are
+    content: re-mining with the same checkpoint encodes nothing), the corpus is searched block by
+    block (at most 65,536 vectors or 64 MiB in memory), gold positives and documents with a positive's content are
     dropped, and the rules pick the negatives. They are written as pairs labelled hard_negative with
     score, rank and origin (mined:<encoder>:<rules>); an earlier round's mined pairs are replaced.
     With --judge, the mined dataset goes to OUT.unjudged and the judged one to OUT.

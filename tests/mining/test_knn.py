@@ -362,3 +362,23 @@ def test_streamed_search_holds_at_most_two_shards():
     assert alive[0] == 0
     print(f"\npeak traced {peak / 2**20:.2f} MiB for a {corpus_bytes / 2**20:.1f} MiB corpus")
     assert peak < corpus_bytes / 4
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ordering_a_kernels_sorted_rows_only_sorts_rows_with_ties(seed):
+    from mining.knn import _order, _order_ranked
+
+    rng = np.random.default_rng(seed)
+    n, depth = 50, int(rng.integers(1, 12))
+    scores = rng.choice(np.float32([-np.inf, 0.0, 0.25, 0.5, 0.75, 1.0]), size=(n, depth)) + np.float32(
+        rng.random((n, depth)) * (seed % 2)  # odd seeds: few ties
+    )
+    scores = -np.sort(-scores, axis=1)  # a kernel's rows: descending scores, ties in any id order
+    ids = np.stack([rng.permutation(100)[:depth] for _ in range(n)]).astype(np.int64)
+    for k in {1, max(1, depth // 2), depth}:
+        want_s, want_i = _order(scores, ids, k)
+        got_s, got_i = _order_ranked(scores, ids, k)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_array_equal(got_s, want_s)
+    shuffled = scores[:, rng.permutation(depth)]  # not sorted: the full sort
+    np.testing.assert_array_equal(_order_ranked(shuffled, ids, depth)[1], _order(shuffled, ids, depth)[1])

@@ -236,3 +236,70 @@ def test_sentence_transformers_exports_take_the_mined_output(docs_dataset, minil
         assert table.num_rows > 0 and {"anchor", "positive"} <= set(table.column_names)
     triplets = pq.read_table(tmp_path / "triplet.parquet").to_pylist()
     assert all(t["negative"] and t["negative"] != t["positive"] for t in triplets)
+
+
+def test_gold_positives_carry_the_encoders_cosine(docs_dataset, minilm, tmp_path):
+    import numpy as np
+
+    _, stats = mine_dataset(
+        docs_dataset, tmp_path / "out", minilm, cache_dir=tmp_path / "c", rules="margin:0.05,top:3"
+    )
+    pairs = _pairs(tmp_path / "out")
+    gold = [p for p in pairs if p["label"] == "positive"]
+    assert len(gold) == len(_pairs(docs_dataset)) and all(p["score"] is not None for p in gold)
+    ds = Dataset(docs_dataset)
+    text = {r.get("query_id") or r.get("doc_id"): r["text"] for t in ("queries", "corpus")
+            for n in ds.shards(t) for r in ds.read_shard(t, n).to_pylist()}  # fmt: skip
+    q = minilm.encode([{"text": text[p["query_id"]]} for p in gold], "query")
+    d = minilm.encode([{"text": text[p["doc_id"]]} for p in gold], "candidate")
+    np.testing.assert_allclose([p["score"] for p in gold], (q * d).sum(axis=1), atol=1e-5)
+    # the score the margin rule compared against: every negative is 0.05 below its query's positive
+    positive = {p["query_id"]: p["score"] for p in gold}
+    mined = [p for p in pairs if p["label"] == "hard_negative"]
+    assert mined and all(p["score"] < positive[p["query_id"]] - 0.05 + 1e-6 for p in mined)
+    # the statistics and the pairs agree
+    n_even = sum(1 for p in gold if int(p["query_id"][1:]) % 2 == 0)
+    assert stats["even"]["positive_score"]["n"] == n_even
+    # a second round scores the positives again (with the encoder of that round) and keeps one row each
+    mine_dataset(tmp_path / "out", tmp_path / "again", minilm, cache_dir=tmp_path / "c", rules="top:1")
+    again = [p for p in _pairs(tmp_path / "again") if p["label"] == "positive"]
+    assert sorted((p["query_id"], p["doc_id"], p["score"]) for p in again) == sorted(
+        (p["query_id"], p["doc_id"], p["score"]) for p in gold
+    )
+
+
+def test_a_rule_of_ones_own_goes_query_by_query_to_the_same_result(docs_dataset, minilm, tmp_path):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from mining.select import TopK, batch_supported
+
+    @dataclass(frozen=True)
+    class FirstThree:  # TopK(3) under another name: the batch path does not know it
+        name: ClassVar[str] = "top_k"
+        needs_positive_score: ClassVar[bool] = False
+
+        def apply(self, cands, ctx):
+            return sorted(cands, key=lambda c: c.rank)[:3]
+
+        def token(self) -> str:
+            return "first-three"
+
+    from mining.select import AbsoluteMargin
+
+    built_in, own = [AbsoluteMargin(0.01), TopK(3)], [AbsoluteMargin(0.01), FirstThree()]
+    _, batch = mine_dataset(docs_dataset, tmp_path / "b", minilm, cache_dir=tmp_path / "c", rules=built_in)
+    _, one = mine_dataset(docs_dataset, tmp_path / "o", minilm, cache_dir=tmp_path / "c", rules=own)
+    key = lambda p: (p["query_id"], p["doc_id"], p["label"], p["rank"], p["score"])  # noqa: E731
+    assert sorted(map(key, _pairs(tmp_path / "b"))) == sorted(map(key, _pairs(tmp_path / "o")))
+    assert batch == one and not batch_supported([FirstThree()])
+
+
+def test_search_blocks_do_not_change_the_result(docs_dataset, minilm, tmp_path, monkeypatch):
+    import mining.stage as stage
+
+    rules = "ranks:2-9,sample:random:3"
+    mine_dataset(docs_dataset, tmp_path / "one", minilm, cache_dir=tmp_path / "c", rules=rules)
+    monkeypatch.setattr(stage, "SEARCH_BLOCK_ROWS", 10)  # shards of 7 rows: blocks of one shard
+    mine_dataset(docs_dataset, tmp_path / "many", minilm, cache_dir=tmp_path / "c", rules=rules)
+    assert _pairs(tmp_path / "one") == _pairs(tmp_path / "many")
