@@ -38,6 +38,40 @@ def executor_options(fn: Callable) -> Callable:
     return fn
 
 
+def validate_limit_options(fn: Callable) -> Callable:
+    """--max-text-chars, --max-pixels, --max-image-mb, --no-decode: the row checks of validation
+    (`assay validate`, and the validate step of `assay curate`)."""
+    from curation.validate import ValidateConfig
+
+    fn = click.option(
+        "--no-decode",
+        is_flag=True,
+        help="Check image headers, paths and sizes only; skip the full decode that finds truncated images.",
+    )(fn)
+    fn = click.option(
+        "--max-image-mb",
+        type=click.FloatRange(min=0, min_open=True),
+        default=ValidateConfig.max_image_bytes / 2**20,
+        show_default=True,
+        help="Images larger than this many MiB are refused (image_too_large).",
+    )(fn)
+    fn = click.option(
+        "--max-pixels",
+        type=click.IntRange(min=1),
+        default=ValidateConfig.max_pixels,
+        show_default=True,
+        help="Images with more pixels are refused from their header, before decoding (image_too_large).",
+    )(fn)
+    fn = click.option(
+        "--max-text-chars",
+        type=click.IntRange(min=1),
+        default=ValidateConfig.max_text_chars,
+        show_default=True,
+        help="Longer texts are refused (text_too_long).",
+    )(fn)
+    return fn
+
+
 def build_executor(executor: str, ray_address: str | None, num_cpus: int | None):
     from pipelines.executors import make_executor
 

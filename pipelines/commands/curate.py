@@ -8,7 +8,7 @@ from curation.dedup import DEFAULT_DECONTAMINATE
 from curation.hamming import MAX_DISTANCE
 from curation.schema import DATA_TABLES, LABELS
 from curation.validate import ValidateConfig
-from pipelines.commands.common import friendly_errors, open_dataset, print_counts
+from pipelines.commands.common import friendly_errors, open_dataset, print_counts, validate_limit_options
 
 
 @click.command("curate", short_help="validate -> dedup -> judge -> filter as one Ray Data pipeline.")
@@ -109,28 +109,7 @@ from pipelines.commands.common import friendly_errors, open_dataset, print_count
     help=f"Near-duplicate images differ in at most N pHash bits (0 to {MAX_DISTANCE}; negative: off).",
 )
 @click.option("--no-near", is_flag=True, help="Skip near-duplicate images.")
-@click.option(
-    "--max-text-chars",
-    type=click.IntRange(min=1),
-    default=ValidateConfig.max_text_chars,
-    show_default=True,
-    help="Longer texts are refused (text_too_long).",
-)
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(min=1),
-    default=ValidateConfig.max_pixels,
-    show_default=True,
-    help="Images with more pixels are refused from their header (image_too_large).",
-)
-@click.option(
-    "--max-image-mb",
-    type=click.FloatRange(min=0, min_open=True),
-    default=ValidateConfig.max_image_bytes / 2**20,
-    show_default=True,
-    help="Larger images are refused (image_too_large).",
-)
-@click.option("--no-decode", is_flag=True, help="Check image headers only, not a full decode.")
+@validate_limit_options
 @click.option(
     "--ray-address",
     default=None,

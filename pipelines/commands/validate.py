@@ -11,38 +11,14 @@ from pipelines.commands.common import (
     friendly_errors,
     open_dataset,
     print_counts,
+    validate_limit_options,
 )
 
 
 @click.command("validate")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option(
-    "--max-text-chars",
-    type=click.IntRange(min=1),
-    default=ValidateConfig.max_text_chars,
-    show_default=True,
-    help="Longer texts are refused (text_too_long).",
-)
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(min=1),
-    default=ValidateConfig.max_pixels,
-    show_default=True,
-    help="Images with more pixels are refused from their header, before decoding (image_too_large).",
-)
-@click.option(
-    "--max-image-mb",
-    type=click.FloatRange(min=0, min_open=True),
-    default=ValidateConfig.max_image_bytes / 2**20,
-    show_default=True,
-    help="Images larger than this many MiB are refused (image_too_large).",
-)
-@click.option(
-    "--no-decode",
-    is_flag=True,
-    help="Check image headers, paths and sizes only; skip the full decode that finds truncated images.",
-)
+@validate_limit_options
 @executor_options
 @friendly_errors
 def command(
