@@ -72,6 +72,67 @@ def validate_limit_options(fn: Callable) -> Callable:
     return fn
 
 
+def judge_scoring_options(fn: Callable) -> Callable:
+    """--prompt, --rule, --labels, --batch-size, --max-chars, --device, --cache, --trust-remote-code:
+    how a judge scores pairs (`assay judge`, and the judge step of `assay curate`)."""
+    from curation.schema import LABELS
+
+    options = [
+        click.option(
+            "--prompt",
+            default=None,
+            metavar="NAME|FILE",
+            help="Judge prompt: a family of judge_prompts/ (vqa, retrieval, ...) or a YAML file "
+            "(default: each query's task family).",
+        ),
+        click.option(
+            "--rule",
+            default="paper",
+            show_default=True,
+            metavar="RULE",
+            help="Verdict rule: paper (logit yes > logit no), unime:BETA (p_yes > p_yes(positive) - BETA), "
+            "threshold:T (p_yes > T).",
+        ),
+        click.option(
+            "--labels",
+            default=",".join(LABELS),
+            show_default=True,
+            help="Comma-separated pair labels to judge; other pairs pass through untouched.",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help="Pairs per forward pass (transformers) or per request batch.",
+        ),
+        click.option(
+            "--max-chars",
+            type=click.IntRange(min=1),
+            default=2000,
+            show_default=True,
+            help="Candidate text is cut to this many characters (and fenced) in the prompt.",
+        ),
+        click.option(
+            "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+        ),
+        click.option(
+            "--cache",
+            "cache_path",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Judgment cache (SQLite on this machine; default: $ASSAY_CACHE_DIR or "
+            "~/.cache/assay/judgments.sqlite).",
+        ),
+        click.option(
+            "--trust-remote-code", is_flag=True, help="Allow the model directory's own code (off by default)."
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def build_executor(executor: str, ray_address: str | None, num_cpus: int | None):
     from pipelines.executors import make_executor
 

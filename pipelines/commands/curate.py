@@ -6,9 +6,15 @@ import click
 
 from curation.dedup import DEFAULT_DECONTAMINATE
 from curation.hamming import MAX_DISTANCE
-from curation.schema import DATA_TABLES, LABELS
+from curation.schema import DATA_TABLES
 from curation.validate import ValidateConfig
-from pipelines.commands.common import friendly_errors, open_dataset, print_counts, validate_limit_options
+from pipelines.commands.common import (
+    friendly_errors,
+    judge_scoring_options,
+    open_dataset,
+    print_counts,
+    validate_limit_options,
+)
 
 
 @click.command("curate", short_help="validate -> dedup -> judge -> filter as one Ray Data pipeline.")
@@ -29,46 +35,7 @@ from pipelines.commands.common import friendly_errors, open_dataset, print_count
     show_default=True,
     help="How each judge actor runs the model.",
 )
-@click.option(
-    "--rule",
-    default="paper",
-    show_default=True,
-    metavar="RULE",
-    help="Verdict rule: paper (logit yes > logit no), unime:BETA (p_yes > p_yes(positive) - BETA), "
-    "threshold:T (p_yes > T).",
-)
-@click.option(
-    "--labels",
-    default=",".join(LABELS),
-    show_default=True,
-    help="Comma-separated pair labels to judge; other pairs pass through unjudged.",
-)
-@click.option(
-    "--prompt",
-    default=None,
-    metavar="NAME|FILE",
-    help="Judge prompt: a family of judge_prompts/ or a YAML file (default: each query's task family).",
-)
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Pairs per forward pass."
-)
-@click.option(
-    "--max-chars",
-    type=click.IntRange(min=1),
-    default=2000,
-    show_default=True,
-    help="Candidate text is cut to this many characters (and fenced) in the prompt.",
-)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option(
-    "--cache",
-    "cache_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Judgment cache (SQLite on this machine; default: $ASSAY_CACHE_DIR or "
-    "~/.cache/assay/judgments.sqlite).",
-)
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model directory's own code.")
+@judge_scoring_options
 @click.option(
     "--where",
     "-w",

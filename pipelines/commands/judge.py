@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from pipelines.commands.common import friendly_errors, open_dataset, print_counts, quiet_transformers
+from pipelines.commands.common import (
+    friendly_errors,
+    judge_scoring_options,
+    open_dataset,
+    print_counts,
+    quiet_transformers,
+)
 
 BACKENDS = ("transformers", "vllm", "openai")
 BARS = " ▁▂▃▄▅▆▇█"
@@ -112,42 +118,7 @@ def format_histograms(hists: dict[str, dict[str, list[int]]]) -> str:
     help="transformers: in process; vllm: vLLM offline engine(s); openai: an OpenAI-compatible "
     "endpoint such as `vllm serve`.",
 )
-@click.option(
-    "--prompt",
-    default=None,
-    metavar="NAME|FILE",
-    help="Judge prompt: a family of judge_prompts/ (vqa, retrieval, ...) or a YAML file "
-    "(default: each query's task family).",
-)
-@click.option(
-    "--rule",
-    default="paper",
-    show_default=True,
-    metavar="RULE",
-    help="Verdict rule: paper (logit yes > logit no), unime:BETA (p_yes > p_yes(positive) - BETA), "
-    "threshold:T (p_yes > T).",
-)
-@click.option(
-    "--labels",
-    default="positive,negative,hard_negative,false_negative",
-    show_default=True,
-    help="Comma-separated pair labels to judge; other pairs pass through untouched.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Pairs per forward pass (transformers) or per request batch.",
-)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option(
-    "--cache",
-    "cache_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Judgment cache (SQLite; default: $ASSAY_CACHE_DIR or ~/.cache/assay/judgments.sqlite).",
-)
+@judge_scoring_options
 @click.option("--endpoint", default=None, metavar="URL", help="Base URL of the OpenAI-compatible server.")
 @click.option(
     "--concurrency",
@@ -166,16 +137,6 @@ def format_histograms(hists: dict[str, dict[str, list[int]]]) -> str:
 )
 @click.option("--gpus-per-actor", type=float, default=0.0, show_default=True)
 @click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster for --actors.")
-@click.option(
-    "--max-chars",
-    type=click.IntRange(min=1),
-    default=2000,
-    show_default=True,
-    help="Candidate text is cut to this many characters (and fenced) in the prompt.",
-)
-@click.option(
-    "--trust-remote-code", is_flag=True, help="Allow the model directory's own code (off by default)."
-)
 @click.option(
     "--keep",
     type=click.IntRange(min=1),
