@@ -11,6 +11,7 @@ and is left out.
 
     python bench/compression.py                                          # CPU, tiny shape
     python bench/compression.py --shape internvl3-2b --device cuda       # InternVL3-2B shapes, bf16
+    python bench/compression.py --shape internvl3-2b --device cuda --compile   # the same, torch.compile'd
 
 ``--shape tiny`` is training/tiny.py's configuration (its 32 x 32 vision grid is the real one's);
 ``internvl3-2b`` is InternViT-300M-448px + Qwen2.5-1.5B written in code, random weights. Each setting
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=None, help="timed batches (default 10 cuda, 5 cpu)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compressed", type=int, default=64, help="tokens per tile of the compressed run")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile the embedder (both settings) before timing"
+    )
     ap.add_argument("--vanilla", type=int, default=256, help=argparse.SUPPRESS)
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # tokens per tile, in a child
     args = ap.parse_args(argv)
@@ -115,6 +119,8 @@ def worker(args: argparse.Namespace) -> dict:
     cuda = args.device == "cuda"
     model = build_model(args.shape, tokens, tokens == args.vanilla, args.device, dtype)
     embedder = MMEmbedder(model)
+    if args.compile:
+        embedder = torch.compile(embedder, dynamic=False)
     batch = make_batch(args, tokens, model.config, args.device, dtype)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # before any forward (KiB)
@@ -134,6 +140,9 @@ def worker(args: argparse.Namespace) -> dict:
     result = {
         "tokens_per_tile": tokens,
         "model": type(model).__name__,
+        "attention": str(getattr(model.config.vision_config, "_attn_implementation", None))
+        + "/"
+        + str(getattr(model.config.text_config, "_attn_implementation", None)),
         "seq_len": int(batch["input_ids"].shape[1]),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "images_per_s": args.batch * args.iters / seconds,
@@ -151,6 +160,8 @@ def worker(args: argparse.Namespace) -> dict:
 def run_child(args: argparse.Namespace, tokens: int) -> dict:
     """Run one setting in a fresh interpreter and read its JSON line."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(tokens)]
+    if args.compile:
+        argv.append("--compile")
     for flag in (
         "shape",
         "device",
@@ -178,7 +189,8 @@ def report(r: dict, cuda: bool) -> str:
     )
     return (
         f"{r['tokens_per_tile']:4d} tokens/tile  {r['model']:<44s} seq {r['seq_len']:4d}  "
-        f"{r['images_per_s']:9.1f} images/s  {r['ms_per_batch']:9.1f} ms/batch  {memory}"
+        f"{r['images_per_s']:9.1f} images/s  {r['ms_per_batch']:9.1f} ms/batch  {memory}  "
+        f"attention {r['attention']}"
     )
 
 
@@ -190,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = args.device == "cuda"
     print(
         f"shape={args.shape} device={args.device} dtype={args.dtype} batch={args.batch} "
-        f"text_tokens={args.text_tokens} iters={args.iters} warmup={args.warmup}"
+        f"text_tokens={args.text_tokens} iters={args.iters} warmup={args.warmup} compile={args.compile}"
     )
     vanilla = run_child(args, args.vanilla)
     print(report(vanilla, cuda), flush=True)

@@ -88,3 +88,88 @@ def test_from_pretrained_refuses_a_vlm_without_its_image_processor(tiny):
     _, _, path = tiny
     with pytest.raises(ValueError, match="no image processor"):
         TransformersScorer.from_pretrained(path)
+
+
+# -- shared query prefixes
+
+
+def _mined(n_queries=3, per_query=7):
+    """What a judge is given after mining: each query image + question with several candidates;
+    one query's candidates carry images (the suffix then has an image of its own)."""
+    vqa, retrieval = load_prompt("vqa"), load_prompt("retrieval")
+    names = list(COLOURS)
+    items = []
+    for q in range(n_queries):
+        rgb = COLOURS[names[q]]
+        query = {"text": f"What colour is it? {q}", "image": {"bytes": png(rgb), "path": None}}
+        for c in range(per_query):
+            doc = {"text": f"{names[(q + c) % len(names)]} " * (1 + c % 3), "image": None}
+            items.append(JudgeItem(render(vqa, query, doc), images_of(query, doc)))
+    query = {"text": "the same picture", "image": {"bytes": png(COLOURS[names[0]]), "path": None}}
+    for c in range(4):
+        doc = {"text": f"candidate {c}", "image": {"bytes": png(COLOURS[names[(c + 1) % len(names)]]), "path": None}}
+        items.append(JudgeItem(render(retrieval, query, doc), images_of(query, doc)))
+    return items
+
+
+@pytest.mark.parametrize("batch_size", [3, 64])
+def test_shared_query_prefixes_give_the_plain_paths_scores(tiny, batch_size, monkeypatch):
+    model, processor, _ = tiny
+    items = _mined()
+    plain = TransformersScorer(model, processor, model_id="t", batch_size=batch_size, prefix_sharing=False)
+    shared = TransformersScorer(model, processor, model_id="t", batch_size=batch_size)
+    assert shared.prefix_sharing
+    calls = []
+    original = TransformersScorer._forward_shared
+
+    def spy(self, items_, texts, groups):
+        out = original(self, items_, texts, groups)
+        calls.append(None if out is None else sum(len(g.members) for g in groups))
+        return out
+
+    monkeypatch.setattr(TransformersScorer, "_forward_shared", spy)
+    want = [s.p_yes for s in plain.score(items)]
+    got = shared.score(items)
+    assert all(s.ok for s in got)
+    assert [s.p_yes for s in got] == pytest.approx(want, abs=1e-5)
+    assert max(want) - min(want) > 1e-4
+    assert None not in calls and sum(calls) == len(items)  # every item went through a shared prefix
+
+
+def test_the_same_prompt_text_with_different_images_is_not_shared(tiny):
+    model, processor, _ = tiny
+    vqa = load_prompt("vqa")
+    items = []
+    for rgb in list(COLOURS.values())[:3]:
+        query = {"text": "What colour is it?", "image": {"bytes": png(rgb), "path": None}}
+        for answer in ("red", "blue"):
+            doc = {"text": answer, "image": None}
+            items.append(JudgeItem(render(vqa, query, doc), images_of(query, doc)))
+    shared = TransformersScorer(model, processor, model_id="t", batch_size=64)
+    got = [s.p_yes for s in shared.score(items)]
+    want = [_reference(model, processor, it) for it in items]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert abs(got[0] - got[2]) > 1e-6  # same text, different image: different scores
+
+
+def test_a_cut_that_tokenises_differently_turns_prefix_sharing_off(tiny):
+    from curation.judge.hf import load_pil, prompt_text
+
+    model, processor, _ = tiny
+    item = _mined()[0]
+    text = prompt_text(processor, item.parts)
+    scorer = TransformersScorer(model, processor, model_id="t")
+    cut = text.index("colour") + 3  # in the middle of a word
+    assert not scorer._check_tokenisation(text, text[:cut], [load_pil(i) for i in item.images])
+    assert not scorer.prefix_sharing
+    assert [s.ok for s in scorer.score(_mined())] == [True] * len(_mined())
+
+
+def test_prefix_sharing_is_refused_for_a_model_that_cannot_take_it():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type="qwen2_vl"))
+    processor = SimpleNamespace(image_token="<|image_pad|>", tokenizer=None)
+    with pytest.raises(ValueError, match="prefix sharing"):
+        TransformersScorer(model, processor, model_id="t", prefix_sharing=True)
+    assert not TransformersScorer(model, processor, model_id="t").prefix_sharing
