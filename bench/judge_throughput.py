@@ -17,7 +17,7 @@ on what the weights learned. Pairs are what the judge is given after mining: eas
 in random order), rendered with judge_prompts/vqa.yaml. ``--per-query 1`` gives unrelated pairs (one
 candidate per question), where only questions about the same image share anything.
 
-    python bench/judge_throughput.py                         # 2000 pairs (250 queries x 8), batch 64, CPU
+    python bench/judge_throughput.py                         # 2000 pairs (250 queries x 8), batch 128, CPU
     python bench/judge_throughput.py --per-query 1           # 2000 unrelated pairs
     python bench/judge_throughput.py --device cuda           # on a GPU (fp32, the same model)
     python bench/judge_throughput.py --pairs 200             # quicker
@@ -62,7 +62,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=2000)
     ap.add_argument("--per-query", type=int, default=8, help="candidates per query (1: unrelated pairs)")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument(
+        "--batch", type=int, default=128, help="pairs per forward pass (the quickstart judges at 128)"
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()

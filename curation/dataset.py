@@ -105,10 +105,14 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:  # another filesystem, or one without links
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:  # another filesystem, or one without links
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:  # a full disk, say: no half copy left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_stale_tmp(root: str | os.PathLike) -> int:

@@ -252,14 +252,18 @@ def export_dataset(
     staging = out.with_name(f"{out.name}{_STAGING}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     work = staging / "_work" if not as_file else staging
-    work.mkdir(parents=True)
+    # Images go into the staging folder, or beside a file output (shared by the exports there).
+    store = ImageStore((staging if not as_file else out.parent) / IMAGES_DIR, ds.data_root, copy=copy_images)
+    ok = False
     try:
+        work.mkdir(parents=True)
         result = _export(
             ds,
             view,
             out,
             staging,
             work,
+            store,
             fmt,
             as_file,
             where=where,
@@ -269,9 +273,12 @@ def export_dataset(
             with_instruction=with_instruction,
             progress=progress,
         )
+        ok = True
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if not ok and as_file:
+            store.remove_created()  # a failed export leaves nothing, not even its images
     return result
 
 
@@ -281,6 +288,7 @@ def _export(
     out: Path,
     staging: Path,
     work: Path,
+    store: ImageStore,
     fmt: str,
     as_file: bool,
     *,
@@ -312,8 +320,6 @@ def _export(
     # 2. images: written once (for the image formats), or refused / skipped (text formats)
     steps.update()
     steps.set_postfix_str("images")
-    root = staging if not as_file else out.parent
-    store = ImageStore(root / IMAGES_DIR, ds.data_root, copy=copy_images)
     if fmt in ST_FORMATS:
         img_rows = lf.filter(pl.col("_qimg") | pl.col("_dimg"))
         counts = img_rows.select(pl.len(), pl.col("_qimg").sum(), pl.col("_dimg").sum()).collect().row(0)

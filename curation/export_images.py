@@ -8,6 +8,7 @@ and writes, for the ids an export needs, a small side table ``id, path, problem`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -54,6 +55,8 @@ class ImageStore:
         self.data_root = Path(data_root)
         self.copy = copy
         self.written = 0
+        #: The files this store created (an export that fails removes them again).
+        self.created: list[Path] = []
         self._seen: set[str] = set()
 
     def put(self, data: bytes, fallback_ext: str | None = None) -> str:
@@ -62,13 +65,30 @@ class ImageStore:
         if name not in self._seen:
             dst = self.dir / name
             if not dst.exists():
-                self.dir.mkdir(parents=True, exist_ok=True)
+                if not self.dir.exists():
+                    self.dir.mkdir(parents=True, exist_ok=True)
+                    self.created.append(self.dir)
                 tmp = self.dir / f"{TMP_PREFIX}{name}.{os.getpid()}"
-                tmp.write_bytes(data)
-                os.replace(tmp, dst)
+                try:
+                    tmp.write_bytes(data)
+                    os.replace(tmp, dst)
+                except BaseException:  # a full disk, say: no half-written image left behind
+                    tmp.unlink(missing_ok=True)
+                    raise
+                self.created.append(dst)
                 self.written += 1
             self._seen.add(name)
         return f"{IMAGES_DIR}/{name}"
+
+    def remove_created(self) -> None:
+        """Remove what this store wrote (files, then its folder if it made it and it is empty)."""
+        for p in reversed(self.created):
+            with contextlib.suppress(OSError):
+                if p == self.dir:
+                    p.rmdir()
+                else:
+                    p.unlink(missing_ok=True)
+        self.created = []
 
     def resolve(self, image: dict[str, Any] | None) -> tuple[str | None, str | None]:
         """(path for the export, problem) of one ``image`` cell; problem is None, ``"missing"`` (no

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -69,6 +70,13 @@ FILE_EXTENSIONS = {
     "csv": (".csv", ".tsv"),
     "parquet": (".parquet", ".pq"),
 }
+#: Byte-order marks of text encodings assay does not read (a UTF-8 one is skipped when reading).
+FOREIGN_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
 DEFAULT_ROWS_PER_SHARD = 50_000
 DEFAULT_CHUNK_BYTES = 64 << 20
 DEFAULT_TASK = "retrieval"
@@ -186,6 +194,37 @@ def _input_files(src: Path, fmt: str) -> list[Path]:
     if not files:
         raise IngestError(f"{src}: no {fmt} files ({', '.join(FILE_EXTENSIONS[fmt])}) in this folder")
     return files
+
+
+def _check_files(src: Path, fmt: str, files: list[Path], delimiter: str) -> None:
+    """Refuse, before anything is written, input files that cannot be read at all: all empty, text
+    in another encoding than UTF-8, a CSV without a usable header, a Parquet file without its footer.
+    (A bad row inside a readable file is quarantined instead.) The error names the file."""
+    if all(p.stat().st_size == 0 for p in files):
+        what = f"{src}: the file is empty" if src.is_file() else f"{src}: every {fmt} file in it is empty"
+        raise IngestError(f"{what} (0 bytes): there are no rows to ingest")
+    for path in files:
+        if path.stat().st_size == 0:
+            continue
+        if fmt == "parquet":
+            try:
+                pq.read_metadata(path)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise IngestError(
+                    f"{path}: not a readable Parquet file ({e}); is it truncated, or still being written?"
+                ) from None
+            continue
+        with open(path, "rb") as f:
+            head = f.read(4)
+        for bom, encoding in FOREIGN_BOMS:
+            if head.startswith(bom):
+                raise IngestError(
+                    f"{path}: the file is {encoding} text (it starts with a {encoding} byte-order mark); "
+                    f"assay reads UTF-8: convert it first, e.g. iconv -f {encoding} -t UTF-8 {path} > "
+                    f"{path.with_suffix('.utf8' + path.suffix).name}"
+                )
+        if fmt == "csv":
+            csv_header(path, delimiter)
 
 
 def _inputs_fingerprint(files: list[Path]) -> dict[str, Any]:
@@ -332,6 +371,7 @@ def ingest(
         tasks = hf_tasks(src.resolve(), src.name, len(ds))
     else:
         files = _input_files(src, fmt)
+        _check_files(src, fmt, files, delimiter)
         _check_columns(fmt, files, explicit, delimiter)
         names = [p.name if src.is_file() else p.relative_to(src).as_posix() for p in files]
         if fmt == "jsonl":

@@ -200,6 +200,10 @@ def _image(row: dict[str, Any], target: str, spec: dict[str, Any]) -> tuple[dict
 
 def _embed(path: str, target: str, spec: dict[str, Any]) -> bytes:
     """Read an image file under the data root; paths that leave it (after symlinks) are refused."""
+    if "\x00" in path:
+        raise RowError(
+            "image_not_found", f"{_where(target, spec)} {path!r} holds a NUL character: no file has this name"
+        )
     resolved = resolve_image_path(spec["data_root"], path)
     if not resolved.inside:
         raise RowError(

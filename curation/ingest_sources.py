@@ -90,6 +90,11 @@ def read_jsonl(task: dict[str, Any], w: PartWriter) -> dict[str, Any]:
         except ValueError as e:
             w.quarantine("invalid_json", str(e), raw=raw, location=name, line=i)
             continue
+        except RecursionError:
+            w.quarantine(
+                "invalid_json", "arrays or objects nested too deeply", raw=raw, location=name, line=i
+            )
+            continue
         if not isinstance(obj, dict):
             w.quarantine(
                 "wrong_type",
@@ -301,10 +306,23 @@ def imagefolder_tasks(items: list[list], text_column: str, per_task: int = ITEMS
 
 def csv_header(path: Path, delimiter: str) -> list[str]:
     """The header row of a CSV file (an error names the file when there is none)."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with _csv_open(str(path)) as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
+        try:
+            header = next(csv.reader(f, delimiter=delimiter), None)
+        except csv.Error as e:
+            raise ValueError(f"{path}: line 1 (the header row) cannot be read as CSV: {e}") from None
     if not header:
         raise ValueError(f"{path}: empty CSV file, expected a header row")
+    for i, name in enumerate(header, 1):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = name.encode("utf-8", "surrogateescape")
+            raise ValueError(
+                f"{path}: line 1 (the header row), column {i} {raw!r} is not valid UTF-8; "
+                "assay reads UTF-8 text: save the file as UTF-8"
+            ) from None
     if len(set(header)) != len(header):
         dupes = sorted({h for h in header if header.count(h) > 1})
         raise ValueError(f"{path}: the header names a column twice: {', '.join(dupes)}")

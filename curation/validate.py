@@ -14,6 +14,7 @@ missing_id                 the id (query_id, doc_id, or either id of a pair) is 
 missing_content            neither text nor image
 empty_text                 text present but empty or whitespace only
 text_too_long              text longer than ``max_text_chars``
+nul_in_text                text holding a NUL character (U+0000), which C-string code cuts at
 invalid_label              a pair label that is not positive/negative/hard_negative/false_negative
 invalid_value              a NaN score, a judge_p_yes outside [0, 1], a verdict not yes/no
 image_path_outside_root    an image path that resolves (symlinks included) outside the data root
@@ -46,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from curation.dataset import Dataset, Manifest
+from curation.dataset import Dataset, DatasetError, Manifest
 from curation.executor import Executor
 from curation.schema import (
     CORPUS,
@@ -170,6 +171,8 @@ def check_image(image: dict[str, Any], data_root: str, cfg: ValidateConfig) -> t
     data = image.get("bytes")
     path = image.get("path")
     if data is None and path is not None:
+        if "\x00" in path:
+            return "image_not_found", f"{path!r} holds a NUL character: no file can have this name"
         resolved = resolve_image_path(data_root, path)
         root, full = resolved.root, resolved.full
         if not resolved.inside:
@@ -319,6 +322,14 @@ def _check_items(table_name: str, shard: pa.Table, r: _Reasons, data_root: str, 
         lengths > cfg.max_text_chars,
         "text_too_long",
         lambda idx: [f"{n} characters (limit {cfg.max_text_chars})" for n in lengths[idx].tolist()],
+    )
+    r.mark(
+        _mask(pc.match_substring(text, "\x00")),
+        "nul_in_text",
+        lambda idx: [
+            f"text holds a NUL character (U+0000) at byte {pos}"
+            for pos in pc.find_substring(pc.take(text, pa.array(idx)), "\x00").to_pylist()
+        ],
     )
     checked: dict[str, tuple[str, str] | None] = {}  # one file shared by many rows is checked once
     for i in np.flatnonzero(has_image & r.ok):
@@ -479,6 +490,21 @@ def _plans_for(
     return split_by_shard(arrow, scans, table, build)
 
 
+def _check_shards(source: Dataset) -> None:
+    """Every shard must be a Parquet file whose footer can be read: a truncated or foreign file is
+    an error that names it, before any output is written (rows can be refused; a file cannot)."""
+    for table in SCHEMAS:
+        for name in source.shards(table):
+            path = source.shard_path(table, name)
+            try:
+                pq.read_metadata(path)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DatasetError(
+                    f"{path}: not a readable Parquet file ({e}); the dataset {source.root} is damaged: "
+                    "rerun the stage that wrote it"
+                ) from None
+
+
 def validate(
     source: Dataset,
     out: str | os.PathLike,
@@ -496,6 +522,7 @@ def validate(
         or not math.isfinite(cfg.max_pixels)
     ):
         raise ValueError("validate limits must be positive")
+    _check_shards(source)
     return run_shard_stage(
         source,
         out,

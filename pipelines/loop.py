@@ -50,6 +50,7 @@ from typing import Any
 import yaml
 
 from curation.dataset import atomic_write_bytes, atomic_write_json
+from curation.lock import output_lock
 
 #: The commands a step may run, and what each produces (the output a later ``{NAME}`` names).
 DATASET_COMMANDS = ("ingest", "validate", "dedup", "filter", "curate", "mine", "judge")
@@ -361,23 +362,26 @@ class Loop:
             path.unlink()
 
     def run(self, *, start: str | None = None, stop: str | None = None, report: bool = True) -> bool:
-        """Run every step that is not complete; returns True when all (up to ``stop``) completed."""
-        self.steps_dir.mkdir(parents=True, exist_ok=True)
+        """Run every step that is not complete; returns True when all (up to ``stop``) completed.
+
+        The run directory is locked meanwhile (``curation.lock``): a second loop on it is refused."""
         last = self.spec.step(stop).index if stop else len(self.spec.steps) - 1
-        if start:
-            self.redo_from(start)
-        self._write_loop_record(finished=False)
-        ok = True
-        try:
-            for step in self.spec.steps[: last + 1]:
-                if not self._run_step(step):
-                    ok = False
-                    break
-        finally:
-            if ok and last == len(self.spec.steps) - 1:
-                self._write_loop_record(finished=True)
-            if report:
-                self.write_report()
+        with output_lock(self.run_dir, command=f"assay loop {self.spec.source}"):
+            self.steps_dir.mkdir(parents=True, exist_ok=True)
+            if start:
+                self.redo_from(start)
+            self._write_loop_record(finished=False)
+            ok = True
+            try:
+                for step in self.spec.steps[: last + 1]:
+                    if not self._run_step(step):
+                        ok = False
+                        break
+            finally:
+                if ok and last == len(self.spec.steps) - 1:
+                    self._write_loop_record(finished=True)
+                if report:
+                    self.write_report()
         return ok
 
     def _run_step(self, step: Step) -> bool:

@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from curation.dataset import atomic_write_json, code_version, fingerprint
 from curation.judge.scoring import TRAINER_STATE_FILE, weights_sha256
+from curation.safety import UnsafeModelError, refuse_pickle
 from training.model import MMEmbedder, load_embedder
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,6 @@ STATE_TENSORS_FILE = TRAINER_STATE_FILE
 STATE_JSON_FILE = "trainer_state.json"
 #: A LoRA run's adapter (peft's own files, safetensors), beside the merged weights.
 ADAPTER_DIR = "adapter"
-#: Suffixes of files that torch / pickle would execute code to read.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: Hidden prefix of a checkpoint being written (not ``.tmp-``: curation's sweeper unlinks files).
 PARTIAL_PREFIX = ".partial-"
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
@@ -72,7 +71,7 @@ class CheckpointError(ValueError):
     """A checkpoint that is incomplete, tampered with, or not in assay's format."""
 
 
-class UnsafeCheckpointError(CheckpointError):
+class UnsafeCheckpointError(CheckpointError, UnsafeModelError):
     """A checkpoint holding pickle files, refused without ``allow_pickle=True``."""
 
 
@@ -350,6 +349,7 @@ def save_checkpoint(
         parent = weights_hash(parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}-{os.getpid()}")
+    old = path.with_name(f"{PARTIAL_PREFIX}{path.name}-old-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -384,7 +384,6 @@ def save_checkpoint(
         atomic_write_json(tmp / MANIFEST_FILE, manifest.to_json())
         _fsync_tree(tmp)
         if path.exists():
-            old = path.with_name(f"{PARTIAL_PREFIX}{path.name}-old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old)
@@ -392,18 +391,16 @@ def save_checkpoint(
             os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
+        # A full disk, say: nothing half-written stays, and a checkpoint being replaced comes back.
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
         raise
     log.info("checkpoint %s: stage %s step %d weights %s", path, stage, step, manifest.weights_sha256[:12])
     return manifest
 
 
 # ---------------------------------------------------------------- load and resume
-
-
-def pickle_files(path: str | os.PathLike) -> list[Path]:
-    """Files under ``path`` that only pickle can read."""
-    return sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
 
 
 def load_checkpoint(
@@ -421,15 +418,9 @@ def load_checkpoint(
     CPU (``optimizer.load_state_dict`` moves them to the parameters' device).
     """
     path = Path(path)
-    found = pickle_files(path)
-    if found and not allow_pickle:
-        names = ", ".join(p.relative_to(path).as_posix() for p in found)
-        raise UnsafeCheckpointError(
-            f"checkpoint {path} holds pickle files ({names}), which can run arbitrary code when loaded; "
-            "refusing. Pass allow_pickle=True only if you trust where they came from"
-        )
+    refuse_pickle(path, allow_pickle, what="checkpoint", error=UnsafeCheckpointError)
     manifest = verify_checkpoint(path) if verify else read_manifest(path)
-    embedder = load_embedder(path, trust_remote_code=False, device=device)
+    embedder = load_embedder(path, trust_remote_code=False, device=device, allow_pickle=allow_pickle)
     config_file = path / TRAINING_CONFIG_FILE
     training_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     trainer_state = _load_trainer_state(path)

@@ -50,6 +50,8 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLPreTrainedModel,
 )
 
+from curation.safety import refuse_pickle
+
 log = logging.getLogger(__name__)
 
 Side = Literal["query", "candidate"]
@@ -393,6 +395,7 @@ def load_embedder(
     device: str | torch.device | None = None,
     max_tiles: int | None = None,
     image_backend: str | None = None,
+    allow_pickle: bool = False,
 ) -> MMEmbedder:
     """An ``MMEmbedder`` from a directory or hub id: an assay checkpoint or a pretrained InternVL.
 
@@ -401,8 +404,10 @@ def load_embedder(
     is never run: ``trust_remote_code=True`` is refused, and so is an original ``internvl_chat``
     checkpoint, which only remote code can read. ``tokens_per_tile`` defaults to what the directory
     says (``config.image_seq_length``); the processor is always set to the same number.
-    ``image_backend`` ("pil" or "torchvision") defaults to what was saved, else "pil".
+    ``image_backend`` ("pil" or "torchvision") defaults to what was saved, else "pil". A directory
+    holding pickle files is refused unless ``allow_pickle`` (curation.safety).
     """
+    refuse_pickle(path, allow_pickle)
     if trust_remote_code:
         raise ValueError("assay never runs remote code; use a transformers-native (-hf) InternVL checkpoint")
     config_dict, _ = InternVLConfig.get_config_dict(path)

@@ -18,7 +18,8 @@ out of its softmax wherever they turn up in the batch.
 Every ``save_every`` steps and at the end, a checkpoint ``step-NNNNNN`` (see ``training.checkpoint``)
 holds the weights, optimizer, scheduler and RNG state. A rerun of the same config resumes from the
 latest complete one and computes what the uninterrupted run would have: batches are a function of
-(seed, epoch) and the state is restored exactly. ``complete.json`` names the final checkpoint;
+(seed, epoch) and the state is restored exactly; the unfinished save a kill may have left (a
+hidden ``.partial-*`` folder) is removed first. ``complete.json`` names the final checkpoint;
 a rerun of a complete stage returns it at once. With LoRA the checkpoint's weights are the merged
 model (usable as is for eval and mining) and ``adapter/`` holds the adapter the run resumes from,
 on top of the stage's ``init`` model (checked by its weights hash).
@@ -51,6 +52,7 @@ from curation.dataset import atomic_write_json, fingerprint
 from training.checkpoint import (
     ADAPTER_DIR,
     CHECKPOINT_NAME,
+    PARTIAL_PREFIX,
     TrainingState,
     checkpoint_name,
     latest_checkpoint,
@@ -330,6 +332,24 @@ def _prune(output: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_partial_saves(output: Path) -> int:
+    """Delete the checkpoints a killed run was still writing: the hidden ``.partial-*`` folders that
+    ``save_checkpoint`` renames into place once complete. Nothing ever reads them, and each holds a
+    whole model; named by the writer's pid, a rerun's saves never reuse (and so never clear) them.
+    Returns how many were removed."""
+    if not output.is_dir():
+        return 0
+    stale = [p for p in output.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d unfinished checkpoint save(s) a killed run left in %s", len(stale), output)
+    return len(stale)
+
+
 def _rewrite_log(output: Path, upto: int) -> None:
     """Keep log lines of steps <= ``upto`` (a resumed run rewrites what came after)."""
     file = output / LOG_FILE
@@ -354,6 +374,8 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None) -> P
         log.info("stage %s already complete: %s", config.stage, done)
         return done
     rank, world = _world()
+    if rank == 0:
+        _remove_partial_saves(output)  # a kill mid-save leaves one; no save of this run is under way yet
     device = torch.device(device) if device is not None else resolve_device(config.device)
     t_start = time.perf_counter()
     data = TrainingData.load(config.data, config.subsets)

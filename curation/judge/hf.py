@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 
 from curation.judge.scoring import JudgeItem, Score, checked_score, label_token_ids, model_id_for
+from curation.safety import refuse_pickle
 
 
 def load_pil(value: Any, root: str | os.PathLike | None = None) -> Image.Image:
@@ -162,9 +163,15 @@ class TransformersScorer:
         trust_remote_code: bool = False,
         model_id: str | None = None,
         image_root: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
     ) -> TransformersScorer:
-        """Load a model directory; float32 on the CPU, bfloat16 on a GPU unless ``dtype`` says."""
+        """Load a model directory; float32 on the CPU, bfloat16 on a GPU unless ``dtype`` says.
+
+        A directory holding pickle weights is refused unless ``allow_pickle`` (curation.safety).
+        """
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+        refuse_pickle(path, allow_pickle)
 
         device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

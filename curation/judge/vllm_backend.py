@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from curation.judge.scoring import JudgeItem, Score, checked_score, label_token_ids, model_id_for
+from curation.safety import refuse_pickle
 
 _MISSING_VLLM = (
     "VLLMScorer needs the `vllm` package: install assay's `gpu` extra (pip install 'assay[gpu]', "
@@ -83,8 +84,10 @@ class VLLMScorer:
         limit_mm_per_prompt: dict[str, int] | None = None,
         batch_size: int = 256,
         image_root: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
         **engine_kwargs: Any,
     ):
+        refuse_pickle(model, allow_pickle)  # before vLLM is imported: a refusal costs nothing
         try:
             import vllm
         except ImportError as e:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
 
-from curation.dataset import AlreadyComplete, Dataset, DatasetError
+from curation.dataset import AlreadyComplete, Dataset, DatasetError, remove_stale_tmp
+from curation.lock import OutputInUse, describe_holder, output_lock
 
 
 def executor_options(fn: Callable) -> Callable:
@@ -154,13 +160,147 @@ def friendly_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except AlreadyComplete as done:
             click.echo(str(done))
             return None
         except (DatasetError, ValueError, FileNotFoundError, PermissionError) as e:
             raise click.ClickException(str(e)) from e
+        except Exception as e:
+            # A full disk, a read-only or forbidden folder outside what `writing` guards: one line.
+            env = environment_error(e)
+            if env is None:
+                raise
+            code, text, filename = env
+            where = f": {filename}" if filename else ""
+            raise click.ClickException(f"{text} (errno {code}){where}") from e
 
     return wrapper
+
+
+# -- writing an output: one writer at a time, and a clear line when the disk says no ---------------
+
+#: The errors of the place an output goes rather than of assay: (errno, what the OS calls it).
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "No space left on device",
+    errno.EDQUOT: "Disk quota exceeded",
+    errno.EROFS: "Read-only file system",
+    errno.EACCES: "Permission denied",
+}
+# How libraries that do not raise a plain OSError spell one: pyarrow "[errno 28]", Rust crates
+# (polars, safetensors) "(os error 28)" or "Os { code: 28, ...", Python "[Errno 28]".
+_ERRNO_IN_TEXT = re.compile(r"(?:\[errno |\(os error |Os \{ code: )(\d+)", re.IGNORECASE)
+#: Errors named in words only (a message without a number) are taken for these, never for
+#: "Permission denied", which a web service or a model hub says too.
+_BY_NAME = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+#: What is left of OUT after each kind of failed write, and how to go on.
+_AFTER = {
+    "dataset": "{out} has no manifest.json, so it is not a dataset yet: {fix} and rerun the same command "
+    "(completed shards are kept and resume)",
+    "file": "nothing was written to {out}: {fix} and rerun",
+    "train": "{out} holds no new checkpoint (earlier ones are kept): {fix} and rerun the same command "
+    "to resume from the latest",
+    "run": "the steps already complete in {out} are kept: {fix} and rerun the same command to resume",
+}
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """``e``, then what it wraps (``raise ... from``, the exception being handled, a Ray task's cause)."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+
+
+def environment_error(e: BaseException) -> tuple[int, str, str | None] | None:
+    """(errno, strerror, file or None) when ``e`` is, or wraps, a full disk, a read-only file system
+    or a permission denied; else None."""
+    for x in _causes(e):
+        if not isinstance(x, BaseException):
+            continue
+        code = getattr(x, "errno", None) if isinstance(x, OSError) else None
+        if code not in ENVIRONMENT_ERRNOS:
+            m = _ERRNO_IN_TEXT.search(str(x))
+            code = int(m.group(1)) if m else None
+            if code not in ENVIRONMENT_ERRNOS:
+                code = next((c for c in _BY_NAME if ENVIRONMENT_ERRNOS[c].lower() in str(x).lower()), None)
+        if code in ENVIRONMENT_ERRNOS:
+            filename = getattr(x, "filename", None) if isinstance(x, OSError) else None
+            return code, ENVIRONMENT_ERRNOS[code], os.fsdecode(filename) if filename else None
+    return None
+
+
+def _inside(path: Path, out: Path) -> bool:
+    """``path`` is OUT, under it, a folder above it, or one of OUT's own files beside it (its lock
+    ``.OUT.lock``, an export's staging ``OUT.tmp-PID``)."""
+    path, out = path.resolve(), out.resolve()
+    return (
+        path == out
+        or out in path.parents
+        or path in out.parents
+        or (path.parent == out.parent and path.name.startswith((out.name, f".{out.name}")))
+    )
+
+
+def output_error(
+    e: BaseException, out: str | os.PathLike, command: str, kind: str
+) -> click.ClickException | None:
+    """The one-line error for a failed write of ``out`` (a full disk, a read-only or forbidden
+    folder, another writer), or None when ``e`` is something else."""
+    out = Path(out)
+    if isinstance(e, OutputInUse):
+        return click.ClickException(
+            f"assay {command}: {out} is being written by {describe_holder(e.holder)}; wait for it to "
+            f"finish (or stop it) and rerun. Nothing was written. (lock file: {e.lock})"
+        )
+    env = environment_error(e)
+    if env is None:
+        return None
+    code, text, filename = env
+    if filename and not _inside(Path(filename), out):
+        # Somewhere else (a cache, the input): say where, not that OUT failed.
+        return click.ClickException(f"assay {command}: cannot write {filename}: {text} (errno {code})")
+    if code == errno.EROFS:
+        after = "choose an output on a writable file system (or remount it read-write) and rerun"
+    elif code == errno.EACCES:
+        denied = f" ({filename})" if filename and Path(filename) != out else ""
+        after = f"permission denied{denied}: fix the permissions of {out} or its folder, or choose another output, and rerun"
+    else:
+        fix = "free space" if code == errno.ENOSPC else "free space within your quota"
+        after = _AFTER[kind].format(out=out, fix=fix)
+    return click.ClickException(f"assay {command}: cannot write {out}: {text} (errno {code}); {after}")
+
+
+@contextlib.contextmanager
+def writing(out: str | os.PathLike, command: str, kind: str = "dataset") -> Iterator[None]:
+    """Hold the lock of OUT while the body writes it (a second writer is refused at once), and turn
+    a full disk, a read-only or forbidden output into one clear line, with the temporary files of
+    the failed write removed. ``kind`` (dataset, file, train, run) says what a failure leaves."""
+    out = Path(out)
+    try:
+        with output_lock(out, command=f"assay {command}"):
+            try:
+                yield
+            except BaseException as e:
+                if environment_error(e) is not None and out.is_dir():
+                    # Safe while we hold OUT's lock: no other writer's temporary files are there.
+                    with contextlib.suppress(OSError):
+                        remove_stale_tmp(out)
+                raise
+    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except Exception as e:
+        clear = output_error(e, out, command, kind)
+        if clear is None:
+            raise
+        raise clear from e
 
 
 def print_counts(manifest: Any, stage: str) -> None:

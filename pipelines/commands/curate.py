@@ -14,6 +14,7 @@ from pipelines.commands.common import (
     open_dataset,
     print_counts,
     validate_limit_options,
+    writing,
 )
 
 
@@ -165,57 +166,58 @@ def command(
       assay curate data/mined data/judged --judge /models/Qwen2-VL-7B-Instruct --backend vllm \\
           --ray-address auto --gpus-per-actor 1
     """
-    from pipelines.dag import run_curation_dag
+    with writing(out, "curate"):
+        from pipelines.dag import run_curation_dag
 
-    source = open_dataset(dataset)
-    evals = [open_dataset(a) for a in against]
-    manifest = run_curation_dag(
-        source,
-        out,
-        judge_model=judge_model,
-        rule=rule,
-        where=where,
-        table=table,
-        against=evals,
-        decontaminate=decontaminate,
-        decontaminate_text_only=not images_only,
-        near=not no_near,
-        phash_distance=phash_distance,
-        validate_config=ValidateConfig(
-            max_text_chars=max_text_chars,
-            max_pixels=max_pixels,
-            max_image_bytes=int(max_image_mb * 2**20),
-            decode_images=not no_decode,
-        ),
-        judge_backend=backend,
-        labels=[s.strip() for s in labels.split(",") if s.strip()],
-        prompt=prompt,
-        batch_size=batch_size,
-        max_chars=max_chars,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        cache=cache_path,
-        ray_address=ray_address,
-        num_cpus=num_cpus,
-        actors=actors,
-        gpus_per_actor=gpus_per_actor,
-        partitions=partitions,
-        overwrite=overwrite,
-    )
-    print_counts(manifest, "curate")
-    judge = manifest.extra.get("judge")
-    if judge:
-        click.echo(
-            f"judge {judge['model_id']}: {judge['scored']} pairs scored, {judge['cached']} from the cache, "
-            f"{judge['failed']} failed; {judge['verdicts'].get('yes', 0)} yes, "
-            f"{judge['verdicts'].get('no', 0)} no (rule {judge['rule']}), {judge['relabelled']} relabelled "
-            "false_negative"
+        source = open_dataset(dataset)
+        evals = [open_dataset(a) for a in against]
+        manifest = run_curation_dag(
+            source,
+            out,
+            judge_model=judge_model,
+            rule=rule,
+            where=where,
+            table=table,
+            against=evals,
+            decontaminate=decontaminate,
+            decontaminate_text_only=not images_only,
+            near=not no_near,
+            phash_distance=phash_distance,
+            validate_config=ValidateConfig(
+                max_text_chars=max_text_chars,
+                max_pixels=max_pixels,
+                max_image_bytes=int(max_image_mb * 2**20),
+                decode_images=not no_decode,
+            ),
+            judge_backend=backend,
+            labels=[s.strip() for s in labels.split(",") if s.strip()],
+            prompt=prompt,
+            batch_size=batch_size,
+            max_chars=max_chars,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            cache=cache_path,
+            ray_address=ray_address,
+            num_cpus=num_cpus,
+            actors=actors,
+            gpus_per_actor=gpus_per_actor,
+            partitions=partitions,
+            overwrite=overwrite,
         )
-    dropped = manifest.extra.get("filter", {}).get("dropped", {})
-    for t in DATA_TABLES:
-        for reason, n in sorted(dropped.get(t, {}).items()):
-            click.echo(f"filter dropped {n} {t} ({reason})")
-    click.echo(f"wrote {out}")
+        print_counts(manifest, "curate")
+        judge = manifest.extra.get("judge")
+        if judge:
+            click.echo(
+                f"judge {judge['model_id']}: {judge['scored']} pairs scored, {judge['cached']} from the cache, "
+                f"{judge['failed']} failed; {judge['verdicts'].get('yes', 0)} yes, "
+                f"{judge['verdicts'].get('no', 0)} no (rule {judge['rule']}), {judge['relabelled']} relabelled "
+                "false_negative"
+            )
+        dropped = manifest.extra.get("filter", {}).get("dropped", {})
+        for t in DATA_TABLES:
+            for reason, n in sorted(dropped.get(t, {}).items()):
+                click.echo(f"filter dropped {n} {t} ({reason})")
+        click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":

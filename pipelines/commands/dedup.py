@@ -12,6 +12,7 @@ from pipelines.commands.common import (
     friendly_errors,
     open_dataset,
     print_counts,
+    writing,
 )
 
 
@@ -100,38 +101,39 @@ def command(
         raise click.UsageError(
             "--decontaminate chooses the tables checked against --against; give --against EVAL"
         )
-    source = open_dataset(dataset)
-    evals = [open_dataset(a) for a in against]
-    manifest = dedup(
-        source,
-        out,
-        near=not no_near,
-        phash_distance=phash_distance,
-        against=evals,
-        decontaminate=decontaminate if decontaminate is not None else ("queries",),
-        decontaminate_text_only=not images_only,
-        executor=build_executor(executor, ray_address, num_cpus),
-        overwrite=overwrite,
-    )
-    print_counts(manifest, "dedup")
-    stats = manifest.extra.get("dedup", {})
-    for table in ("queries", "corpus"):
-        s = stats.get(table, {})
-        if s.get("images_unreadable"):
-            click.echo(
-                f"note: {s['images_unreadable']} {table} image path(s) could not be read and were compared "
-                "by path; run `assay validate` to quarantine them",
-                err=True,
-            )
-        if s.get("images_not_phashed"):
-            click.echo(
-                f"note: {s['images_not_phashed']} {table} image(s) could not be decoded and were left out "
-                "of the near-duplicate check",
-                err=True,
-            )
-    if stats.get("pairs", {}).get("rewritten"):
-        click.echo(f"pairs rewritten to the kept rows: {stats['pairs']['rewritten']}")
-    click.echo(f"wrote {out}")
+    with writing(out, "dedup"):
+        source = open_dataset(dataset)
+        evals = [open_dataset(a) for a in against]
+        manifest = dedup(
+            source,
+            out,
+            near=not no_near,
+            phash_distance=phash_distance,
+            against=evals,
+            decontaminate=decontaminate if decontaminate is not None else ("queries",),
+            decontaminate_text_only=not images_only,
+            executor=build_executor(executor, ray_address, num_cpus),
+            overwrite=overwrite,
+        )
+        print_counts(manifest, "dedup")
+        stats = manifest.extra.get("dedup", {})
+        for table in ("queries", "corpus"):
+            s = stats.get(table, {})
+            if s.get("images_unreadable"):
+                click.echo(
+                    f"note: {s['images_unreadable']} {table} image path(s) could not be read and were compared "
+                    "by path; run `assay validate` to quarantine them",
+                    err=True,
+                )
+            if s.get("images_not_phashed"):
+                click.echo(
+                    f"note: {s['images_not_phashed']} {table} image(s) could not be decoded and were left out "
+                    "of the near-duplicate check",
+                    err=True,
+                )
+        if stats.get("pairs", {}).get("rewritten"):
+            click.echo(f"pairs rewritten to the kept rows: {stats['pairs']['rewritten']}")
+        click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":

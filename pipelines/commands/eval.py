@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pipelines.commands.common import friendly_errors, open_dataset, quiet_transformers
+from pipelines.commands.common import friendly_errors, open_dataset, quiet_transformers, writing
 
 #: "org/name": what a Hugging Face hub id looks like (a path that does not exist may still be one).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -172,58 +172,62 @@ def command(
       assay eval runs/ckpt-final runs/mmeb/test --subset VOC2007 --subset MSCOCO_t2i \\
           --tokens-per-tile 64 --out runs/ckpt-final/mmeb.metrics.json
     """
-    ref = _checkpoint_ref(checkpoint)
-    ds = open_dataset(dataset)
-    if subsets:
-        missing = sorted(set(subsets) - _dataset_subsets(ds))
-        if missing:
-            have = ", ".join(sorted(_dataset_subsets(ds))) or "none"
-            raise click.ClickException(
-                f"no queries in subset(s) {', '.join(missing)} of {dataset} (subsets: {have})"
-            )
     out_path = Path(out) if out else Path.cwd() / f"{Path(dataset).resolve().name}.metrics.json"
+    with writing(out_path, "eval", kind="file"):
+        ref = _checkpoint_ref(checkpoint)
+        ds = open_dataset(dataset)
+        if subsets:
+            missing = sorted(set(subsets) - _dataset_subsets(ds))
+            if missing:
+                have = ", ".join(sorted(_dataset_subsets(ds))) or "none"
+                raise click.ClickException(
+                    f"no queries in subset(s) {', '.join(missing)} of {dataset} (subsets: {have})"
+                )
+        try:
+            import torch
 
-    try:
-        import torch
+            from training.evaluate import evaluate, write_metrics
+            from training.model import load_embedder
+        except ImportError as e:
+            raise click.ClickException(
+                f"assay eval needs the training extra (torch, transformers): {e}"
+            ) from e
 
-        from training.evaluate import evaluate, write_metrics
-        from training.model import load_embedder
-    except ImportError as e:
-        raise click.ClickException(f"assay eval needs the training extra (torch, transformers): {e}") from e
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise click.ClickException("--device cuda: no CUDA device is available")
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise click.ClickException("--device cuda: no CUDA device is available")
+        quiet_transformers()
+        click.echo(f"loading {ref} on {device}", err=True)
+        try:
+            embedder = load_embedder(
+                ref, tokens_per_tile=tokens_per_tile, trust_remote_code=False, device=device
+            )
+        except OSError as e:
+            raise click.ClickException(f"cannot load checkpoint {checkpoint}: {e}") from e
 
-    quiet_transformers()
-    click.echo(f"loading {ref} on {device}", err=True)
-    try:
-        embedder = load_embedder(ref, tokens_per_tile=tokens_per_tile, trust_remote_code=False, device=device)
-    except OSError as e:
-        raise click.ClickException(f"cannot load checkpoint {checkpoint}: {e}") from e
+        def encode_queries(rows: list[dict[str, Any]]) -> Any:
+            return embedder.encode_queries(rows, batch_size=batch_size)
 
-    def encode_queries(rows: list[dict[str, Any]]) -> Any:
-        return embedder.encode_queries(rows, batch_size=batch_size)
+        def encode_candidates(rows: list[dict[str, Any]]) -> Any:
+            return embedder.encode_candidates(rows, batch_size=batch_size)
 
-    def encode_candidates(rows: list[dict[str, Any]]) -> Any:
-        return embedder.encode_candidates(rows, batch_size=batch_size)
-
-    metrics = evaluate(
-        ds,
-        encode_queries,
-        encode_candidates,
-        batch_size=batch_size,
-        candidate_set=candidate_set,
-        subsets=list(subsets) or None,
-        progress=True,
-        max_queries_per_subset=max_queries,
-    )
-    metrics["checkpoint"] = ref
-    metrics["dataset"] = str(Path(dataset).resolve())
-    metrics["settings"]["tokens_per_tile"] = embedder.tokens_per_tile
-    metrics["settings"]["device"] = device
-    metrics["settings"]["batch_size"] = batch_size
-    click.echo(format_metrics(metrics))
-    write_metrics(metrics, out_path)
-    click.echo(f"wrote {out_path}")
+        metrics = evaluate(
+            ds,
+            encode_queries,
+            encode_candidates,
+            batch_size=batch_size,
+            candidate_set=candidate_set,
+            subsets=list(subsets) or None,
+            progress=True,
+            max_queries_per_subset=max_queries,
+        )
+        metrics["checkpoint"] = ref
+        metrics["dataset"] = str(Path(dataset).resolve())
+        metrics["settings"]["tokens_per_tile"] = embedder.tokens_per_tile
+        metrics["settings"]["device"] = device
+        metrics["settings"]["batch_size"] = batch_size
+        click.echo(format_metrics(metrics))
+        write_metrics(metrics, out_path)
+        click.echo(f"wrote {out_path}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from curation.export import FORMATS
-from pipelines.commands.common import friendly_errors, open_dataset
+from pipelines.commands.common import friendly_errors, open_dataset, writing
 
 
 @click.command("export")
@@ -96,19 +96,20 @@ def command(
       assay export data/ out.parquet --format parquet --where "judge_verdict == 'yes'"
       assay export data/ st/ --format n-tuple -n 3 --where "subset == 'msmarco'"
     """
-    from curation.export import describe, export_dataset
+    with writing(out, "export", kind="file"):
+        from curation.export import describe, export_dataset
 
-    ds = open_dataset(dataset)
-    result = export_dataset(
-        ds,
-        out,
-        fmt,
-        where=where,
-        num_negatives=num_negatives,
-        copy_images=copy_images,
-        skip_image_rows=skip_image_rows,
-        with_instruction=with_instruction,
-        overwrite=overwrite,
-    )
-    for line in describe(result):
-        click.echo(line)
+        ds = open_dataset(dataset)
+        result = export_dataset(
+            ds,
+            out,
+            fmt,
+            where=where,
+            num_negatives=num_negatives,
+            copy_images=copy_images,
+            skip_image_rows=skip_image_rows,
+            with_instruction=with_instruction,
+            overwrite=overwrite,
+        )
+        for line in describe(result):
+            click.echo(line)

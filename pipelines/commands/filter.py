@@ -11,6 +11,7 @@ from pipelines.commands.common import (
     friendly_errors,
     open_dataset,
     print_counts,
+    writing,
 )
 
 
@@ -71,25 +72,26 @@ def command(
     from curation.filter import filter_dataset, filter_targets
     from curation.filter_expr import parse_filter
 
-    source = open_dataset(dataset)
-    # Refuse a bad expression before starting Ray or touching OUT.
-    targets = filter_targets(parse_filter(where), table)
-    click.echo(f"filter: applying {where.strip()!r} to {', '.join(targets)}", err=True)
-    manifest = filter_dataset(
-        source,
-        out,
-        where,
-        table=table,
-        prune=prune,
-        executor=build_executor(executor, ray_address, num_cpus),
-        overwrite=overwrite,
-    )
-    print_counts(manifest, "filter")
-    report = manifest.extra.get("filter", {})
-    dropped = report.get("dropped", {})
-    lines = [(t, r, n) for t in DATA_TABLES for r, n in sorted(dropped.get(t, {}).items()) if n]
-    if lines:
-        click.echo("dropped, per table and reason:")
-        for t, r, n in lines:
-            click.echo(f"  {t:<8} {r:<14} {n}")
-    click.echo(f"wrote {out}")
+    with writing(out, "filter"):
+        source = open_dataset(dataset)
+        # Refuse a bad expression before starting Ray or touching OUT.
+        targets = filter_targets(parse_filter(where), table)
+        click.echo(f"filter: applying {where.strip()!r} to {', '.join(targets)}", err=True)
+        manifest = filter_dataset(
+            source,
+            out,
+            where,
+            table=table,
+            prune=prune,
+            executor=build_executor(executor, ray_address, num_cpus),
+            overwrite=overwrite,
+        )
+        print_counts(manifest, "filter")
+        report = manifest.extra.get("filter", {})
+        dropped = report.get("dropped", {})
+        lines = [(t, r, n) for t in DATA_TABLES for r, n in sorted(dropped.get(t, {}).items()) if n]
+        if lines:
+            click.echo("dropped, per table and reason:")
+            for t, r, n in lines:
+                click.echo(f"  {t:<8} {r:<14} {n}")
+        click.echo(f"wrote {out}")

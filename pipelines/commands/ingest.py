@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 from curation.ingest import FORMATS, TARGETS, infer_format, ingest, load_mapping, parse_map_flags
-from pipelines.commands.common import build_executor, executor_options, friendly_errors, print_counts
+from pipelines.commands.common import (
+    build_executor,
+    executor_options,
+    friendly_errors,
+    print_counts,
+    writing,
+)
 
 HELP = f"""Turn raw image+text pairs in SOURCE into a new assay dataset at OUT.
 
@@ -123,44 +129,45 @@ def command(
     num_cpus,
     overwrite,
 ):
-    if fmt == "example" or (
-        fmt is None and not labels and not captions and infer_format(source) == "example"
-    ):
-        _ingest_example(
+    with writing(out, "ingest"):
+        if fmt == "example" or (
+            fmt is None and not labels and not captions and infer_format(source) == "example"
+        ):
+            _ingest_example(
+                source,
+                out,
+                maps=maps,
+                mapping=mapping,
+                data_root=data_root,
+                subset=subset,
+                task=task,
+                labels=labels,
+                captions=captions,
+                embed_images=embed_images,
+                rows_per_shard=rows_per_shard,
+                executor=build_executor(executor, ray_address, num_cpus),
+                overwrite=overwrite,
+            )
+            return
+        columns = load_mapping(mapping) if mapping else {}
+        columns.update(parse_map_flags(maps))
+        manifest = ingest(
             source,
             out,
-            maps=maps,
-            mapping=mapping,
+            format=fmt,
+            mapping=columns or None,
             data_root=data_root,
+            embed_images=embed_images,
             subset=subset,
             task=task,
             labels=labels,
             captions=captions,
-            embed_images=embed_images,
             rows_per_shard=rows_per_shard,
             executor=build_executor(executor, ray_address, num_cpus),
             overwrite=overwrite,
         )
-        return
-    columns = load_mapping(mapping) if mapping else {}
-    columns.update(parse_map_flags(maps))
-    manifest = ingest(
-        source,
-        out,
-        format=fmt,
-        mapping=columns or None,
-        data_root=data_root,
-        embed_images=embed_images,
-        subset=subset,
-        task=task,
-        labels=labels,
-        captions=captions,
-        rows_per_shard=rows_per_shard,
-        executor=build_executor(executor, ray_address, num_cpus),
-        overwrite=overwrite,
-    )
-    print_counts(manifest, "ingest")
-    click.echo(f"wrote {out}")
+        print_counts(manifest, "ingest")
+        click.echo(f"wrote {out}")
 
 
 def _ingest_example(

@@ -13,6 +13,7 @@ from pipelines.commands.common import (
     open_dataset,
     print_counts,
     quiet_transformers,
+    writing,
 )
 
 BACKENDS = ("transformers", "vllm", "openai")
@@ -180,71 +181,72 @@ def command(
     rerun, or a later dataset holding the same pairs, judges only what is new. Pairs the judge
     cannot score (bad image, timeout, NaN) are listed in OUT/judge_failures.parquet.
     """
-    quiet_transformers()
-    from tqdm import tqdm
+    with writing(out, "judge"):
+        quiet_transformers()
+        from tqdm import tqdm
 
-    from curation.judge.cache import default_cache_path
-    from curation.judge.stage import judge_dataset, p_yes_histograms
-    from curation.judge.verdicts import parse_rule
+        from curation.judge.cache import default_cache_path
+        from curation.judge.stage import judge_dataset, p_yes_histograms
+        from curation.judge.verdicts import parse_rule
 
-    src = open_dataset(dataset)
-    verdict_rule = parse_rule(rule)
-    chosen = [s.strip() for s in labels.split(",") if s.strip()]
-    factory = scorer_factory(
-        backend,
-        model,
-        device=device,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-        image_root=str(src.data_root.resolve()),
-        endpoint=endpoint,
-        concurrency=concurrency,
-        timeout=timeout,
-    )
-    t0 = time.perf_counter()
-    if actors:
-        from pipelines.judge_ray import RayPoolScorer
-
-        scorer = RayPoolScorer(factory, actors=actors, num_gpus=gpus_per_actor, address=ray_address)
-    else:
-        scorer = factory()
-    click.echo(f"judge {scorer.model_id} ({backend}) loaded in {time.perf_counter() - t0:.1f} s")
-    cache = Path(cache_path) if cache_path else default_cache_path()
-    bar = tqdm(desc="judge", unit="pair", disable=no_progress)
-    try:
-        manifest, report = judge_dataset(
-            src,
-            out,
-            scorer,
-            cache=cache,
-            prompt=prompt,
-            rule=verdict_rule,
-            labels=chosen,
+        src = open_dataset(dataset)
+        verdict_rule = parse_rule(rule)
+        chosen = [s.strip() for s in labels.split(",") if s.strip()]
+        factory = scorer_factory(
+            backend,
+            model,
+            device=device,
             batch_size=batch_size,
-            max_chars=max_chars,
-            keep_negatives=keep,
-            overwrite=overwrite,
-            progress=bar.update,
+            trust_remote_code=trust_remote_code,
+            image_root=str(src.data_root.resolve()),
+            endpoint=endpoint,
+            concurrency=concurrency,
+            timeout=timeout,
         )
-    finally:
-        bar.close()
-        if hasattr(scorer, "close"):
-            scorer.close()
-    print_counts(manifest, "judge")
-    click.echo(
-        f"judged {report.scored} pairs in {report.seconds:.1f} s ({report.pairs_per_second:.1f} pairs/s), "
-        f"{report.cached} from the cache ({cache}), {report.failed} failed"
-    )
-    click.echo(
-        f"verdicts: {report.verdicts.get('yes', 0)} yes, {report.verdicts.get('no', 0)} no (rule {report.rule}); "
-        f"{report.relabelled} relabelled false_negative; {report.positives_judged_no} gold positives judged no"
-    )
-    if report.failed:
-        click.echo(f"failures: {Path(out) / 'judge_failures.parquet'}")
-    click.echo(format_histograms(p_yes_histograms(out)))
-    warning = constant_judge_warning(out)
-    if warning:
-        click.echo(warning, err=True)
+        t0 = time.perf_counter()
+        if actors:
+            from pipelines.judge_ray import RayPoolScorer
+
+            scorer = RayPoolScorer(factory, actors=actors, num_gpus=gpus_per_actor, address=ray_address)
+        else:
+            scorer = factory()
+        click.echo(f"judge {scorer.model_id} ({backend}) loaded in {time.perf_counter() - t0:.1f} s")
+        cache = Path(cache_path) if cache_path else default_cache_path()
+        bar = tqdm(desc="judge", unit="pair", disable=no_progress)
+        try:
+            manifest, report = judge_dataset(
+                src,
+                out,
+                scorer,
+                cache=cache,
+                prompt=prompt,
+                rule=verdict_rule,
+                labels=chosen,
+                batch_size=batch_size,
+                max_chars=max_chars,
+                keep_negatives=keep,
+                overwrite=overwrite,
+                progress=bar.update,
+            )
+        finally:
+            bar.close()
+            if hasattr(scorer, "close"):
+                scorer.close()
+        print_counts(manifest, "judge")
+        click.echo(
+            f"judged {report.scored} pairs in {report.seconds:.1f} s ({report.pairs_per_second:.1f} pairs/s), "
+            f"{report.cached} from the cache ({cache}), {report.failed} failed"
+        )
+        click.echo(
+            f"verdicts: {report.verdicts.get('yes', 0)} yes, {report.verdicts.get('no', 0)} no (rule {report.rule}); "
+            f"{report.relabelled} relabelled false_negative; {report.positives_judged_no} gold positives judged no"
+        )
+        if report.failed:
+            click.echo(f"failures: {Path(out) / 'judge_failures.parquet'}")
+        click.echo(format_histograms(p_yes_histograms(out)))
+        warning = constant_judge_warning(out)
+        if warning:
+            click.echo(warning, err=True)
 
 
 #: Below this spread of p_yes over the judged pairs the verdicts say nothing about the pairs.

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pipelines.commands.common import quiet_transformers
+from pipelines.commands.common import quiet_transformers, writing
 
 
 @click.command("loop", short_help="Run a mine-train loop (YAML steps) into a run directory; resumable.")
@@ -40,7 +40,6 @@ def command(loop_file, run_dir, start, stop, dry_run, no_report):
     """
     from pipelines.loop import Loop, LoopError, load_loop
 
-    quiet_transformers()
     try:
         spec = load_loop(loop_file, run_dir=run_dir)
         for name in (start, stop):
@@ -56,7 +55,9 @@ def command(loop_file, run_dir, start, stop, dry_run, no_report):
                 click.echo(f"{step.index + 1:>3} {step.name:<22} {state:<12} {argv}")
             return
         click.echo(f"loop {spec.name}: {len(spec.steps)} steps into {loop.run_dir}")
-        ok = loop.run(start=start, stop=stop, report=not no_report)
+        with writing(loop.run_dir, "loop", kind="run"):
+            quiet_transformers()
+            ok = loop.run(start=start, stop=stop, report=not no_report)
     except LoopError as e:
         raise click.ClickException(str(e)) from e
     if not ok:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
 
-from pipelines.commands.common import friendly_errors, open_dataset, print_counts, quiet_transformers
+from pipelines.commands.common import (
+    friendly_errors,
+    open_dataset,
+    print_counts,
+    quiet_transformers,
+    writing,
+)
 
 PRESETS = {"stage2": "ranks:50-100,sample:random:2", "stage3": "top:20"}
 
@@ -127,64 +134,68 @@ def command(
     """
     if keep is not None and judge_model is None:
         raise click.UsageError("--keep needs --judge")
-    quiet_transformers()
-    from tqdm import tqdm
-
-    from mining.encoders import load_encoder
-    from mining.stage import mine_dataset
-
-    src = open_dataset(dataset)
-    enc = load_encoder(
-        encoder,
-        device=device,
-        batch_size=batch_size,
-        image_root=str(src.data_root.resolve()),
-        instructions=instructions,
-        trust_remote_code=trust_remote_code,
-    )
-    if cache_dir is None:
-        from curation.judge.cache import cache_root
-
-        cache_dir = cache_root() / "embeddings"
-    bars = {
-        "embed": tqdm(desc="embed", unit="row", disable=no_progress),
-        "mine": tqdm(desc="mine", unit="query", disable=no_progress),
-    }
     mined_out = f"{out.rstrip('/')}.unjudged" if judge_model else out
-    try:
-        manifest, stats = mine_dataset(
-            src,
-            mined_out,
-            enc,
-            cache_dir=cache_dir,
-            rules=PRESETS.get(rules, rules),
-            depth=depth,
-            subsets=list(subsets) or None,
-            method=method,
+    unjudged = writing(mined_out, "mine") if judge_model else contextlib.nullcontext()
+    with writing(out, "mine"), unjudged:
+        quiet_transformers()
+        from tqdm import tqdm
+
+        from mining.encoders import load_encoder
+        from mining.stage import mine_dataset
+
+        src = open_dataset(dataset)
+        enc = load_encoder(
+            encoder,
             device=device,
-            seed=seed,
-            overwrite=overwrite,
-            progress=lambda what, n: bars[what].update(n),
+            batch_size=batch_size,
+            image_root=str(src.data_root.resolve()),
+            instructions=instructions,
+            trust_remote_code=trust_remote_code,
         )
-    finally:
-        for bar in bars.values():
-            bar.close()
-    print_counts(manifest, "mine")
-    click.echo(f"encoder {enc.model_id}; rules {manifest.config['rules']}; depth {manifest.config['depth']}")
-    click.echo(format_stats(stats))
-    if judge_model:
-        _judge(
-            mined_out,
-            out,
-            judge_model,
-            device,
-            batch_size,
-            keep,
-            judge_cache,
-            trust_remote_code,
-            no_progress,
-            overwrite,
+        if cache_dir is None:
+            from curation.judge.cache import cache_root
+
+            cache_dir = cache_root() / "embeddings"
+        bars = {
+            "embed": tqdm(desc="embed", unit="row", disable=no_progress),
+            "mine": tqdm(desc="mine", unit="query", disable=no_progress),
+        }
+        try:
+            manifest, stats = mine_dataset(
+                src,
+                mined_out,
+                enc,
+                cache_dir=cache_dir,
+                rules=PRESETS.get(rules, rules),
+                depth=depth,
+                subsets=list(subsets) or None,
+                method=method,
+                device=device,
+                seed=seed,
+                overwrite=overwrite,
+                progress=lambda what, n: bars[what].update(n),
+            )
+        finally:
+            for bar in bars.values():
+                bar.close()
+        print_counts(manifest, "mine")
+        click.echo(
+            f"encoder {enc.model_id}; rules {manifest.config['rules']}; depth {manifest.config['depth']}"
         )
+        click.echo(format_stats(stats))
+        if judge_model:
+            _judge(
+                mined_out,
+                out,
+                judge_model,
+                device,
+                batch_size,
+                keep,
+                judge_cache,
+                trust_remote_code,
+                no_progress,
+                overwrite,
+            )
 
 
 def _judge(mined, out, model, device, batch_size, keep, cache, trust_remote_code, no_progress, overwrite):

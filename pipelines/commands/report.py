@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from pipelines.commands.common import friendly_errors
+from pipelines.commands.common import friendly_errors, writing
 
 
 @click.command("report")
@@ -33,7 +35,8 @@ def command(run: str, out: str | None) -> None:
       assay report runs/loop-demo
       assay report runs/loop-demo --out /tmp/loop-demo.html && xdg-open /tmp/loop-demo.html
     """
-    from pipelines.report import build_report
+    from pipelines.report import REPORT_FILE, build_report
 
-    path = build_report(run, out)
+    with writing(out or Path(run) / REPORT_FILE, "report", kind="file"):
+        path = build_report(run, out)
     click.echo(f"wrote {path}")

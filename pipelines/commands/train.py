@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipelines.commands.common import friendly_errors, quiet_transformers
+from pipelines.commands.common import friendly_errors, quiet_transformers, writing
 
 
 @click.command("train")
@@ -51,9 +51,7 @@ def command(config_file, stage, device, output, max_steps, workers, use_gpu, ray
     config, optimizer state, weights hash); a rerun resumes from the latest complete one, and a
     finished stage is returned at once. The final checkpoint is printed on the last line.
     """
-    quiet_transformers()
     from training.config import load_config
-    from training.trainer import TrainingError
 
     overrides = {"device": device, "output": output, "max_steps": max_steps}
     if no_progress:
@@ -63,16 +61,20 @@ def command(config_file, stage, device, output, max_steps, workers, use_gpu, ray
         raise click.ClickException(
             f"{config_file} is a stage {config.stage} config, but --stage {stage} was given"
         )
-    try:
-        if workers > 1 or ray_address:
-            from pipelines.train_ray import train_distributed
+    with writing(config.output, "train", kind="train"):  # before torch is imported: refuse at once
+        quiet_transformers()
+        from training.trainer import TrainingError
 
-            gpu = use_gpu if use_gpu is not None else config.device == "cuda"
-            final = train_distributed(config, num_workers=workers, use_gpu=gpu, address=ray_address)
-        else:
-            from training.trainer import train
+        try:
+            if workers > 1 or ray_address:
+                from pipelines.train_ray import train_distributed
 
-            final = train(config)
-    except TrainingError as e:
-        raise click.ClickException(str(e)) from e
+                gpu = use_gpu if use_gpu is not None else config.device == "cuda"
+                final = train_distributed(config, num_workers=workers, use_gpu=gpu, address=ray_address)
+            else:
+                from training.trainer import train
+
+                final = train(config)
+        except TrainingError as e:
+            raise click.ClickException(str(e)) from e
     click.echo(f"final checkpoint: {final}")

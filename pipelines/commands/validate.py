@@ -12,6 +12,7 @@ from pipelines.commands.common import (
     open_dataset,
     print_counts,
     validate_limit_options,
+    writing,
 )
 
 
@@ -38,23 +39,25 @@ def command(
     \b
     Refused rows go, whole, to OUT/quarantine/ with the reason and the stage; nothing is dropped
     silently. Reasons: wrong_type, invalid_utf8, missing_id, missing_content, empty_text,
-    text_too_long, invalid_label, invalid_value, image_path_outside_root, image_not_found,
-    image_too_large, unreadable_image, truncated_image, duplicate_id, unknown_query_id,
-    unknown_doc_id (see curation/validate.py).
+    text_too_long, nul_in_text, invalid_label, invalid_value, image_path_outside_root,
+    image_not_found, image_too_large, unreadable_image, truncated_image, duplicate_id,
+    unknown_query_id, unknown_doc_id (see curation/validate.py). A shard that is not a readable
+    Parquet file stops the run before anything is written.
 
     \b
     Example:
       assay validate runs/easy-vqa/train runs/easy-vqa/train-valid
     """
-    source = open_dataset(dataset)
-    cfg = ValidateConfig(
-        max_text_chars=max_text_chars,
-        max_pixels=max_pixels,
-        max_image_bytes=int(max_image_mb * 2**20),
-        decode_images=not no_decode,
-    )
-    manifest = validate(
-        source, out, cfg, executor=build_executor(executor, ray_address, num_cpus), overwrite=overwrite
-    )
-    print_counts(manifest, "validate")
-    click.echo(f"wrote {out}")
+    with writing(out, "validate"):
+        source = open_dataset(dataset)
+        cfg = ValidateConfig(
+            max_text_chars=max_text_chars,
+            max_pixels=max_pixels,
+            max_image_bytes=int(max_image_mb * 2**20),
+            decode_images=not no_decode,
+        )
+        manifest = validate(
+            source, out, cfg, executor=build_executor(executor, ray_address, num_cpus), overwrite=overwrite
+        )
+        print_counts(manifest, "validate")
+        click.echo(f"wrote {out}")

@@ -107,7 +107,10 @@ def _mined(n_queries=3, per_query=7):
             items.append(JudgeItem(render(vqa, query, doc), images_of(query, doc)))
     query = {"text": "the same picture", "image": {"bytes": png(COLOURS[names[0]]), "path": None}}
     for c in range(4):
-        doc = {"text": f"candidate {c}", "image": {"bytes": png(COLOURS[names[(c + 1) % len(names)]]), "path": None}}
+        doc = {
+            "text": f"candidate {c}",
+            "image": {"bytes": png(COLOURS[names[(c + 1) % len(names)]]), "path": None},
+        }
         items.append(JudgeItem(render(retrieval, query, doc), images_of(query, doc)))
     return items
 

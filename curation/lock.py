@@ -1,0 +1,219 @@
+"""One writer per output: an advisory lock held while a command writes a dataset, file or run.
+
+The lock of ``OUT`` is the hidden file ``.<name>.lock`` beside it (in OUT's parent folder), not
+inside it: a dataset or an export appears by rename, so a lock inside would be carried away or
+left in the finished output; a file output (an export's ``.parquet``, eval's metrics, the report)
+has no inside; and a file in a dataset folder would show up in its listings and in the "exists and
+is not empty" check of a resumed run.
+
+The lock is ``fcntl.flock`` on that file, so the kernel releases it when its holder exits, however
+it exits: a SIGKILLed run never leaves a stale lock, and the rerun takes it and resumes. The file
+holds the holder's pid, host, command and start time, which a refused process reports. A clean
+release unlinks the file (while still holding the lock; a process that opened the old file before
+the unlink sees that the path no longer names it and opens the new one), so a finished command
+leaves nothing beside its output; a killed one leaves an unlocked file that the next run reuses.
+
+The lock is re-entrant within a process: ``assay loop`` runs the other commands in process, and
+flock locks belong to open file descriptions, so a second ``open`` + ``flock`` of the same file by
+the same process would refuse itself. A nested ``output_lock`` of a path this process already
+holds just counts.
+
+On a file system without flock (``ENOLCK``, ``EOPNOTSUPP``) the command runs unlocked, with a
+warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".lock"
+#: flock is not supported there: run unlocked rather than not at all.
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+_held: dict[str, list[Any]] = {}  # lock path -> [fd, depth]
+_mutex = threading.Lock()
+
+
+class OutputInUse(Exception):
+    """Another process holds the lock of the output; ``holder`` is what its lock file says."""
+
+    def __init__(self, out: Path, lock: Path, holder: dict[str, Any]):
+        self.out, self.lock, self.holder = out, lock, holder
+        super().__init__(f"{out} is being written by {describe_holder(holder)} (lock file {lock})")
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``another process (pid 123 on host h: assay validate, since 2025-01-01T10:00:00Z)``."""
+    if not holder.get("pid"):
+        return "another process (its pid is not recorded yet)"
+    what = [f"pid {holder['pid']}"]
+    if holder.get("host"):
+        what[0] += f" on host {holder['host']}"
+    if holder.get("command"):
+        what.append(str(holder["command"]))
+    if holder.get("started"):
+        what.append(f"since {holder['started']}")
+    return f"another process ({', '.join(what)})"
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    """``.<name>.lock`` beside ``out`` (symlinks resolved, so every name of OUT shares one lock)."""
+    target = Path(out).resolve()
+    if not target.name:
+        raise ValueError(f"{out} cannot be an output: it has no parent folder to hold its lock")
+    return target.with_name(f".{target.name}{LOCK_SUFFIX}")
+
+
+def _mkdirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the ones created, deepest first."""
+    missing = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+            made.append(d)
+        except FileExistsError:
+            pass
+    return made[::-1]
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    """What the holder wrote into the lock file; it may not have written yet, so look a few times."""
+    for _ in range(20):
+        try:
+            raw = os.pread(fd, 65536, 0)
+        except OSError:
+            return {}
+        if raw.strip():
+            try:
+                obj = json.loads(raw)
+                return obj if isinstance(obj, dict) else {}
+            except ValueError:
+                pass  # half written: look again
+        time.sleep(0.025)
+    return {}
+
+
+def _write_holder(fd: int, info: dict[str, Any]) -> None:
+    """Best effort: a full disk must not stop the lock (the command then says the disk is full)."""
+    with contextlib.suppress(OSError):
+        data = json.dumps(info, sort_keys=True).encode() + b"\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _acquire(out: Path, path: Path, info: dict[str, Any]) -> tuple[int | None, list[Path]]:
+    """Open and flock ``path``; the fd (None where flock is unsupported) and the folders made."""
+    made = _mkdirs(path.parent)
+    for _ in range(50):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # a releasing holder removed the folder it had made: make it again
+            made += [d for d in _mkdirs(path.parent) if d not in made]
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            _remove_dirs(made)
+            raise OutputInUse(out, path, holder) from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno in _NO_FLOCK:
+                log.warning("%s: file locks are not supported here (%s); writing %s unlocked", path, e, out)
+                return None, made
+            raise
+        if _same_file(fd, path):
+            _write_holder(fd, info)
+            return fd, made
+        os.close(fd)  # we locked a file its holder had just unlinked on release: take the new one
+    raise OSError(errno.EAGAIN, f"could not take the lock file {path} (it keeps being replaced)")
+
+
+def _remove_dirs(made: list[Path]) -> None:
+    for d in made:  # deepest first; a folder someone else now uses is not empty and stays
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike, *, command: str = "") -> Iterator[Path]:
+    """Hold the lock of ``out`` for the body; raise :class:`OutputInUse` at once if another process
+    holds it. Creates OUT's parent folders (removed again on release if still empty). Yields the
+    lock file's path."""
+    out = Path(out)
+    path = lock_path(out)
+    key = str(path)
+    with _mutex:
+        mine = _held.get(key)
+        if mine is not None:
+            mine[1] += 1
+    if mine is not None:
+        try:
+            yield path
+        finally:
+            with _mutex:
+                mine[1] -= 1
+        return
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "out": str(out.resolve()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    fd, made = _acquire(out, path, info)
+    entry = [fd, 1]
+    with _mutex:
+        _held[key] = entry
+    try:
+        yield path
+    finally:
+        with _mutex:
+            entry[1] -= 1
+            done = entry[1] == 0
+            if done:
+                del _held[key]
+        if done and fd is not None:
+            # Unlink while still holding the lock, then let go (see the module docstring).
+            with contextlib.suppress(OSError):
+                if _same_file(fd, path):
+                    path.unlink()
+            os.close(fd)
+            _remove_dirs(made)
+
+
+def holds_lock(out: str | os.PathLike) -> bool:
+    """Whether this process holds the lock of ``out``."""
+    with _mutex:
+        return str(lock_path(out)) in _held
