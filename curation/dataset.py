@@ -331,6 +331,9 @@ class DatasetWriter:
         if (self.root / MANIFEST).exists():
             done = json.loads((self.root / MANIFEST).read_text())
             if done.get("run_id") == self.run_id and not overwrite:
+                # A run killed after its manifest, while it removed _progress/: finish that cleanup.
+                shutil.rmtree(self.root / PROGRESS, ignore_errors=True)
+                remove_stale_tmp(self.root)
                 raise AlreadyComplete(self.root, Manifest.from_json(done))
             if not overwrite:
                 raise DatasetError(

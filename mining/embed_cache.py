@@ -177,28 +177,41 @@ class EmbeddingCache:
         progress: Callable[[int], None] | None,
     ) -> np.ndarray:
         found = self._lookup(keys)
-        todo = [i for i, k in enumerate(keys) if k not in found]
-        self.hits += len(keys) - len(todo)
-        if progress and len(keys) > len(todo):
-            progress(len(keys) - len(todo))
-        seen: set[bytes] = set()
-        todo = [i for i in todo if not (keys[i] in seen or seen.add(keys[i]))]  # one encode per content
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            vecs = self.encoder.encode(rows_at(chunk), side)
-            if vecs.shape[0] != len(chunk) or not np.isfinite(vecs).all():
+        first: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)  # one encode per content
+        hits = sum(k in found for k in keys)
+        self.hits += hits
+        if progress and hits:
+            progress(hits)
+        # Fixed batches of the distinct contents, in table order, each committed whole: a resumed
+        # run encodes exactly the batches an uninterrupted one would. (A row's vector can depend on
+        # the other rows of its batch, through padding, by float rounding: re-batching only the rows
+        # still missing gave a killed-and-resumed mine different near-tie negatives.) A batch that
+        # is partly cached (contents shared with another table) is encoded whole, and only its
+        # missing vectors are added.
+        distinct = list(first)
+        for start in range(0, len(distinct), batch_size):
+            batch = distinct[start : start + batch_size]
+            missing = {k for k in batch if k not in found}
+            if not missing:
+                continue
+            vecs = self.encoder.encode(rows_at([first[k] for k in batch]), side)
+            if vecs.shape[0] != len(batch) or not np.isfinite(vecs).all():
                 raise ValueError(
-                    f"encoder {self.encoder.model_id} returned bad vectors for {len(chunk)} rows"
+                    f"encoder {self.encoder.model_id} returned bad vectors for {len(batch)} rows"
                 )
             blobs = [
-                (keys[i], vecs.shape[1], vecs[j].astype(np.float32).tobytes()) for j, i in enumerate(chunk)
+                (k, vecs.shape[1], vecs[j].astype(np.float32).tobytes())
+                for j, k in enumerate(batch)
+                if k in missing
             ]
             with self._db:
                 self._db.executemany("INSERT OR REPLACE INTO vectors (key, dim, vec) VALUES (?,?,?)", blobs)
             found.update((key, blob) for key, _, blob in blobs)
-            self.encoded += len(chunk)
+            self.encoded += len(blobs)
             if progress:
-                progress(len(chunk))
+                progress(len(blobs))
         if not keys:
             return np.zeros((0, self.encoder.dim), np.float32)
         ordered = [found[k] for k in keys]

@@ -678,14 +678,6 @@ def test_kill_harness_full_validate_on_ray(tmp_path):
     run_case("validate", tmp_path, "full", kills=10, executor="ray")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="curation/dataset.py: a kill between DatasetWriter.finish()'s manifest.json and its "
-    "rmtree(_progress) leaves _progress/ in the finished dataset for good: the rerun's "
-    "DatasetWriter raises AlreadyComplete before any cleanup. Fix: in DatasetWriter.__init__, "
-    "when the manifest's run_id matches (the AlreadyComplete branch), first "
-    "shutil.rmtree(self.root / PROGRESS, ignore_errors=True) and remove_stale_tmp(self.root).",
-)
 def test_a_kill_between_the_manifest_and_its_cleanup_leaves_no_progress_behind(tmp_path):
     """SIGKILL `assay validate` the moment its manifest appears, while _progress/ (scans, plans,
     markers of ~140 shards) is being removed; the rerun must leave a clean dataset."""
