@@ -230,29 +230,17 @@ def _rows(files: list[Path]) -> pa.Table | None:
     return pa.concat_tables(parts, promote_options="default") if parts else None
 
 
-#: A kill after ``manifest.json`` is written but before ``_progress/`` is removed leaves
-#: ``_progress/`` in the finished dataset for good: the rerun finds the dataset complete and returns
-#: at once (curation/dataset.py: DatasetWriter raises AlreadyComplete without clearing it). Known,
-#: reported in the summaries, and covered by its own (xfail) test; not counted against a kill there.
-KNOWN_PROGRESS_LEFTOVER = "known: _progress/ left by a kill between manifest.json and its removal"
-
-
-def compare_datasets(ref: Path, got: Path, label: str = "", *, killed_in_cleanup: bool = False) -> Comparison:
+def compare_datasets(ref: Path, got: Path, label: str = "") -> Comparison:
     """Row for row: the same files holding equal tables; and, counted per table over all its files,
     the reference rows missing (lost) and the rows whose key is repeated beyond the reference's
-    count (duplicated). Leftovers of a killed run (``.tmp-*``, ``_progress``) are problems too,
-    but for ``_progress/`` after a kill that came between the manifest and its removal
-    (``killed_in_cleanup``: see KNOWN_PROGRESS_LEFTOVER)."""
+    count (duplicated). Leftovers of a killed run (``.tmp-*``, ``_progress``) are problems too."""
     c = Comparison()
     where = f"{label}: " if label else ""
     if not (got / "manifest.json").is_file():
         c.problem(f"{where}{got} has no manifest.json (the rerun did not finish it)")
     leftovers = [p.relative_to(got).as_posix() for p in got.rglob(".tmp-*")]
     if (got / "_progress").exists():
-        if killed_in_cleanup:
-            c.info[f"{label or 'dataset'}_progress_left"] = KNOWN_PROGRESS_LEFTOVER
-        else:
-            leftovers.append("_progress/")
+        leftovers.append("_progress/")
     if leftovers:
         c.problem(f"{where}left behind: {leftovers[:5]}")
     fa, fb = dataset_files(ref), dataset_files(got)
@@ -335,7 +323,7 @@ class Summary:
     rows_extra: int = 0
     identical: bool = True
     not_bit_identical: int = 0  # kills whose result was equal only within the float tolerance
-    known_progress_leftovers: int = 0  # kills that hit KNOWN_PROGRESS_LEFTOVER
+    killed_in_cleanup: int = 0  # kills between a dataset's manifest and its removal of _progress/
     seconds: float = 0.0
     kills: list[Kill] = field(default_factory=list)
 
@@ -481,7 +469,7 @@ def kill_trials(
             c = Comparison(identical=False, problems=["never completed"])
         kill.identical, kill.exact, kill.rows, kill.lost = c.identical, c.exact, c.rows, c.lost
         summary.not_bit_identical += c.identical and not c.exact
-        summary.known_progress_leftovers += KNOWN_PROGRESS_LEFTOVER in c.info.values()
+        summary.killed_in_cleanup += killed_in_cleanup(kill.phase)
         kill.duplicated, kill.extra = c.duplicated, c.extra
         kill.problems += c.problems
         kill.rerun_seconds = round(kill.rerun_seconds, 2)
@@ -567,8 +555,8 @@ def markdown_table(report: str | os.PathLike) -> str:
         n = len(d["kills"])
         if same == "yes" and d.get("not_bit_identical"):
             same = f"yes ({n - d['not_bit_identical']} of {n} bit for bit, the rest within tolerance)"
-        if d.get("known_progress_leftovers"):
-            same += f"; {d['known_progress_leftovers']} of {n} left `_progress/` (known bug, see below)"
+        if d.get("killed_in_cleanup"):
+            same += f"; {d['killed_in_cleanup']} kill(s) between manifest and cleanup"
         out.append(
             f"| {d['command']} | {d['tries']} | {d['kills_tried']} | {landed} | {d['reruns']} "
             f"| {d['rows_compared']} | {d['rows_lost']} | {d['rows_duplicated']} "

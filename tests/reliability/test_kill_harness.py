@@ -45,7 +45,6 @@ from helpers.fault import (
     compare_datasets,
     dataset_phase,
     kill_trials,
-    killed_in_cleanup,
     manifest_counts,
     run_once,
 )
@@ -195,8 +194,8 @@ def is_dataset(path: Path) -> bool:
     return (path / "manifest.json").is_file()
 
 
-def check_dataset(ref: Path, got: Path, label: str, phase: dict | None = None) -> Comparison:
-    c = compare_datasets(ref, got, label, killed_in_cleanup=killed_in_cleanup(phase or {}))
+def check_dataset(ref: Path, got: Path, label: str) -> Comparison:
+    c = compare_datasets(ref, got, label)
     if is_dataset(ref) and is_dataset(got) and manifest_counts(ref) != manifest_counts(got):
         c.problem(f"{label}: manifest counts {manifest_counts(got)} != reference {manifest_counts(ref)}")
     return c
@@ -453,7 +452,7 @@ def case_validate(work: Path, mode: str, executor: str = "local"):
         )  # fmt: skip
 
     def check(ref: Path, root: Path, kill, reruns) -> Comparison:
-        c = check_dataset(ref / "out", root / "out", "out", kill.phase)
+        c = check_dataset(ref / "out", root / "out", "out")
         if is_dataset(root / "out") and manifest_counts(root / "out")["quarantine"] != n_bad:
             c.problem(f"quarantine holds {manifest_counts(root / 'out')['quarantine']} rows, not {n_bad}")
         return c
@@ -473,7 +472,7 @@ def case_dedup(work: Path, mode: str):
         return assay_cmd("dedup", str(src), str(root / "out"), "--against", str(ev), "--executor", "local")
 
     def check(ref: Path, root: Path, kill, reruns) -> Comparison:
-        c = check_dataset(ref / "out", root / "out", "out", kill.phase)
+        c = check_dataset(ref / "out", root / "out", "out")
         if is_dataset(root / "out"):
             counts = manifest_counts(root / "out")
             total = sum(counts[t] for t in ("queries", "corpus", "pairs", "quarantine"))
@@ -503,7 +502,7 @@ def case_judge(work: Path, mode: str):
         return {**dataset_phase(root / "out"), "cached": _judgments(root / "j.sqlite")}
 
     def check(ref: Path, root: Path, kill, reruns) -> Comparison:
-        c = check_dataset(ref / "out", root / "out", "out", kill.phase)
+        c = check_dataset(ref / "out", root / "out", "out")
         missing, diff = judgment_diff(ref / "j.sqlite", root / "j.sqlite")
         c.info["margins_max_abs_diff"] = diff
         if missing or diff > OUTPUT_ATOL:
@@ -546,7 +545,7 @@ def case_mine(work: Path, mode: str):
         return {**dataset_phase(root / "out"), "vectors": _vectors(root / "cache")}
 
     def check(ref: Path, root: Path, kill, reruns) -> Comparison:
-        c = check_dataset(ref / "out", root / "out", "out", kill.phase)
+        c = check_dataset(ref / "out", root / "out", "out")
         missing, diff = vector_diff(ref / "cache", root / "cache")
         c.info["vectors_max_abs_diff"] = diff
         if missing or diff > OUTPUT_ATOL:
@@ -701,7 +700,7 @@ def case_loop(work: Path, mode: str):
         for step, sub in (("valid", "valid"), ("mine", "mined"), ("judge", "judged")):
             if step not in names:
                 continue
-            d = check_dataset(a / sub, b / sub, sub, kill.phase if running == step else None)
+            d = check_dataset(a / sub, b / sub, sub)
             c.add(_as_noise(d, sub, noise) if sub != "valid" else d)
         for sub in ("stage1", "stage2"):
             c.add(_as_noise(check_train_dir(a / sub, b / sub, sub), sub, noise if sub == "stage2" else {}))
