@@ -34,11 +34,11 @@ def huge_png_header(width: int = 100_000, height: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + body
 
 
-def truncated_png() -> bytes:
-    """A real PNG (with enough pixel data to need several reads) cut in the middle of its data."""
+def truncated_png(size: int = 64) -> bytes:
+    """A real size x size noise PNG (enough pixel data to need several reads) cut in the middle."""
     rng = random.Random(0)
-    img = Image.new("RGB", (64, 64))
-    img.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(64 * 64)])
+    img = Image.new("RGB", (size, size))
+    img.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(size * size)])
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     data = buf.getvalue()

@@ -26,8 +26,6 @@ inputs, and ten on validate as a Ray Data job. ``ASSAY_FAULT_REPORT=FILE`` appen
 
 from __future__ import annotations
 
-import functools
-import io
 import json
 import re
 import shutil
@@ -39,6 +37,7 @@ import pytest
 import yaml
 from helpers.badrows import make_fuzz_rows, queries_table
 from helpers.colours import COLOURS, TINY, colour_dataset, png
+from helpers.dedup_data import dedup_inputs
 from helpers.fault import (
     Comparison,
     assay_cmd,
@@ -48,7 +47,6 @@ from helpers.fault import (
     manifest_counts,
     run_once,
 )
-from PIL import Image
 
 from curation.dataset import write_dataset
 
@@ -123,68 +121,6 @@ def tiny_checkpoint() -> Path:
         model, processor = build_tiny(texts, tokens_per_tile=16, seed=1, **settings)
         MMEmbedder(model, processor).save_pretrained(path)
     return path
-
-
-@functools.cache
-def _png(seed: int, size: int = 64, pixel: bool = False) -> bytes:
-    rs = np.random.RandomState(seed)
-    img = Image.fromarray((rs.rand(8, 8, 3) * 255).astype("uint8")).resize((size, size), Image.BILINEAR)
-    if pixel:
-        img.putpixel((size - 1, size - 1), (255, 255, 255))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def dedup_inputs(root: Path, n: int) -> tuple[Path, Path]:
-    """The shape of tests/pipelines/test_kill_dedup.py, n rows: exact and near-duplicate images,
-    images by path, pairs to rewrite, and an eval set that some queries copy."""
-    media = root / "media"
-    media.mkdir(parents=True, exist_ok=True)
-    for s in range(20):
-        (media / f"{s}.png").write_bytes(_png(s))
-    queries = [
-        {
-            "query_id": f"q{i}",
-            "subset": f"s{i % 2}",
-            "task": "retrieval",
-            "text": f"Question {i % 90}",
-            "image": {"bytes": _png(1000 + i % 150, pixel=i % 7 == 0), "path": None},
-        }
-        for i in range(n)
-    ]
-    corpus = [
-        {
-            "doc_id": f"d{i}",
-            "subset": "s0",
-            "text": None,
-            "image": (
-                {"bytes": None, "path": f"{i % 20}.png"}
-                if i % 5 == 0
-                else {"bytes": _png(i % 400, pixel=i % 3 == 0), "path": None}
-            ),
-        }
-        for i in range(n)
-    ]
-    pairs = [{"query_id": f"q{i}", "doc_id": f"d{(i * 13) % n}", "label": "positive"} for i in range(n)]
-    src = write_dataset(
-        root / "src",
-        {"queries": queries, "corpus": corpus, "pairs": pairs},
-        rows_per_shard=n // 8,
-        data_root=str(media),
-    )
-    evals = [
-        {
-            "query_id": f"e{i}",
-            "subset": "eval",
-            "task": "retrieval",
-            "text": f"question {i}",
-            "image": {"bytes": _png(1000 + i), "path": None},
-        }
-        for i in range(0, 40, 3)
-    ]
-    ev = write_dataset(root / "eval", {"queries": evals}, rows_per_shard=4)
-    return src.root, ev.root
 
 
 # ---------------------------------------------------------------- checks
@@ -466,7 +402,7 @@ def case_validate(work: Path, mode: str, executor: str = "local"):
 
 def case_dedup(work: Path, mode: str):
     n = _size("dedup", mode)
-    src, ev = dedup_inputs(work / "input", n)
+    src, ev = (d.root for d in dedup_inputs(work / "input", n))
 
     def command(root: Path) -> list[str]:
         return assay_cmd("dedup", str(src), str(root / "out"), "--against", str(ev), "--executor", "local")

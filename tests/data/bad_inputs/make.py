@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # the repository root: curation.schema
 sys.path.insert(0, str(HERE.parents[1]))  # tests/: helpers.badrows
 
-from helpers.badrows import huge_png_header  # noqa: E402
+from helpers.badrows import huge_png_header, truncated_png  # noqa: E402
 
 from curation.schema import CORPUS_SCHEMA as CORPUS  # noqa: E402
 from curation.schema import PAIRS_SCHEMA as PAIRS  # noqa: E402
@@ -41,17 +40,6 @@ def png(color=(10, 120, 200), size=(8, 8)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def truncated_png() -> bytes:
-    """A real 48x48 noise PNG cut in the middle of its pixel data."""
-    rng = random.Random(0)
-    img = Image.new("RGB", (48, 48))
-    img.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(48 * 48)])
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    data = buf.getvalue()
-    return data[: len(data) // 2]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -246,7 +234,7 @@ def make_datasets() -> None:
     for name, data in (
         ("image_text_file", b"this is a text file, not a picture\n"),
         ("image_huge_header", huge_png_header()),
-        ("image_truncated", truncated_png()),
+        ("image_truncated", truncated_png(48)),
         ("image_zero_bytes", b""),
     ):
         good_dataset(name, query("q-bad", "look at this", image_path="img/bad.png"))
