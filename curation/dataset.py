@@ -217,6 +217,21 @@ class Dataset:
     def read_shard(self, table: str, name: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.shard_path(table, name), columns=columns)
 
+    def check_shards(self, tables: tuple[str, ...] = tuple(SCHEMAS)) -> None:
+        """Every shard must be a Parquet file whose footer can be read: a truncated or foreign file
+        is an error that names it. Stages call this before they write anything (rows can be
+        refused; a file cannot)."""
+        for table in tables:
+            for name in self.shards(table):
+                path = self.shard_path(table, name)
+                try:
+                    pq.read_metadata(path)
+                except (pa.ArrowInvalid, OSError) as e:
+                    raise DatasetError(
+                        f"{path}: not a readable Parquet file ({e}); the dataset {self.root} is "
+                        "damaged: rerun the stage that wrote it"
+                    ) from None
+
     def iter_batches(
         self, table: str, columns: list[str] | None = None, batch_size: int = 8192
     ) -> Iterator[pa.RecordBatch]:

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from curation.dataset import Dataset, DatasetError, Manifest
+from curation.dataset import Dataset, Manifest
 from curation.executor import Executor
 from curation.schema import (
     CORPUS,
@@ -490,21 +490,6 @@ def _plans_for(
     return split_by_shard(arrow, scans, table, build)
 
 
-def _check_shards(source: Dataset) -> None:
-    """Every shard must be a Parquet file whose footer can be read: a truncated or foreign file is
-    an error that names it, before any output is written (rows can be refused; a file cannot)."""
-    for table in SCHEMAS:
-        for name in source.shards(table):
-            path = source.shard_path(table, name)
-            try:
-                pq.read_metadata(path)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise DatasetError(
-                    f"{path}: not a readable Parquet file ({e}); the dataset {source.root} is damaged: "
-                    "rerun the stage that wrote it"
-                ) from None
-
-
 def validate(
     source: Dataset,
     out: str | os.PathLike,
@@ -522,7 +507,7 @@ def validate(
         or not math.isfinite(cfg.max_pixels)
     ):
         raise ValueError("validate limits must be positive")
-    _check_shards(source)
+    source.check_shards()
     return run_shard_stage(
         source,
         out,

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from curation.dataset import atomic_write_json, fingerprint
+from curation.dataset import atomic_write_bytes, atomic_write_json, fingerprint
 from training.checkpoint import (
     ADAPTER_DIR,
     CHECKPOINT_NAME,
@@ -356,9 +356,7 @@ def _rewrite_log(output: Path, upto: int) -> None:
     if not file.is_file():
         return
     lines = [ln for ln in file.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= upto]
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines))
-    os.replace(tmp, file)
+    atomic_write_bytes(file, "".join(ln + "\n" for ln in lines).encode())
 
 
 def train(config: TrainConfig, *, device: str | torch.device | None = None) -> Path:

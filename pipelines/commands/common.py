@@ -78,6 +78,47 @@ def validate_limit_options(fn: Callable) -> Callable:
     return fn
 
 
+def dedup_options(fn: Callable) -> Callable:
+    """--against, --images-only, --phash-distance, --no-near: what counts as a duplicate or an
+    eval-set copy (`assay dedup`, and the dedup step of `assay curate`). Each command adds its own
+    --decontaminate, whose default differs."""
+    from curation.hamming import MAX_DISTANCE
+
+    options = [
+        click.option(
+            "--against",
+            multiple=True,
+            metavar="EVAL",
+            type=click.Path(exists=True, file_okay=False),
+            help="An evaluation dataset: training rows whose content matches one of its rows are "
+            "removed as contaminated. Repeat for several.",
+        ),
+        click.option(
+            "--images-only",
+            is_flag=True,
+            help="Only rows with an image can be contaminated: for short label-like texts that train "
+            "and eval share by design (easy-vqa's retrieval queries such as 'a blue circle').",
+        ),
+        click.option(
+            "--phash-distance",
+            type=int,
+            default=4,
+            show_default=True,
+            metavar="N",
+            help=f"Images whose 64-bit pHash differ in at most N bits are near duplicates (0: equal "
+            f"hashes only; at most {MAX_DISTANCE}; negative: off). Unrelated images are ~32 bits apart.",
+        ),
+        click.option(
+            "--no-near",
+            is_flag=True,
+            help="Skip near-duplicate images (the dedup step then decodes no image).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def judge_scoring_options(fn: Callable) -> Callable:
     """--prompt, --rule, --labels, --batch-size, --max-chars, --device, --cache, --trust-remote-code:
     how a judge scores pairs (`assay judge`, and the judge step of `assay curate`)."""

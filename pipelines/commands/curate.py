@@ -5,10 +5,10 @@ from __future__ import annotations
 import click
 
 from curation.dedup import DEFAULT_DECONTAMINATE
-from curation.hamming import MAX_DISTANCE
 from curation.schema import DATA_TABLES
 from curation.validate import ValidateConfig
 from pipelines.commands.common import (
+    dedup_options,
     friendly_errors,
     judge_scoring_options,
     open_dataset,
@@ -51,13 +51,7 @@ from pipelines.commands.common import (
     default=None,
     help="Apply --where to this table only (default: every table that has its columns).",
 )
-@click.option(
-    "--against",
-    multiple=True,
-    metavar="EVAL",
-    type=click.Path(exists=True, file_okay=False),
-    help="An evaluation dataset to decontaminate against (repeat for several).",
-)
+@dedup_options
 @click.option(
     "--decontaminate",
     default=",".join(DEFAULT_DECONTAMINATE),
@@ -65,18 +59,6 @@ from pipelines.commands.common import (
     metavar="TABLES",
     help="Tables checked against --against: queries, corpus or queries,corpus.",
 )
-@click.option(
-    "--images-only", is_flag=True, help="Only rows with an image can be contaminated (see `assay dedup`)."
-)
-@click.option(
-    "--phash-distance",
-    type=int,
-    default=4,
-    show_default=True,
-    metavar="N",
-    help=f"Near-duplicate images differ in at most N pHash bits (0 to {MAX_DISTANCE}; negative: off).",
-)
-@click.option("--no-near", is_flag=True, help="Skip near-duplicate images.")
 @validate_limit_options
 @click.option(
     "--ray-address",

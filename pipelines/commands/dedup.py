@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from curation.dedup import dedup
-from curation.hamming import MAX_DISTANCE
 from pipelines.commands.common import (
     build_executor,
+    dedup_options,
     executor_options,
     friendly_errors,
     open_dataset,
@@ -19,24 +19,7 @@ from pipelines.commands.common import (
 @click.command("dedup", short_help="Exact and near-duplicate rows, and eval-set copies, to quarantine.")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option(
-    "--phash-distance",
-    type=int,
-    default=4,
-    show_default=True,
-    metavar="N",
-    help=f"Images whose 64-bit pHash differ in at most N bits are near duplicates (0: equal hashes "
-    f"only; at most {MAX_DISTANCE}; negative: off). Unrelated images are ~32 bits apart.",
-)
-@click.option("--no-near", is_flag=True, help="Skip near-duplicate images (and do not decode images at all).")
-@click.option(
-    "--against",
-    multiple=True,
-    metavar="EVAL",
-    type=click.Path(exists=True, file_okay=False),
-    help="An evaluation dataset: training rows whose content matches one of its rows are removed "
-    "as contaminated. Repeat for several.",
-)
+@dedup_options
 @click.option(
     "--decontaminate",
     default=None,
@@ -45,12 +28,6 @@ from pipelines.commands.common import (
     help="Comma-separated tables checked against --against: queries, corpus or queries,corpus. "
     "The corpus is off by default: label-space documents (class names, answer options) are "
     "shared by design between train and test, and removing them would remove the task.",
-)
-@click.option(
-    "--images-only",
-    is_flag=True,
-    help="Only rows with an image can be contaminated: for short label-like texts that train and "
-    "eval share by design (easy-vqa's retrieval queries such as 'a blue circle').",
 )
 @executor_options
 @friendly_errors

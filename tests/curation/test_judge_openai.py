@@ -42,7 +42,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # keep test output quiet
         pass
 
+    def _done(self) -> None:
+        """The request stops counting as in flight before its answer goes out: a client that
+        bounds its concurrency may send the next request the moment it reads this answer."""
+        if getattr(self, "_counted", False):
+            self._counted = False
+            with self.server.state.lock:  # type: ignore[attr-defined]
+                self.server.state.in_flight -= 1  # type: ignore[attr-defined]
+
     def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self._done()
         try:
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -64,11 +73,11 @@ class _Handler(BaseHTTPRequestHandler):
             state.headers.append(dict(self.headers))
             state.in_flight += 1
             state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        self._counted = True
         try:
             self._answer(state, body)
         finally:
-            with state.lock:
-                state.in_flight -= 1
+            self._done()
 
     def _answer(self, state: _State, body: dict) -> None:
         content = body["messages"][0]["content"]

@@ -420,7 +420,9 @@ def kill_trials(
     max_draws = max_draws if max_draws is not None else 3 * kills + 5
     draw = 0
 
-    def trial(root: Path, at: float | None, trigger: tuple[str, int] | None) -> None:
+    def trial(root: Path, at: float | None, trigger: tuple[str, int] | None) -> float | None:
+        """One kill and its reruns. Returns a moment by which this trial's work was already over
+        when the kill came too late (it had exited, or its output was complete), else None."""
         shutil.rmtree(root, ignore_errors=True)
         seen: dict[str, Any] = {}
         fire = None
@@ -434,12 +436,13 @@ def kill_trials(
             kill_when=fire,
             timeout=timeout,
             before_kill=lambda: seen.update(done=complete(root)),
+            done=lambda: complete(root),
         )
         if not first.killed:
             summary.draws_after_exit += 1
             assert first.returncode == 0, f"{name}: an uninterrupted run failed:\n{first.output[-3000:]}"
             shutil.rmtree(root, ignore_errors=True)
-            return
+            return first.seconds if window == "run" or first.done_at is None else first.done_at
         kill = Kill(
             at=round(at if at is not None else first.seconds, 3),
             tried=True,
@@ -485,16 +488,23 @@ def kill_trials(
         summary.identical = summary.identical and c.identical and not kill.rerun_failures
         if (c.identical and not kill.rerun_failures and not kill.problems) or not keep_failed:
             shutil.rmtree(root, ignore_errors=True)
+        return None if kill.landed or at is None or window == "run" else at
 
     # Stratified: the first `kills` moments are one uniform draw in each tenth (for ten) of the
     # window, in shuffled order, so that kills spread over the phases of the work; a moment that did
-    # not land mid-run is replaced by a uniform draw over the whole window.
+    # not land mid-run is replaced by a uniform draw over the whole window. A trial whose work was
+    # over before its kill came (a reference slowed by a busy machine makes the window too long)
+    # ends the window there, so later draws fall inside the work these trials really do.
     slices = list(range(kills))
     rng.shuffle(slices)
-    width = (end - start) / max(kills, 1)
+    floor = start + 0.25 * (end - start)
     while summary.drawn_landed < kills and draw < max_draws:
+        width = (end - start) / max(kills, 1)
         at = start + width * (slices[draw] + rng.random()) if draw < kills else rng.uniform(start, end)
-        trial(workdir / f"kill-{draw:02d}", at, None)
+        over_by = trial(workdir / f"kill-{draw:02d}", at, None)
+        if over_by is not None and over_by < end:
+            end = max(over_by, floor)
+            summary.window_end = round(end, 2)
         draw += 1
     for i, trig in enumerate(triggers):
         trial(workdir / f"trigger-{i:02d}", None, trig)

@@ -281,6 +281,18 @@ KINDS = [
         sub=True,
     ),
     Kind(
+        "dedup-shard-truncated",
+        ("dedup", f"{D}/truncated_shard", "{out}", *LOCAL),
+        "dedup of a dataset whose queries shard is a truncated Parquet file",
+        error=("truncated_shard/queries/part-00000.parquet", "not a readable Parquet file"),
+    ),
+    Kind(
+        "filter-shard-truncated",
+        ("filter", f"{D}/truncated_shard", "{out}", "--where", "subset == 'a'", *LOCAL),
+        "filter of a dataset whose queries shard is a truncated Parquet file",
+        error=("truncated_shard/queries/part-00000.parquet", "not a readable Parquet file"),
+    ),
+    Kind(
         "validate-shard-wrong-column-types",
         ("validate", f"{D}/wrong_types", "{out}", *LOCAL),
         "a queries shard with text as int64 and image as a string",
