@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from curation.dataset import atomic_write_bytes, atomic_write_json
+from curation.dataset import MANIFEST, atomic_write_bytes, atomic_write_json
 from curation.lock import output_lock
 
 #: The commands a step may run, and what each produces (the output a later ``{NAME}`` names).
@@ -316,7 +316,7 @@ class Loop:
     # -- running
 
     def status(self) -> list[tuple[Step, str]]:
-        """Each step with complete / stale / interrupted / failed / pending (for --dry-run)."""
+        """Each step with complete / output missing / stale / interrupted / failed / pending (--dry-run)."""
         out = []
         for step in self.spec.steps:
             m = self.manifest(step)
@@ -330,7 +330,8 @@ class Loop:
                     same = self.fingerprint(step, argv, config) == m.get("fingerprint")
                 except LoopError:
                     same = False
-                out.append((step, "complete" if same else "stale"))
+                state = ("output missing" if _missing_outputs(m) else "complete") if same else "stale"
+                out.append((step, state))
             else:
                 out.append((step, "interrupted" if state == "running" else str(state)))
         return out
@@ -389,6 +390,10 @@ class Loop:
         fp = self.fingerprint(step, argv, config)
         old = self.manifest(step)
         label = f"[{step.index + 1}/{len(self.spec.steps)}] {step.name}"
+        gone = _missing_outputs(old) if old and old.get("status") == "complete" else []
+        if gone and old.get("fingerprint") == fp:
+            self.echo(f"{label}: complete, but its output {gone[0]} is gone: running it again")
+            old = None
         if old and old.get("status") == "complete":
             if old.get("fingerprint") == fp:
                 self.echo(f"{label}: complete, skipped ({old.get('seconds', 0):.1f} s when it ran)")
@@ -475,6 +480,18 @@ def _ray_is_local(ray: Any) -> bool:
         return bool(getattr(worker.global_worker.node, "is_head", lambda: False)())
     except Exception:  # noqa: BLE001 - private API; when unsure, treat it as a cluster and keep it
         return False
+
+
+def _missing_outputs(record: dict[str, Any]) -> list[str]:
+    """The outputs a completed step's record names that are no longer there (deleted by hand): a
+    dataset without its manifest, a checkpoint, metrics or export file that does not exist."""
+    gone = []
+    for key, path in (record.get("outputs") or {}).items():
+        p = Path(path)
+        there = (p / MANIFEST).is_file() if key == "dataset" else p.exists()
+        if not there:
+            gone.append(str(p))
+    return gone
 
 
 def _final_checkpoint(train_dir: Path) -> str:

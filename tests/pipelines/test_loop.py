@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,22 @@ def test_steps_run_in_order_then_are_skipped_refused_when_changed_and_redone_wit
     assert {r["subset"] for r in exported} == {"retrieval"} and len(exported) == 16  # 4 queries x 4 images
     subsets = query_subsets(run / "vqa")
     assert subsets == {"retrieval"}
+
+
+def test_a_complete_step_whose_output_was_deleted_runs_again(colours, tmp_path):
+    f = write_loop(tmp_path / "loop.yaml", curation_steps(colours))
+    assert loop(str(f)).exit_code == 0
+    run = tmp_path / "run"
+    shutil.rmtree(run / "vqa")  # deleted by hand; its record still says complete
+    dry = loop(str(f), "--dry-run")
+    states = {line.split()[1]: " ".join(line.split()[2:4]) for line in dry.output.splitlines()}
+    assert states["vqa"] == "output missing" and states["valid"].startswith("complete")
+    res = loop(str(f))
+    assert res.exit_code == 0, res.output
+    assert f"vqa: complete, but its output {run / 'vqa'} is gone: running it again" in res.output
+    assert "valid: complete, skipped" in res.output and "export: complete, skipped" in res.output
+    assert query_subsets(run / "vqa") == {"vqa"}
+    assert loop(str(f)).output.count("complete, skipped") == 3
 
 
 def test_a_failed_step_is_recorded_stops_the_loop_and_reruns_when_fixed(colours, tmp_path):
