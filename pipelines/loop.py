@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from curation.dataset import MANIFEST, atomic_write_bytes, atomic_write_json
+from curation.dataset import atomic_write_bytes, atomic_write_json
 from curation.lock import output_lock
 
 #: The commands a step may run, and what each produces (the output a later ``{NAME}`` names).
@@ -484,14 +484,8 @@ def _ray_is_local(ray: Any) -> bool:
 
 def _missing_outputs(record: dict[str, Any]) -> list[str]:
     """The outputs a completed step's record names that are no longer there (deleted by hand): a
-    dataset without its manifest, a checkpoint, metrics or export file that does not exist."""
-    gone = []
-    for key, path in (record.get("outputs") or {}).items():
-        p = Path(path)
-        there = (p / MANIFEST).is_file() if key == "dataset" else p.exists()
-        if not there:
-            gone.append(str(p))
-    return gone
+    dataset folder (or an ingest's folder of splits), a checkpoint, a metrics or export file."""
+    return [str(p) for p in map(Path, (record.get("outputs") or {}).values()) if not p.exists()]
 
 
 def _final_checkpoint(train_dir: Path) -> str:

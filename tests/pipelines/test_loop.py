@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 from helpers.colours import TINY, colour_dataset
@@ -303,7 +302,12 @@ def test_a_loop_killed_during_mining_and_during_training_reaches_the_same_final_
     ]
     assert os.path.basename(final) == os.path.basename(ref)
     a, b = load_file(Path(final) / "model.safetensors"), load_file(Path(ref) / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    # Bit for bit almost always; rarely a stage run in another process differs in its last bits and
+    # Adam grows that to ~1e-5 (docs/RELIABILITY.md, "Not a resume bug"). A wrong resume (a step
+    # lost or repeated, optimizer state lost) moves weights by about one step, ~lr = 1e-3.
+    diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+    assert diff <= 1e-4, f"stage 2 weights differ from the uninterrupted run's by {diff:.3g}"
 
 
 def test_an_option_the_command_does_not_have_is_refused_before_anything_runs(colours, tmp_path):
