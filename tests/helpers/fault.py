@@ -5,7 +5,8 @@ work starts (the first moment a watched path exists: the output folder, the firs
 and when it exits. Then, for each kill, it starts the same command into a fresh trial folder,
 sends SIGKILL to its whole process group (the command and any local Ray it started) at a moment
 drawn from a seeded RNG uniformly over the reference's work window (stratified: one moment in each
-of ``kills`` equal slices of it, so the kills spread over its phases), reruns the same command
+of ``kills`` equal slices of it, so the kills spread over its phases), counted from the moment the
+trial's own work starts (its start-up takes a different time on every run), reruns the same command
 line into the same folder until it exits 0, and hands the trial folder to a ``check`` that
 compares it with the reference. Optional file triggers add kills at moments a clock rarely hits.
 
@@ -121,12 +122,14 @@ def run_once(
     before_kill: Callable[[], None] | None = None,
     done: Callable[[], bool] | None = None,
     kill_when: Callable[[], bool] | None = None,
+    kill_after_start: float | None = None,
 ) -> Run:
     """Run ``cmd`` (output to ``log``); with ``kill_at``, SIGKILL its process group that many seconds
     after the start if it is still running. ``watch``: note when that path first exists; ``done``:
     when the output is first complete. ``kill_when``: SIGKILL as soon as it says so (a file trigger,
-    polled every few milliseconds). ``before_kill`` is called just before the signal, while the
-    process still runs."""
+    polled every few milliseconds). ``kill_after_start``: SIGKILL that many seconds after ``watch``
+    first exists (a moment in the work itself, whatever the start-up took this time).
+    ``before_kill`` is called just before the signal, while the process still runs."""
     proc, fh = _spawn(cmd, log)
     t0 = time.monotonic()
     work_start = done_at = None
@@ -143,7 +146,10 @@ def run_once(
                 done_at = now
             if proc.poll() is not None:
                 break
-            if (kill_at is not None and now >= kill_at) or (kill_when is not None and kill_when()):
+            due = (kill_at is not None and now >= kill_at) or (kill_when is not None and kill_when())
+            if kill_after_start is not None and work_start is not None:
+                due = due or now >= work_start + kill_after_start
+            if due:
                 if before_kill is not None:
                     before_kill()
                 _kill_group(proc)
@@ -435,7 +441,9 @@ def kill_trials(
         first = run_once(
             command(root),
             root / "logs" / "run-0.log",
-            kill_at=at,
+            watch=watch(root),
+            kill_at=at if ref.work_start is None else None,
+            kill_after_start=None if at is None or ref.work_start is None else at - start,
             kill_when=fire,
             timeout=timeout,
             before_kill=lambda: seen.update(done=complete(root)),
@@ -445,7 +453,9 @@ def kill_trials(
             summary.draws_after_exit += 1
             assert first.returncode == 0, f"{name}: an uninterrupted run failed:\n{first.output[-3000:]}"
             shutil.rmtree(root, ignore_errors=True)
-            return first.seconds if window == "run" or first.done_at is None else first.done_at
+            over = first.seconds if window == "run" or first.done_at is None else first.done_at
+            # on the reference's clock: this trial's work, from its own start
+            return None if first.work_start is None else start + over - first.work_start
         kill = Kill(
             at=round(at if at is not None else first.seconds, 3),
             tried=True,
