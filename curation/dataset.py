@@ -217,11 +217,11 @@ class Dataset:
     def read_shard(self, table: str, name: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.shard_path(table, name), columns=columns)
 
-    def check_shards(self, tables: tuple[str, ...] = tuple(SCHEMAS)) -> None:
-        """Every shard must be a Parquet file whose footer can be read: a truncated or foreign file
-        is an error that names it. Stages call this before they write anything (rows can be
-        refused; a file cannot)."""
-        for table in tables:
+    def check_shards(self) -> None:
+        """Every shard of every table must be a Parquet file whose footer can be read: a truncated
+        or foreign file is an error that names it. Stages call this before they write anything
+        (rows can be refused; a file cannot)."""
+        for table in SCHEMAS:
             for name in self.shards(table):
                 path = self.shard_path(table, name)
                 try:

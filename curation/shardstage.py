@@ -157,7 +157,7 @@ def run_shard_stage(
 ) -> Manifest:
     """Run a scan/plan/apply stage from ``source`` into a new dataset at ``out``; resumable."""
     executor = executor or LocalExecutor()
-    source.check_shards(tables)
+    source.check_shards()
     try:
         writer = DatasetWriter(
             out,

@@ -507,7 +507,6 @@ def validate(
         or not math.isfinite(cfg.max_pixels)
     ):
         raise ValueError("validate limits must be positive")
-    source.check_shards()
     return run_shard_stage(
         source,
         out,

@@ -239,7 +239,8 @@ def _rows(files: list[Path]) -> pa.Table | None:
 def compare_datasets(ref: Path, got: Path, label: str = "") -> Comparison:
     """Row for row: the same files holding equal tables; and, counted per table over all its files,
     the reference rows missing (lost) and the rows whose key is repeated beyond the reference's
-    count, or beyond once for a key the reference lacks (duplicated). Leftovers of a killed run (``.tmp-*``, ``_progress``) are problems too."""
+    count, or beyond once for a key the reference lacks (duplicated). Leftovers of a killed run
+    (``.tmp-*``, ``_progress``) are problems too."""
     c = Comparison()
     where = f"{label}: " if label else ""
     if not (got / "manifest.json").is_file():
