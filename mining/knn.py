@@ -13,16 +13,22 @@ concatenated corpus gives, ids and order, whatever the shard boundaries: the glo
 total order (score desc, id asc) is contained in the union of the per-shard top-k under the same
 order, and each shard's top-k is made exact under that order even when a group of equal scores
 straddles the k-th place (faiss and ``torch.topk`` pick an arbitrary subset of tied rows there):
-every shard is searched a little deeper than k (``TIE_MARGIN``), and a query whose group of scores
-equal to its k-th runs past that depth (duplicated rows) is searched again deeper (doubling) until
-the group is complete; then the smallest ids win.
+every shard is searched a little deeper than k (``TIE_MARGIN``), and a query whose scores near its
+k-th run past that depth (duplicated rows, near ties) is searched again deeper (doubling) until no
+row left out can reach its top k; then the smallest ids win.
 
-Equal scores must also be equal wherever they are computed. faiss rounds a (query, row) score the
-same way whatever the row's position, but picks its kernel (BLAS or its own SIMD loop, which round
-differently) from the number of queries in a call, so every faiss call of a search gets the same
-number of queries (``query_batch``; a short last chunk and re-searched queries are padded with
-copies). Scores are float32 as the kernel computes them; with exactly representable data every
-backend agrees bit for bit (on a GPU, cuBLAS may round a pair differently from shard to shard).
+Equal scores are equal by construction. A search kernel (faiss's BLAS or SIMD loop, cuBLAS,
+torch's matmul) rounds a (query, row) score differently depending on where the row sits in the
+block it computes and on the CPU's SIMD level, so two copies of one row in two shards can come back
+one ulp apart and swap places. The kernel therefore only proposes candidates; every candidate is then
+rescored by one routine whose result depends on nothing but the two vectors (``rescore``: faiss's
+``fvec_inner_products_by_idx``, one fixed-order loop per pair; on the torch path, float64 products
+summed on the device), and the order, the ties and the merge across shards use those scores. A row
+the kernel left out cannot outrank the k-th rescored candidate: both scores of a pair lie within a
+proven bound of the exact inner product (``_error_bound``: gamma_d |q| |x| for each, plus float16
+storage on a GPU), and a query whose last candidate is within that bound of its k-th is searched
+deeper. Scores are float32 as the rescoring routine computes them (on one machine: the same value
+for the same pair, whatever the shard, batch or kernel).
 When the corpus has fewer than k rows the tail is padded with id -1 and score -inf.
 
 Methods:
@@ -66,6 +72,9 @@ FAISS_QUERY_BATCH = 1024  # default queries per faiss call
 TIE_MARGIN = 16  # exact search goes this deep past k, so that small groups of equal scores need no re-search
 _TORCH_SCORE_BYTES = {"cpu": 256 * 2**20, "cuda": 1024 * 2**20}  # one (query chunk, shard) score block
 _RESULT_BYTES = 256 * 2**20  # one faiss call's (batch, depth) result arrays, for deep tie re-searches
+_RESCORE_BYTES = 256 * 2**20  # one torch rescoring block (rows, depth, d) in float64
+_F32_ROUNDOFF = 2.0**-24  # unit roundoff of float32
+_F16_ROUNDOFF = 2.0**-11  # unit roundoff of float16 (GPU storage / matmul with fp16)
 
 
 @dataclass(frozen=True)
@@ -186,7 +195,7 @@ def _clean(scores: np.ndarray, ids: np.ndarray, offset: int) -> tuple[np.ndarray
 
 
 def _batch_size(nq: int, query_batch: int | None) -> int:
-    """Rows per faiss call: query_batch, else chunks of <= 1024 of equal size (little padding)."""
+    """Rows per faiss call: query_batch, else chunks of <= 1024 of equal size."""
     if nq == 0:
         return 1
     if query_batch is not None:
@@ -196,52 +205,93 @@ def _batch_size(nq: int, query_batch: int | None) -> int:
 
 
 def _batched(search_fn: Callable, q: np.ndarray, depth: int, batch: int):
-    """search_fn over q in calls of exactly ``batch`` rows (the last one padded with copies of its
-    final row, their results dropped). faiss picks its distance kernel (BLAS or its own SIMD loop,
-    which round differently) from the batch's size: one size for every call gives every (query, row)
-    pair one score, whichever call computes it."""
-    parts_s, parts_i = [], []
-    for start in range(0, len(q), batch):
-        chunk = q[start : start + batch]
-        m = len(chunk)
-        if m < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - m, axis=0)])
-        s, i = search_fn(chunk, depth)
-        parts_s.append(s[:m])
-        parts_i.append(i[:m])
-    if len(parts_s) == 1:
-        return parts_s[0], parts_i[0]
-    return np.concatenate(parts_s), np.concatenate(parts_i)
+    """search_fn over q in calls of at most ``batch`` rows (bounds one call's result arrays)."""
+    if len(q) <= batch:
+        return search_fn(q, depth)
+    parts = [search_fn(q[start : start + batch], depth) for start in range(0, len(q), batch)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _exact_topk(search_fn: Callable, q: np.ndarray, n: int, k: int, max_depth: int, fallback=None):
-    """Exact top-k of one shard under (score desc, local id asc), from a kernel (``search_fn(q,
-    depth) -> (scores, ids)``, sorted by score) that returns the top-``depth`` rows by score but an
-    arbitrary subset of a group of equal scores cut by the depth.
+def _error_bound(d: int, x: np.ndarray, fp16: bool = False) -> float:
+    """A bound, per unit of query norm, on |kernel score - rescored score| for any row of ``x``.
 
-    The shard is searched TIE_MARGIN deeper than k: where the last score returned is below the k-th,
-    the group of rows tied with the k-th score is complete in the result and the smallest ids win.
-    The other queries (a group of equal scores longer than the margin, i.e. duplicated rows) are
-    searched again, doubling the depth, until the group is complete or the whole shard came back.
-    ``max_depth`` (>= k+1) is the deepest search allowed (faiss-gpu: 2048; the CPU: a memory
-    bound); ``fallback(q, k)`` finishes the queries still tied there. Returns (nq, min(n, k))."""
+    Both are float32 evaluations of one exact inner product, and any summation order (blocked, SIMD,
+    fused or not) lands within gamma_d * sum|q_i x_i| <= gamma_d |q| |x| of it (Higham, Accuracy and
+    Stability of Numerical Algorithms, 3.1), gamma_d = d u / (1 - d u); each result is rounded to
+    float32 once more. float16 storage or output (a GPU with ``fp16``) adds a relative 2^-11 for q,
+    for x and for the output. Multiplied by |q| it is the slack ``_exact_topk`` keeps; the 1.01
+    covers the rounding of the norms themselves."""
+    u = _F32_ROUNDOFF
+    gamma = d * u / (1 - d * u)
+    rel = 2 * gamma + 4 * u + (6 * _F16_ROUNDOFF if fp16 else 0.0)
+    x_norm = float(np.sqrt(np.max(np.einsum("ij,ij->i", x, x)))) if len(x) else 0.0
+    return 1.01 * rel * x_norm
+
+
+def _exact_topk(
+    search_fn: Callable,
+    rescore: Callable,
+    q: np.ndarray,
+    n: int,
+    k: int,
+    max_depth: int,
+    bound: float,
+    fallback: Callable | None = None,
+):
+    """Exact top-k of one shard under (rescored score desc, local id asc).
+
+    ``search_fn(q, depth) -> (scores, ids)`` is a kernel that returns ``depth`` rows sorted by its
+    own scores, which may be a little off the rescored ones (``_error_bound``) and may cut a group of
+    equal scores anywhere. ``rescore(q, ids)`` gives each candidate its one true score. The shard is
+    searched TIE_MARGIN deeper than k; a query is complete when the kernel's last score plus the
+    slack (``bound`` * |q|) is below its k-th rescored score: no row left out can reach the top k
+    then. The others (near ties at the cut, duplicated rows) are searched again, doubling the depth,
+    until complete or the whole shard came back. ``max_depth`` (>= k+1) is the deepest search allowed
+    (faiss-gpu: 2048; the CPU: a memory bound); ``fallback(q, k)`` finishes the queries still open
+    there. Returns (nq, min(n, k)) rescored scores and ids."""
     depth = min(n, k + TIE_MARGIN, max(k + 1, max_depth))
-    scores, ids = search_fn(q, depth)
-    out_s, out_i = _order_ranked(scores, ids, k)
+    kernel, ids = search_fn(q, depth)
+    out_s, out_i = _order(rescore(q, ids), ids, k)
     if depth >= n:  # the whole shard came back
         return out_s, out_i
-    pending = np.flatnonzero(scores[:, -1] == scores[:, k - 1])
+    slack = bound * np.linalg.norm(q, axis=1).astype(np.float64)
+    pending = np.flatnonzero(kernel[:, -1] + slack >= out_s[:, k - 1])
     while pending.size:
+        qq = np.ascontiguousarray(q[pending])
         if depth >= max_depth:
-            out_s[pending], out_i[pending] = fallback(np.ascontiguousarray(q[pending]), k)
+            out_s[pending], out_i[pending] = fallback(qq, k)
             break
         depth = min(n, 2 * depth, max_depth)
-        s2, i2 = search_fn(np.ascontiguousarray(q[pending]), depth)
-        done = (s2[:, -1] < s2[:, k - 1]) | (depth == n)
-        if done.any():
-            out_s[pending[done]], out_i[pending[done]] = _order(s2[done], i2[done], k)
+        kernel, ids = search_fn(qq, depth)
+        s2, i2 = _order(rescore(qq, ids), ids, k)
+        done = (kernel[:, -1] + slack[pending] < s2[:, k - 1]) | (depth == n)
+        out_s[pending[done]], out_i[pending[done]] = s2[done], i2[done]
         pending = pending[~done]
     return out_s, out_i
+
+
+def _faiss_rescore(faiss, x: np.ndarray) -> Callable:
+    """``rescore(q, ids)``: <q_i, x[ids[i, j]]> for each candidate by faiss's one-pair routine
+    (``fvec_inner_products_by_idx``: a fixed-order loop over the two vectors, so the score depends on
+    their contents only); id -1 scores -inf."""
+
+    def rescore(q: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        out = np.empty(ids.shape, np.float32)
+        if out.size:
+            faiss.fvec_inner_products_by_idx(
+                faiss.swig_ptr(out),
+                faiss.swig_ptr(q),
+                faiss.swig_ptr(x),
+                faiss.swig_ptr(ids),
+                q.shape[1],
+                len(q),
+                ids.shape[1],
+            )
+        return out
+
+    return rescore
 
 
 @contextmanager
@@ -356,13 +406,13 @@ class _Searcher:
     def faiss_cpu_exact(self, x: np.ndarray, q: np.ndarray, k: int):
         faiss = self.faiss
         n, batch = len(x), self.batch
-        # ties re-searched at most this deep (the result arrays of one call stay under _RESULT_BYTES)
+        # near ties re-searched at most this deep (one call's result arrays stay under _RESULT_BYTES)
         max_depth = max(k + 1, _RESULT_BYTES // (12 * batch))
+        bound = _error_bound(self.d, x)
 
         def by_slices(qq: np.ndarray, kk: int):
-            """Queries whose tie group runs deeper than max_depth: the shard in slices of
-            max_depth rows (faiss.knn on views: the same kernel as IndexFlatIP.search, which is
-            row-position independent), each slice exact, merged."""
+            """Queries whose near ties run deeper than max_depth: the shard in slices of max_depth
+            rows, each slice exact (rescored the same way, so slices merge exactly)."""
             run_s = run_i = None
             for lo in range(0, n, max_depth):
                 xs = x[lo : lo + max_depth]
@@ -370,10 +420,12 @@ class _Searcher:
                     lambda a, depth, xs=xs: _batched(
                         lambda b, dd: faiss.knn(b, xs, dd, metric=faiss.METRIC_INNER_PRODUCT), a, depth, batch
                     ),
+                    _faiss_rescore(faiss, xs),
                     qq,
                     len(xs),
                     kk,
                     len(xs),
+                    bound,
                 )
                 i_ = i_ + lo
                 if run_s is None:
@@ -386,7 +438,14 @@ class _Searcher:
         index.add(x)
         try:
             return _exact_topk(
-                lambda qq, depth: _batched(index.search, qq, depth, batch), q, n, k, max_depth, by_slices
+                lambda qq, depth: _batched(index.search, qq, depth, batch),
+                _faiss_rescore(faiss, x),
+                q,
+                n,
+                k,
+                max_depth,
+                bound,
+                by_slices,
             )
         finally:
             index.reset()
@@ -403,10 +462,12 @@ class _Searcher:
         try:
             return _exact_topk(
                 lambda qq, depth: _batched(index.search, qq, depth, self.batch),
+                _faiss_rescore(faiss, x),  # on the CPU, where the shard is
                 self.q,
                 len(x),
                 self.k,
                 FAISS_GPU_MAX_K,
+                _error_bound(self.d, x, fp16=bool(self.fp16)),
                 fallback=lambda qq, k: self.faiss_cpu_exact(x, qq, k),
             )
         finally:
@@ -415,36 +476,51 @@ class _Searcher:
     # exact: torch
 
     def torch_exact(self, x: np.ndarray):
+        """The shard on the device; the kernel is a matmul per query chunk + ``torch.topk``, the
+        rescoring float64 products summed on the device (a fixed-order reduction per pair)."""
         torch = self.torch
         dev = torch.device(self.device)
         half = bool(self.fp16) and dev.type == "cuda"
-        if self._q_torch is None:
-            qt = torch.from_numpy(self.q).to(dev)
-            self._q_torch = qt.half() if half else qt
         xt = torch.from_numpy(x).to(dev)  # the CPU: shares the array's memory
-        if half:
-            xt = xt.half()
-        n, k = len(x), self.k
-        depth = min(n, k + 1)
+        xh = xt.half() if half else xt
+        n, d = len(x), self.d
         batch = self.query_batch or max(1, _TORCH_SCORE_BYTES[dev.type] // (4 * n))
-        out_s, out_i = [], []
-        with torch.inference_mode():
-            for start in range(0, len(self.q), batch):
-                s = self._mm(self._q_torch[start : start + batch], xt)  # (b, n) float32
-                vals, idx = torch.topk(s, depth, dim=1, largest=True, sorted=True)
-                if depth > k:
-                    # k-th == (k+1)-th: topk's choice among the tied rows is arbitrary; a stable
-                    # descending sort of those rows puts equal scores in id order.
-                    tied = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten()
-                    vals, idx = vals[:, :k].clone(), idx[:, :k].clone()
-                    if tied.numel():
-                        sv, si = torch.sort(s[tied], dim=1, descending=True, stable=True)
-                        vals[tied], idx[tied] = sv[:, :k], si[:, :k]
-                out_s.append(vals.float().cpu().numpy())
-                out_i.append(idx.cpu().numpy())
-                del s, vals, idx
-        del xt
-        return _order(np.concatenate(out_s), np.concatenate(out_i).astype(np.int64), k)
+
+        def queries(qq: np.ndarray):
+            if qq is self.q:  # the whole query set: moved to the device once per search
+                if self._q_torch is None:
+                    self._q_torch = torch.from_numpy(self.q).to(dev)
+                qt = self._q_torch
+            else:
+                qt = torch.from_numpy(qq).to(dev)
+            return qt.half() if half else qt
+
+        def kernel(qq: np.ndarray, depth: int):
+            qt = queries(qq)
+            out_s, out_i = [], []
+            with torch.inference_mode():
+                for start in range(0, len(qq), batch):
+                    scores = self._mm(qt[start : start + batch], xh)  # (b, n) float32
+                    vals, idx = torch.topk(scores, depth, dim=1, largest=True, sorted=True)
+                    out_s.append(vals.float().cpu().numpy())
+                    out_i.append(idx.cpu().numpy())
+                    del scores, vals, idx
+            return np.concatenate(out_s), np.concatenate(out_i).astype(np.int64)
+
+        def rescore(qq: np.ndarray, ids: np.ndarray) -> np.ndarray:
+            rows = max(1, _RESCORE_BYTES // (8 * d * max(1, ids.shape[1])))
+            out = []
+            with torch.inference_mode():
+                for start in range(0, len(qq), rows):
+                    qd = torch.from_numpy(qq[start : start + rows]).to(dev, torch.float64)
+                    it = torch.from_numpy(ids[start : start + rows]).to(dev)
+                    cand = xt[it.clamp(min=0)].to(torch.float64)  # (rows, depth, d)
+                    s = (qd[:, None, :] * cand).sum(-1).float()
+                    s[it < 0] = -torch.inf
+                    out.append(s.cpu().numpy())
+            return np.concatenate(out) if out else np.empty(ids.shape, np.float32)
+
+        return _exact_topk(kernel, rescore, self.q, n, self.k, n, _error_bound(d, x, fp16=half))
 
     def _mm(self, a, b):
         torch = self.torch
@@ -483,8 +559,8 @@ class _Searcher:
         index.add(x)
         index.nprobe = min(self.nprobe, nlist)
         index, backend = self._to_gpus(index, "ivf")
-        scores, ids = _batched(index.search, self.q, min(self.k, n), self.batch)
-        return scores, ids, backend
+        _, ids = _batched(index.search, self.q, min(self.k, n), self.batch)
+        return (*_order(_faiss_rescore(faiss, x)(self.q, ids), ids, self.k), backend)
 
     def hnsw(self, x: np.ndarray):
         faiss = self.faiss
@@ -494,8 +570,8 @@ class _Searcher:
         with _omp_threads(faiss, self.hnsw_threads):  # concurrent inserts make the graph vary
             index.add(x)
         index.hnsw.efSearch = max(self.ef_search, self.k)
-        scores, ids = _batched(index.search, self.q, min(self.k, len(x)), self.batch)
-        return scores, ids, "faiss-cpu"
+        _, ids = _batched(index.search, self.q, min(self.k, len(x)), self.batch)
+        return (*_order(_faiss_rescore(faiss, x)(self.q, ids), ids, self.k), "faiss-cpu")
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -528,13 +604,13 @@ def search(
     ~4 sqrt(n) per shard) and ``nprobe``: ivf; ``hnsw_m``, ``ef_search`` (raised to k when below)
     and ``hnsw_build_threads`` (1: deterministic graph; None: faiss's threads, faster): hnsw.
     ``fp16``: float16 storage/matmul on the GPU (ignored on the CPU). ``query_batch``: queries per
-    kernel call; every faiss call gets exactly that many (padded), so that a pair's score does not
-    depend on the call (None: equal chunks of <= 1024 for faiss; score blocks of ~256 MiB (CPU) /
-    1 GiB (GPU) for torch). A query re-searched for ties costs one such call.
+    kernel call (None: equal chunks of <= 1024 for faiss; score blocks of ~256 MiB (CPU) / 1 GiB
+    (GPU) for torch). A query re-searched for near ties costs one such call.
 
     Returns a ``KnnResult``: (nq, k) scores and global ids, by descending score then ascending id;
-    exact methods return exactly what one exact search over the concatenated corpus returns (ids
-    and order). Fewer than k rows: padded with id -1, score -inf.
+    every score is the rescored one (see the module docstring), so a pair scores the same wherever
+    it is found; exact methods return exactly what one exact search over the concatenated corpus
+    returns (ids, order and scores). Fewer than k rows: padded with id -1, score -inf.
     """
     q = _check_matrix("queries", queries)
     k = _check_int("k", k, 1)

@@ -55,6 +55,38 @@ def reference(q, x, k):
 UNEVEN = [1, 7, 0, 500, 3, 1200, 289, 1000]  # sums to 3000
 
 
+def simd_levels() -> list[str]:
+    """The SIMD levels faiss can run here. faiss-cpu >= 1.13 wheels dispatch at run time
+    (``faiss.SIMDConfig``); an older wheel picks one level at import (FAISS_OPT_LEVEL): "loaded"."""
+    import faiss
+
+    config = getattr(faiss, "SIMDConfig", None)
+    if config is None or not config.has_dynamic_dispatch():
+        return ["loaded"]
+    names = sorted(n.removeprefix("SIMDLevel_") for n in dir(faiss) if n.startswith("SIMDLevel_"))
+    return [
+        n for n in names if n != "COUNT" and config.is_simd_level_available(getattr(faiss, f"SIMDLevel_{n}"))
+    ]
+
+
+@pytest.fixture(params=simd_levels())
+def simd_level(request):
+    """Runs the test under each SIMD level faiss can use on this CPU (the ordering contract must not
+    depend on how one kernel rounds), then puts the level back."""
+    import faiss
+
+    if request.param == "loaded":
+        yield request.param
+        return
+    before = faiss.SIMDConfig.get_level()
+    faiss.SIMDConfig.set_level(getattr(faiss, f"SIMDLevel_{request.param}"))
+    assert faiss.SIMDConfig.get_level_name() == request.param
+    try:
+        yield request.param
+    finally:
+        faiss.SIMDConfig.set_level(before)
+
+
 @pytest.fixture(scope="module")
 def tied():
     """Dyadic corpus with exact duplicates: a group of 301 copies spread over several shards and a
@@ -72,7 +104,7 @@ def tied():
 
 
 @pytest.mark.parametrize("k", [1, 5, 64])
-def test_streamed_exact_equals_argsort_of_concatenation_with_ties(tied, k):
+def test_streamed_exact_equals_argsort_of_concatenation_with_ties(tied, k, simd_level):
     q, x = tied
     ref_s, ref_i = reference(q, x, k)
     res = search(q, as_shards(x, UNEVEN), k, method="exact")
@@ -89,7 +121,7 @@ def test_streamed_exact_equals_argsort_of_concatenation_with_ties(tied, k):
     np.testing.assert_array_equal(one.scores, res.scores)
 
 
-def test_streamed_exact_equals_single_search_on_real_valued_data():
+def test_streamed_exact_equals_single_search_on_real_valued_data(simd_level):
     rng = np.random.default_rng(1)
     x, q = unit(3000, 32, rng), unit(64, 32, rng)
     k = 20
@@ -107,7 +139,7 @@ def test_streamed_exact_equals_single_search_on_real_valued_data():
     np.testing.assert_array_equal(batched.scores, streamed.scores)
 
 
-def test_duplicates_across_shards_keep_id_order_when_faiss_switches_kernels():
+def test_duplicates_across_shards_keep_id_order_when_faiss_switches_kernels(simd_level):
     """400 queries x 384 dims: faiss scores this batch with BLAS but a handful of queries with its
     own SIMD loop, and the two round differently. A query whose tied group straddles k in one shard is
     searched again: unless that call has as many queries as the first, its copies in that shard get a
@@ -194,7 +226,7 @@ def test_recall_at_k_counts_exact_neighbours_found():
 # --- the torch path -----------------------------------------------------------------------------
 
 
-def test_torch_path_equals_faiss_exact(tied):
+def test_torch_path_equals_faiss_exact(tied, simd_level):
     pytest.importorskip("torch")
     q, x = tied
     for k in (1, 9):
@@ -239,7 +271,7 @@ class FakeGpuFaiss:
         return index
 
 
-def test_faiss_gpu_path_with_a_pretend_gpu(tied, monkeypatch):
+def test_faiss_gpu_path_with_a_pretend_gpu(tied, monkeypatch, simd_level):
     import mining.knn as knn
 
     fake = FakeGpuFaiss()
@@ -260,14 +292,19 @@ def test_faiss_gpu_path_with_a_pretend_gpu(tied, monkeypatch):
     np.testing.assert_array_equal(deep.ids, reference(q[:2], x, 2048)[1])
 
 
+def exact_rescore(x):
+    return lambda qq, ids: np.take_along_axis(qq @ x.T, ids, 1)
+
+
 def test_ties_beyond_the_kernel_depth_limit_are_finished_by_the_fallback():
-    from mining.knn import _exact_topk
+    from mining.knn import _error_bound, _exact_topk
 
     rng = np.random.default_rng(8)
     x = dyadic(400, 4, rng)
     x[10:200] = x[5]  # 191 equal rows
     q = np.vstack([x[5], dyadic(5, 4, rng)])
     ref_s, ref_i = reference(q, x, 6)
+    bound = _error_bound(4, x)
 
     def worst_ties(qq, depth):  # a kernel that keeps the LARGEST ids among equal scores
         s = qq @ x.T
@@ -278,17 +315,47 @@ def test_ties_beyond_the_kernel_depth_limit_are_finished_by_the_fallback():
 
     def fallback(qq, k):
         calls.append(len(qq))
-        return _exact_topk(worst_ties, qq, len(x), k, len(x))
+        return _exact_topk(worst_ties, exact_rescore(x), qq, len(x), k, len(x), bound)
 
     for max_depth, want_calls in ((len(x), []), (16, [1])):
         calls.clear()
-        s, i = _exact_topk(worst_ties, q, len(x), 6, max_depth, fallback=fallback)
+        s, i = _exact_topk(worst_ties, exact_rescore(x), q, len(x), 6, max_depth, bound, fallback=fallback)
         np.testing.assert_array_equal(i, ref_i)
         np.testing.assert_array_equal(s, ref_s)
         assert calls == want_calls
 
 
-def test_ties_deeper_than_the_memory_bound_are_searched_by_row_slices(tied, monkeypatch):
+@pytest.mark.parametrize("seed", range(4))
+def test_a_kernel_that_rounds_by_row_position_cannot_change_the_result(seed):
+    """A pretend kernel whose score of a pair is off by up to the proven error bound, depending on
+    the row's position and the call (as BLAS tiles and SIMD levels do), and which cuts equal and
+    near-equal scores anywhere: the result is still the reference's, ids and scores, because every
+    candidate is rescored by one routine and a near tie at the cut is searched deeper."""
+    from mining.knn import _error_bound, _exact_topk
+
+    rng = np.random.default_rng(seed)
+    x = dyadic(600, 8, rng)
+    x[100:160] = x[7]  # a group of 61 equal rows
+    x[300:303] = x[8] + np.float32(2**-10)  # near, not equal: within the bound of row 8 for some queries
+    q = np.vstack([x[7], x[8], dyadic(30, 8, rng)])
+    bound = _error_bound(8, x)
+    calls = [0]
+
+    def noisy(qq, depth):
+        calls[0] += 1
+        noise = np.random.default_rng([seed, calls[0]]).uniform(-0.45, 0.45, (len(qq), len(x)))
+        s = (qq @ x.T) + noise * bound * np.linalg.norm(qq, axis=1)[:, None]
+        order = np.argsort(-s, axis=1)[:, :depth]
+        return np.take_along_axis(s, order, 1).astype(np.float32), order
+
+    for k in (1, 5, 40):
+        ref_s, ref_i = reference(q, x, k)
+        s, i = _exact_topk(noisy, exact_rescore(x), q, len(x), k, len(x), bound)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_array_equal(s, ref_s)
+
+
+def test_ties_deeper_than_the_memory_bound_are_searched_by_row_slices(tied, monkeypatch, simd_level):
     import mining.knn as knn
 
     q, x = tied
