@@ -8,7 +8,7 @@ recognised; a path that cannot be read is hashed as the path string instead, and
 (``image_note``), because refusing unreadable images is the job of validate, not of this module.
 
 ``content_key`` gives the key of one row, ``iter_content_keys`` streams a table's keys, and
-``perceptual_hash`` gives the 64-bit pHash used for near-duplicate images.
+Near-duplicate images are judged by ``curation.near_image`` (pHash and a colour thumbnail).
 
 Example::
 
@@ -22,10 +22,8 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import unicodedata
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,29 +200,3 @@ def text_only_keys(
         else np.zeros(len(norms), np.uint64)
     )
     return keys, tkeys
-
-
-def perceptual_hash(data: bytes) -> tuple[int | None, str | None]:
-    """The 64-bit pHash (imagehash.phash) of encoded image bytes, as ``(hash, None)``, or
-    ``(None, why)`` when the image cannot be decoded or has more pixels than Image.MAX_IMAGE_PIXELS.
-
-    JPEGs are decoded at reduced size (``draft``), which is much faster and changes a hash by a bit or
-    two at most; it is applied the same way to every image, so equal inputs still hash equally.
-    """
-    import imagehash
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_IMAGE_PIXELS
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > limit:
-                    return None, f"image of {w}x{h} pixels is over Image.MAX_IMAGE_PIXELS={limit}"
-                if img.format == "JPEG":
-                    img.draft("L", (128, 128))
-                bits = imagehash.phash(img).hash
-    except Exception as e:  # Pillow raises many types for bad input (OSError, SyntaxError, ValueError...)
-        return None, f"undecodable image ({type(e).__name__}: {e})"
-    return int.from_bytes(np.packbits(bits.flatten()).tobytes(), "big"), None

@@ -3,24 +3,35 @@
 What counts as a duplicate
     Rows are compared within one table (queries with queries, corpus with corpus) and one subset.
     * exact_duplicate: same normalised text and same image bytes (curation.content_key).
-    * near_duplicate_image: same normalised text (or both without text) and images whose 64-bit
-      pHash differ in at most ``phash_distance`` bits (0: equal hashes only; negative or
-      ``near=False``: off). Found by pigeonhole banding (curation.hamming), never all pairs.
+    * near_duplicate_image: same normalised text (or both without text), images near in structure
+      AND colour (curation.near_image: 64-bit pHashes at most ``phash_distance`` bits apart, found by
+      pigeonhole banding (curation.hamming), never all pairs; and 8x8 colour thumbnails within
+      ``COLOUR_DISTANCE`` of 255 in every cell and channel, at the grid that fits the smaller
+      picture), AND targets that agree (curation.dedup_targets): two queries only when they have the
+      same positive documents, two documents only when no query calls one relevant and the other
+      irrelevant. Near copies whose targets disagree are not duplicates but a conflict in the data:
+      they are kept, and counted in the stats (``near_duplicate_conflicts``, with examples).
+      ``phash_distance`` negative or ``near=False``: no near duplicates at all.
     * contaminated: the row's content (normalised text and image bytes, whatever the subset) equals
       a row of the same table of an ``against`` dataset, or, with near on, has the same text and an
-      image within ``phash_distance`` of one. Only ``decontaminate`` tables are checked: queries by
-      default, because corpus documents such as class names are shared by design between train and test.
+      image near (structure and colour) one of theirs, whatever its answer. Only ``decontaminate``
+      tables are checked: queries by default, because corpus documents such as class names are
+      shared by design between train and test.
 
 What happens to them
     The first occurrence in dataset order (shard, then row) is kept; the others go to quarantine,
     whole, with the reason and a detail naming the kept row (or the eval row). Pairs that name a
-    removed duplicate are rewritten to name the kept row; pairs that thereby become the same
-    (query_id, doc_id) as an earlier pair go to quarantine as duplicate_pair; pairs that name a
-    contaminated row go to quarantine as references_removed_row. Nothing is lost.
+    removed duplicate are rewritten to name the kept row (an exact copy has the same content; a near
+    copy a near-identical picture, the same text and the same targets, so no pair comes to state
+    what no input row said);
+    pairs that thereby become the same (query_id, doc_id) as an earlier pair go to quarantine as
+    duplicate_pair; pairs that name a contaminated row go to quarantine as references_removed_row.
+    Nothing is lost.
 
 How it runs
-    curation.shardstage: scan (per shard, through the executor: read images, sha256, pHash), plan
-    (in this process, over ids and hashes only: about 150 bytes a row at peak), apply (per shard,
+    curation.shardstage: scan (per shard, through the executor: read images, sha256, pHash, colour
+    thumbnail), plan (in this process, over ids, hashes and thumbnails only: about 350 bytes a row
+    at peak, plus the pairs' ids and labels for the targets), apply (per shard,
     atomic writes). Eval datasets are scanned the same way, through the same executor. A killed
     run resumes to the same output when rerun.
 
@@ -43,21 +54,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from curation.content_key import (
-    CONTENT_KEY_VERSION,
-    image_data,
-    image_sha256,
-    key_from_sha,
-    perceptual_hash,
-    text_key,
-    text_only_keys,
-)
-from curation.dataset import PROGRESS, Dataset, Manifest, atomic_write_parquet
+from curation.content_key import CONTENT_KEY_VERSION
+from curation.dataset import PROGRESS, Dataset, Manifest
+from curation.dedup_scan import ROW_SCAN_SCHEMA, eval_scan_task, scan_shard
+from curation.dedup_targets import Contradictions, attach_targets, empty_lists, item_keys, pair_targets
 from curation.executor import Executor, LocalExecutor
 from curation.hamming import MAX_DISTANCE, first_occurrence, greedy_near_duplicates, near_pairs, popcount
-from curation.schema import CORPUS, ID_COLUMN, PAIRS, QUERIES
+from curation.near_image import COLOUR_DISTANCE, GRID, THUMB_BYTES, colour_distance, fitting_grid
+from curation.schema import CORPUS, PAIRS, QUERIES
 from curation.shardstage import PLAN_SCHEMA, read_scans, run_shard_stage, split_by_shard
 
 STAGE = "dedup"
@@ -66,148 +71,10 @@ NEAR = "near_duplicate_image"
 CONTAMINATED = "contaminated"
 DUPLICATE_PAIR = "duplicate_pair"
 REFERENCES_REMOVED = "references_removed_row"
+#: near copies (structure and colour) whose targets disagree: counted and reported, never folded
+CONFLICTS = "near_duplicate_conflicts"
 CONTENT_TABLES = (QUERIES, CORPUS)
 DEFAULT_DECONTAMINATE = (QUERIES,)
-
-#: What the scan keeps of a query or corpus row: ids and hashes, never content.
-ROW_SCAN_SCHEMA = pa.schema(
-    [
-        pa.field("row", pa.int64()),
-        pa.field("id", pa.string()),
-        pa.field("subset", pa.string()),
-        pa.field("key_a", pa.uint64()),  # the 16-byte content key (text + image, no subset)
-        pa.field("key_b", pa.uint64()),
-        pa.field("text_key", pa.uint64()),  # normalised text only; 0 = no text
-        pa.field("phash", pa.uint64()),  # null: no image, undecodable, or near-duplicates off
-        pa.field("note", pa.string()),  # why an image was compared by path or not hashed
-        pa.field("has_image", pa.bool_()),
-    ]
-)
-PAIR_SCAN_SCHEMA = pa.schema(
-    [pa.field("row", pa.int64()), pa.field("query_id", pa.string()), pa.field("doc_id", pa.string())]
-)
-SCAN_BATCH_ROWS = 256
-
-
-# ---------------------------------------------------------------------------------------------------
-# scan: one shard at a time, in executor tasks
-
-
-def scan_shard(task: dict[str, Any]) -> pa.Table:
-    """The scan side table of one shard (``task`` as built by curation.shardstage)."""
-    table, src = task["table"], task["src"]
-    pf = pq.ParquetFile(src)
-    if table == PAIRS:
-        t = pf.read(columns=["query_id", "doc_id"])
-        return pa.table(
-            {
-                "row": pa.array(np.arange(t.num_rows), pa.int64()),
-                "query_id": t.column("query_id"),
-                "doc_id": t.column("doc_id"),
-            },
-            schema=PAIR_SCAN_SCHEMA,
-        )
-    near = bool(task["config"]["near"])
-    if _no_images(pf):
-        return _scan_text_only(pf.read(columns=[ID_COLUMN[table], "subset", "text"]), near)
-    # Batches bound the memory a shard of large inline images takes.
-    batches = pf.iter_batches(
-        batch_size=SCAN_BATCH_ROWS, columns=[ID_COLUMN[table], "subset", "text", "image"]
-    )
-    return _scan_batches(batches, task["data_root"], near)
-
-
-def scan_rows(table: str, data: pa.Table, data_root: str, near: bool) -> pa.Table:
-    """The scan side table (``ROW_SCAN_SCHEMA``) of rows of queries or corpus already in memory, in
-    their order (``row`` is the position in ``data``): the same keys and hashes as ``scan_shard``."""
-    columns = [ID_COLUMN[table], "subset", "text", "image"]
-    image = data.column("image")
-    no_images = data.num_rows == 0 or (
-        pc.sum(
-            pc.or_(pc.is_valid(pc.struct_field(image, [0])), pc.is_valid(pc.struct_field(image, [1])))
-        ).as_py()
-        in (0, None)
-    )
-    if no_images:
-        return _scan_text_only(data.select(columns[:3]), near)
-    return _scan_batches(data.select(columns).to_batches(max_chunksize=SCAN_BATCH_ROWS), data_root, near)
-
-
-def _scan_batches(batches: Iterable[pa.RecordBatch], data_root: str, near: bool) -> pa.Table:
-    """The row-by-row scan of batches of (id, subset, text, image)."""
-    columns: list[list[Any]] = [[] for _ in ROW_SCAN_SCHEMA.names]
-    # An image file shared by many rows (one picture, many questions) is read and hashed once.
-    by_path: dict[str, tuple[bytes | None, str | None, int | None, bool]] = {}
-    row = 0
-    for batch in batches:
-        ids, subsets, texts, images = (batch.column(i).to_pylist() for i in range(4))
-        for rid, subset, text, image in zip(ids, subsets, texts, images, strict=True):
-            path = image.get("path") if image and image.get("bytes") is None else None
-            if path is not None and path in by_path:
-                sha, note, ph, has_image = by_path[path]
-            else:
-                img = image_data(image, data_root)
-                sha, note = image_sha256(img)
-                ph, has_image = None, img.source is not None
-                if near and img.data is not None:
-                    ph, why = perceptual_hash(img.data)
-                    if why:
-                        note = why
-                if path is not None:
-                    by_path[path] = (sha, note, ph, has_image)
-            key = key_from_sha(text, sha, note)
-            a, b = key.parts()
-            values = (row, rid, subset, a, b, text_key(key.text), ph, note, has_image)
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
-            row += 1
-    return pa.Table.from_arrays(
-        [pa.array(c, f.type) for c, f in zip(columns, ROW_SCAN_SCHEMA, strict=True)], schema=ROW_SCAN_SCHEMA
-    )
-
-
-def _no_images(pf: pq.ParquetFile) -> bool:
-    """True when the Parquet statistics show every image cell of the shard empty (no read needed)."""
-    meta = pf.metadata
-    leaves = [
-        i for i in range(meta.num_columns) if meta.schema.column(i).path in ("image.bytes", "image.path")
-    ]
-    if len(leaves) != 2:
-        return False
-    for rg in range(meta.num_row_groups):
-        group = meta.row_group(rg)
-        for i in leaves:
-            st = group.column(i).statistics
-            if st is None or not st.has_null_count or st.null_count != group.num_rows:
-                return False
-    return True
-
-
-def _scan_text_only(t: pa.Table, near: bool) -> pa.Table:
-    """The scan of rows (id, subset, text) without images: the same keys as the row-by-row path,
-    vectorised."""
-    n = t.num_rows
-    keys, tkeys = text_only_keys(t.column("text"), with_text_key=near)
-    return pa.table(
-        {
-            "row": pa.array(np.arange(n), pa.int64()),
-            "id": t.column(0).cast(pa.string()),
-            "subset": t.column("subset").cast(pa.string()),
-            "key_a": pa.array(keys[:, 0], pa.uint64()),
-            "key_b": pa.array(keys[:, 1], pa.uint64()),
-            "text_key": pa.array(tkeys, pa.uint64()),
-            "phash": pa.nulls(n, pa.uint64()),
-            "note": pa.nulls(n, pa.string()),
-            "has_image": pa.array(np.zeros(n, bool)),
-        },
-        schema=ROW_SCAN_SCHEMA,
-    )
-
-
-def _eval_scan_task(task: dict[str, Any]) -> dict[str, Any]:
-    side = scan_shard(task)
-    atomic_write_parquet(task["scan_out"], side)
-    return {"table": task["table"], "shard": task["shard"], "rows": side.num_rows}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,6 +105,33 @@ class _Rows:
         self.phash = _np(phash, np.uint64)
         self.notes = column("note", pa.string()).combine_chunks()
         self.has_image = _np(column("has_image", pa.bool_()), bool, False)
+        thumb = column("thumb", pa.binary(THUMB_BYTES)).combine_chunks()
+        if n and thumb.null_count < n:
+            filled = pc.fill_null(thumb, pa.scalar(bytes(THUMB_BYTES), pa.binary(THUMB_BYTES)))
+            raw = np.frombuffer(filled.buffers()[1], np.uint8)
+            start = filled.offset * THUMB_BYTES
+            self.thumb = raw[start : start + n * THUMB_BYTES].reshape(n, THUMB_BYTES)
+        else:
+            self.thumb = np.zeros((n, THUMB_BYTES), np.uint8)
+        self.side = _np(column("side", pa.int32()), np.int64)
+        # What the pairs say each row is about (curation.dedup_targets); absent: nothing.
+        has_targets = n and "t_sig" in side.column_names
+        self.t_sig = _np(side.column("t_sig"), np.uint64) if has_targets else np.zeros(n, np.uint64)
+        empty = empty_lists(n)
+        self.contradicts = Contradictions(
+            side.column("t_pos") if has_targets else empty, side.column("t_neg") if has_targets else empty
+        )
+
+    def colour(self, a: np.ndarray, b: np.ndarray, other: _EvalRows | None = None) -> np.ndarray:
+        """The colour distance (near_image.colour_distance) of rows a and rows b (of ``other``)."""
+        o = other or self
+        return colour_distance(self.thumb[a], o.thumb[b], self.side[a], o.side[b])
+
+    def same_picture(self) -> list[np.ndarray]:
+        """Columns equal for rows whose thumbnails (at the grid that fits) are equal: with an equal
+        group and pHash, such rows are near duplicates of each other without a comparison."""
+        words = self.thumb.view(np.uint64).reshape(self.n, THUMB_BYTES // 8)
+        return [words[:, k] for k in range(words.shape[1])] + [fitting_grid(self.side)]
 
     def id(self, i: int) -> str:
         return self.ids[int(i)].as_py()
@@ -269,6 +163,10 @@ class _EvalRows:
         self.key_a, self.key_b = cat("key_a", np.uint64), cat("key_b", np.uint64)
         self.text_key, self.phash = cat("text_key", np.uint64), cat("phash", np.uint64)
         self.has_phash = cat("has_phash", bool)
+        self.side = cat("side", np.int64)
+        self.thumb = (
+            np.concatenate([r.thumb for _, r in rows]) if rows else np.zeros((0, THUMB_BYTES), np.uint8)
+        )
 
     def describe(self, i: int, table: str) -> str:
         name = self.names[int(np.searchsorted(self.starts, i, side="right")) - 1]
@@ -276,12 +174,19 @@ class _EvalRows:
 
 
 def _plan_content_table(
-    table: str, rows: _Rows, evals: _EvalRows | None, near: bool, distance: int, text_only: bool = True
-) -> tuple[pa.Table, np.ndarray, dict[str, Any]]:
+    table: str,
+    rows: _Rows,
+    evals: _EvalRows | None,
+    near: bool,
+    distance: int,
+    text_only: bool = True,
+    colour: int = COLOUR_DISTANCE,
+) -> tuple[pa.Table, np.ndarray, dict[str, Any], np.ndarray]:
     """Decide the fate of every row of queries or corpus.
 
     Returns the decisions (shard, row, plan columns), the canonical row of every row (itself when kept,
-    the kept row for a duplicate, -1 for a contaminated row) and the stats of this table.
+    the kept row for a duplicate, -1 for a contaminated row), the stats of this table and the rows
+    that are near copies of an earlier kept row whose targets disagree (kept: conflicts).
     """
     n = rows.n
     idx = np.arange(n)
@@ -289,8 +194,10 @@ def _plan_content_table(
     witness = np.full(n, -1, np.int64)
     near_eval = np.zeros(n, bool)
 
-    # 1. contamination: content equal to an eval row (any subset), or, with near on, same text and a
-    # pHash within distance. First, so that a duplicate is never redirected to a contaminated row.
+    # 1. contamination: content equal to an eval row (any subset), or, with near on, same text and an
+    # image near in structure and colour. First, so that a duplicate is never redirected to a
+    # contaminated row. The eval rows' pairs are not read: a copy of a test input is a leak whatever
+    # its answer.
     if evals is not None and evals.n and n:
         first = first_occurrence(
             np.concatenate([evals.key_a, rows.key_a]), np.concatenate([evals.key_b, rows.key_b])
@@ -310,26 +217,48 @@ def _plan_content_table(
                     against=evals.phash[ev],
                     against_groups=evals.text_key[ev],
                 )
+                ok = rows.colour(cand[j], ev[i], evals) <= colour
+                i, j = i[ok], j[ok]
                 if len(j):
                     firsts = np.r_[True, j[1:] != j[:-1]]  # sorted by (j, i): the earliest eval row
                     r, e = cand[j[firsts]], ev[i[firsts]]
                     reason[r], witness[r], near_eval[r] = 1, e, True
 
-    # 2. exact duplicates among the rest: the first of each (subset, content key) is kept.
+    # 2. exact duplicates among the rest: the first of each (subset, content key) is kept, whatever
+    # its pairs say (they all state something about this very content).
     alive = np.flatnonzero(reason == 0)
     if len(alive):
         first = alive[first_occurrence(rows.subset[alive], rows.key_a[alive], rows.key_b[alive])]
         dup = first != alive
         reason[alive[dup]], witness[alive[dup]] = 2, first[dup]
 
-    # 3. near-duplicate images among the exact-unique rows, within (subset, normalised text).
+    # 3. near duplicates among the exact-unique rows: within (subset, normalised text), images near in
+    # structure (pHash) and colour, and targets that agree (curation.dedup_targets): queries compare
+    # only within the same set of positive documents, documents never fold when a query tells them apart.
+    conflicts: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if near:
         cand = np.flatnonzero((reason == 0) & rows.has_phash)
         if len(cand):
-            group = first_occurrence(rows.subset[cand], rows.text_key[cand])
-            w = greedy_near_duplicates(rows.phash[cand], group, distance)
+            sig = rows.t_sig[cand] if table == QUERIES else np.zeros(len(cand), np.uint64)
+            group = first_occurrence(rows.subset[cand], rows.text_key[cand], sig)
+            same = [c[cand] for c in rows.same_picture()]
+            contradicts = rows.contradicts
+            if table != QUERIES and contradicts.any:
+                # a row a query names may be told apart from another: it is compared, never merged blind
+                same.append(np.where(contradicts.has_targets()[cand], cand + 1, 0))
+
+            def accept(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+                ok = rows.colour(cand[a], cand[b]) <= colour
+                if table != QUERIES:
+                    ok &= ~contradicts(cand[a], cand[b])
+                return ok
+
+            w = greedy_near_duplicates(rows.phash[cand], group, distance, accept=accept, same=same)
             hit = w >= 0
             reason[cand[hit]], witness[cand[hit]] = 3, cand[w[hit]]
+            if table == QUERIES or contradicts.any:
+                kept = np.flatnonzero((reason == 0) & rows.has_phash)
+                conflicts = _conflicts(table, rows, kept, distance, colour)
 
     canon = idx.copy()
     dup = reason >= 2
@@ -343,7 +272,8 @@ def _plan_content_table(
         w = int(witness[r])
         if reason[r] == 1:
             how = (
-                f"image within {int(popcount(rows.phash[r] ^ evals.phash[w]))} bits (pHash) of, same text as"
+                f"image within {int(popcount(rows.phash[r] ^ evals.phash[w]))} bits (pHash) and "
+                f"{int(rows.colour(np.array([r]), np.array([w]), evals)[0])} (colour) of, same text as"
                 if near_eval[r]
                 else "same text and image as"
             )
@@ -356,8 +286,7 @@ def _plan_content_table(
             details.append(d)
             reasons.append(EXACT)
         else:
-            bits = int(popcount(rows.phash[r] ^ rows.phash[w]))
-            details.append(f"image within {bits} bits (pHash) of kept row {rows.id(w)!r}, same text")
+            details.append(f"{_how_near(rows, r, w)} of kept row {rows.id(w)!r}, same text and targets")
             reasons.append(NEAR)
     decisions = pa.table(
         {
@@ -370,14 +299,55 @@ def _plan_content_table(
             "set_doc_id": pa.nulls(len(removed), pa.string()),
         }
     )
+    later, earlier = conflicts
     stats = {
         "rows": n,
         EXACT: int((reason == 2).sum()),
         NEAR: int((reason == 3).sum()),
         CONTAMINATED: int((reason == 1).sum()),
+        CONFLICTS: len(later),
+        "conflict_examples": [
+            f"{rows.id(j)!r} and {rows.id(i)!r}: {_how_near(rows, j, i)}, same text; "
+            + (
+                "other positive documents"
+                if table == QUERIES
+                else "a query calls one relevant, the other not"
+            )
+            for j, i in zip(later[:5].tolist(), earlier[:5].tolist(), strict=True)
+        ],
         **rows.note_stats(),
     }
-    return decisions, canon, stats
+    return decisions, canon, stats, later
+
+
+def _how_near(rows: _Rows, a: int, b: int) -> str:
+    bits = int(popcount(rows.phash[a] ^ rows.phash[b]))
+    colour = int(rows.colour(np.array([a]), np.array([b]))[0])
+    return f"image within {bits} bits (pHash) and {colour} (colour)"
+
+
+def _conflicts(
+    table: str, rows: _Rows, kept: np.ndarray, distance: int, colour: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kept rows (and, for each, the earliest such row) that are near an earlier kept row of the
+    same subset and text in structure and colour, but whose targets disagree: conflicts in the data,
+    reported, never folded. Returns (rows, earlier rows), in row order."""
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if not len(kept):
+        return empty
+    group = first_occurrence(rows.subset[kept], rows.text_key[kept])
+    i, j = near_pairs(rows.phash[kept], distance, group)
+    if not len(i):
+        return empty
+    a, b = kept[i], kept[j]
+    ok = rows.colour(a, b) <= colour
+    if table == QUERIES:  # a query without positives is unlabelled, not in conflict
+        ok &= (rows.t_sig[a] != rows.t_sig[b]) & (rows.t_sig[a] != 0) & (rows.t_sig[b] != 0)
+    else:
+        ok &= rows.contradicts(a, b)
+    a, b = a[ok], b[ok]
+    firsts = np.r_[True, b[1:] != b[:-1]] if len(b) else np.zeros(0, bool)  # sorted by (j, i)
+    return b[firsts], a[firsts]
 
 
 def _plan_pairs(
@@ -496,14 +466,16 @@ def plan_content_rows(
     near: bool,
     distance: int,
     text_only: bool = True,
-) -> tuple[pa.Table, np.ndarray, dict[str, Any]]:
+) -> tuple[pa.Table, np.ndarray, dict[str, Any], np.ndarray]:
     """The dedup decisions of rows of queries or corpus, from their scan rows in dataset order.
 
-    ``side`` holds ``ROW_SCAN_SCHEMA`` plus ``shard`` (int32): all of a table's rows, or any part of
-    them that holds, with every row it holds, every row of the same subset and content key (and, with
-    ``near``, of the same subset and ``text_key``): a partition on those keys decides exactly as the
-    whole table does. Returns (the decisions of the removed rows: shard, row and the plan columns; the
-    canonical row of every row, as an index into ``side``, -1 when contaminated; counts).
+    ``side`` holds ``ROW_SCAN_SCHEMA`` plus ``shard`` (int32) and, with ``near``, the rows' targets
+    (``t_sig``, ``t_pos``, ``t_neg``: curation.dedup_targets.attach_targets): all of a table's rows,
+    or any part of them that holds, with every row it holds, every row of the same subset and
+    content key (and, with ``near``, of the same subset and ``text_key``): a partition on those keys
+    decides exactly as the whole table does. Returns (the decisions of the removed rows: shard, row
+    and the plan columns; the canonical row of every row, as an index into ``side``, -1 when
+    contaminated; counts; the conflicting rows, kept: near copies whose targets disagree).
     """
     return _plan_content_table(table, _Rows(side), evals, near, distance, text_only)
 
@@ -567,7 +539,7 @@ class _Planner:
                             }
                         )
         if tasks:
-            self.executor.map(_eval_scan_task, tasks, desc=f"{STAGE}: scan eval")
+            self.executor.map(eval_scan_task, tasks, desc=f"{STAGE}: scan eval")
         return {
             table: _EvalRows(
                 [
@@ -579,14 +551,34 @@ class _Planner:
             for table in self.decontaminate
         }
 
+    def _targets(self, scans: dict[str, list[tuple[str, Path]]]) -> dict[str, pa.Table]:
+        """What the pairs say each query and document is about (curation.dedup_targets)."""
+        p_scans = scans.get(PAIRS, [])
+        if not self.near or not p_scans:
+            return {}
+        keys = {}
+        for table in CONTENT_TABLES:
+            t_scans = scans.get(table, [])
+            side = read_scans(t_scans, columns=["id", "subset", "key_a", "key_b"]) if t_scans else None
+            if side is None or side.num_rows == 0:
+                keys[table] = (pa.array([], pa.string()), np.zeros(0, np.uint64))
+                continue
+            a, b = (_np(side.column(c), np.uint64) for c in ("key_a", "key_b"))
+            ids = side.column("id").combine_chunks().cast(pa.string())
+            keys[table] = (ids, item_keys(side.column("subset"), a, b))
+        pairs = read_scans(p_scans, columns=["query_id", "doc_id", "label"])
+        return pair_targets(pairs, keys[QUERIES], keys[CORPUS])
+
     def __call__(self, scans: dict[str, list[tuple[str, Path]]]) -> dict[tuple[str, str], pa.Table]:
         evals = self._eval_rows()
+        targets = self._targets(scans)
         plans: dict[tuple[str, str], pa.Table] = {}
         content: dict[str, tuple[pa.Array, np.ndarray]] = {}
         for table in CONTENT_TABLES:
             t_scans = scans.get(table, [])
-            rows = _Rows(read_scans(t_scans, columns=ROW_SCAN_SCHEMA.names) if t_scans else pa.table({}))
-            decisions, canon, stats = _plan_content_table(
+            side = read_scans(t_scans, columns=ROW_SCAN_SCHEMA.names) if t_scans else pa.table({})
+            rows = _Rows(attach_targets(side, targets.get(table)) if side.num_rows else side)
+            decisions, canon, stats, _ = _plan_content_table(
                 table,
                 rows,
                 evals.get(table),
@@ -601,7 +593,7 @@ class _Planner:
         p_scans = scans.get(PAIRS, [])
         if p_scans:
             decisions, stats = _plan_pairs(
-                read_scans(p_scans, columns=PAIR_SCAN_SCHEMA.names), p_scans, content
+                read_scans(p_scans, columns=["row", "query_id", "doc_id"]), p_scans, content
             )
             plans.update(split_by_shard(decisions, p_scans, PAIRS, _plan_part))
             self.stats[PAIRS] = stats
@@ -652,6 +644,11 @@ def dedup_config(
         "near": near,
         "phash": "imagehash.phash 8x8 (64 bits)" if near else None,
         "phash_distance": int(phash_distance) if near else None,
+        "colour": f"{GRID}x{GRID} RGB thumbnail, cells of >= 4x4 pixels" if near else None,
+        "colour_distance": COLOUR_DISTANCE if near else None,
+        "near_targets": "queries: same positive documents; corpus: no query tells them apart"
+        if near
+        else None,
         "against": [ev.parent_ref() for ev in evals],
         "decontaminate": list(tables),
         "decontaminate_text_only": bool(decontaminate_text_only),

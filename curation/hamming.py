@@ -20,6 +20,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 
 #: Bigger distances make bands of a few bits, so nearly everything becomes a candidate (and random
@@ -190,20 +192,35 @@ def first_occurrence(*columns: np.ndarray) -> np.ndarray:
     return out
 
 
-def greedy_near_duplicates(hashes: np.ndarray, groups: np.ndarray, distance: int) -> np.ndarray:
+def greedy_near_duplicates(
+    hashes: np.ndarray,
+    groups: np.ndarray,
+    distance: int,
+    *,
+    accept: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    same: Sequence[np.ndarray] = (),
+) -> np.ndarray:
     """Walk rows in index order; a row within ``distance`` of an earlier KEPT row of its group is
-    dropped. Returns, per row, the index of the earliest such kept row, or -1 for kept rows."""
+    dropped. Returns, per row, the index of the earliest such kept row, or -1 for kept rows.
+
+    ``accept(i, j)`` (row index arrays, i < j) may refuse candidate pairs within distance, for what
+    the hash does not see (dedup: colour, targets); refused pairs are not near. Rows equal in group,
+    hash and every ``same`` column are taken as near without asking: ``same`` must hold whatever makes
+    ``accept`` true for equal rows (dedup: the colour thumbnail)."""
     hashes = np.asarray(hashes, dtype=np.uint64)
     groups = np.asarray(groups)
     n = len(hashes)
     witness = np.full(n, -1, np.int64)
     if n == 0:
         return witness
-    # Rows equal to an earlier row (same group, same hash) share its fate: drop them before the search,
-    # so that thousands of identical hashes (blank images) cost a sort, not a quadratic candidate list.
-    rep = first_occurrence(groups, hashes)
+    # Rows equal to an earlier row share its fate: drop them before the search, so that thousands of
+    # identical hashes (blank images) cost a sort, not a quadratic candidate list.
+    rep = first_occurrence(groups, hashes, *same)
     uniq = np.flatnonzero(rep == np.arange(n))
     i, j = near_pairs(hashes[uniq], distance, groups[uniq])
+    if accept is not None and len(i):
+        ok = np.asarray(accept(uniq[i], uniq[j]), bool)
+        i, j = i[ok], j[ok]
     w_u = np.full(len(uniq), -1, np.int64)
     if len(j):
         # Pairs come sorted by j: walk the rows that have earlier neighbours, in order.

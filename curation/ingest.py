@@ -1,7 +1,8 @@
 """The ingest stage: JSONL, CSV, Parquet, Hugging Face datasets and image folders -> an assay dataset.
 
-Each input row is one (query, document) pair; ``curation.ingest_rows`` maps it onto the target
-fields (``TARGETS``) through a column mapping and checks it, ``curation.ingest_sources`` cuts each
+Each input row is one (query, document) pair (or, with ``documents_only``, one document of a
+corpus: no queries, no pairs); ``curation.ingest_rows`` maps it onto the target fields
+(``TARGETS``) through a column mapping and checks it, ``curation.ingest_sources`` cuts each
 format into independent read tasks, and ``curation.ingest_merge.run_ingest`` runs them through an
 executor, drops exact repeats (ID normalisation) and writes the shards: resumably, so a killed run
 rerun with the same arguments ends with the very same files. This module checks the arguments and
@@ -13,6 +14,8 @@ Example::
     from curation.ingest import ingest
     manifest = ingest("pairs.jsonl", "data/pairs", mapping={"query_text": "question", "doc_image": "img"},
                       subset="my-vqa", task="vqa")
+    pool = ingest("docs.jsonl", "data/pool", mapping={"doc_text": "passage"}, subset="my-vqa",
+                  documents_only=True)  # a corpus alone, e.g. a mining pool
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from curation.dataset import (
 )
 from curation.executor import Executor, LocalExecutor
 from curation.ingest_merge import run_ingest
-from curation.ingest_rows import TARGETS
+from curation.ingest_rows import DOC_TARGETS, TARGETS
 from curation.ingest_sources import (
+    IMAGE_EXTENSIONS,
     csv_header,
     csv_tasks,
     hf_tasks,
@@ -46,6 +50,7 @@ from curation.ingest_sources import (
 )
 
 __all__ = [
+    "DOC_TARGETS",
     "FORMATS",
     "TARGETS",
     "IngestError",
@@ -294,6 +299,7 @@ def ingest(
     executor: Executor | None = None,
     overwrite: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    documents_only: bool = False,
 ) -> Manifest:
     """Ingest ``source`` into a new dataset at ``out``; resumable, see the module docstring.
 
@@ -303,7 +309,10 @@ def ingest(
         format: jsonl, csv, parquet, hf or imagefolder; inferred from the extension when None.
             (Bundled examples: ``curation.examples.ingest_example``.)
         mapping: target -> input column (targets: ``TARGETS``), or a YAML file holding one.
-            Unmapped targets read the column of the same name when there is one.
+            Unmapped targets read the column of the same name when there is one, except ``label``
+            and ``score``: those are read only when mapped (a column named ``label`` is usually a
+            class name). A mapped label must be one of ``curation.schema.LABELS`` (else the row
+            is quarantined, ``invalid_label``); empty means positive.
         data_root: where relative image paths are resolved (default: the input file's folder);
             recorded as the dataset's data root, paths stay relative.
         embed_images: read image files into the dataset (paths outside the data root are refused).
@@ -314,6 +323,11 @@ def ingest(
         executor: runs the tasks (default: ``LocalExecutor``, in process).
         overwrite: replace ``out`` if it holds a dataset or another run.
         chunk_bytes: size of the byte ranges a JSONL file is cut into.
+        documents_only: each row is one document (targets ``DOC_TARGETS``): the dataset holds a
+            corpus and no queries or pairs (e.g. a pool to mine negatives from). A document
+            gets the same content-hash id as when it is ingested as part of a pair (give the same
+            subset). For an image folder, every image is a document (default subset: retrieval,
+            as with ``captions``).
     """
     src = Path(source)
     fmt = format or ("imagefolder" if labels or captions else infer_format(src))
@@ -329,6 +343,8 @@ def ingest(
     if rows_per_shard < 1 or chunk_bytes < 1:
         raise IngestError("rows_per_shard and chunk_bytes must be positive")
     executor = executor or LocalExecutor()
+    if documents_only:
+        _check_documents_only(mapping, task, labels, captions)
     if fmt == "imagefolder":
         if mapping or task or data_root:
             raise IngestError(
@@ -345,6 +361,7 @@ def ingest(
             rows_per_shard=rows_per_shard,
             executor=executor,
             overwrite=overwrite,
+            documents_only=documents_only,
         )
     if labels or captions:
         raise IngestError("--labels and --captions apply to image folders (--format imagefolder) only")
@@ -385,10 +402,12 @@ def ingest(
         "defaults": {"subset": default_subset, "task": task or DEFAULT_TASK},
         "data_root": str(root),
         "embed_images": bool(embed_images),
+        "documents_only": bool(documents_only),
     }
     config = {
         "format": fmt,
         "source": str(src.resolve()),
+        "documents_only": bool(documents_only),
         "mapping": explicit,
         "subset": subset,
         "task": task,
@@ -410,6 +429,25 @@ def ingest(
     )
 
 
+def _check_documents_only(mapping, task, labels, captions) -> None:
+    """A documents-only ingest reads the document side alone; anything about queries or pairs is
+    refused, so a mapping meant for pairs is not half applied."""
+    if task:
+        raise IngestError("--task does not apply to --documents: documents have no task (queries do)")
+    if labels or captions:
+        raise IngestError(
+            "--labels and --captions make (query, document) pairs; with --documents every image of "
+            "the folder is one document: drop --labels/--captions"
+        )
+    resolved = _resolve_mapping(mapping)
+    other = [t for t in resolved if t not in DOC_TARGETS]
+    if other:
+        raise IngestError(
+            f"--documents reads one document per row; the mapping's {', '.join(other)} do not apply "
+            f"(the targets are {', '.join(DOC_TARGETS)})"
+        )
+
+
 def _ingest_imagefolder(
     src: Path,
     out: str | os.PathLike,
@@ -421,8 +459,11 @@ def _ingest_imagefolder(
     rows_per_shard: int,
     executor: Executor,
     overwrite: bool,
+    documents_only: bool = False,
 ) -> Manifest:
-    """One subfolder per class, or a flat folder plus a labels/captions CSV (see ``ingest``)."""
+    """One subfolder per class, a flat folder plus a labels/captions CSV, or every image as one
+    document (``documents_only``); see ``ingest``. The class name, label or caption is content (a
+    document's or query's text), never the pair's relevance label: every pair is positive."""
     if not src.is_dir():
         raise IngestError(
             f"{src} is not a folder: image folders (--format imagefolder, --labels, --captions) need one"
@@ -430,7 +471,13 @@ def _ingest_imagefolder(
     if labels and captions:
         raise IngestError("pass --labels or --captions, not both")
     root = src.resolve()
-    if labels or captions:
+    if documents_only:
+        text_column, mode = None, "documents"
+        inputs = list_images(src)
+        if not inputs:
+            raise IngestError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        items = [[p.relative_to(src).as_posix()] * 2 + [None] for p in inputs]
+    elif labels or captions:
         csv_path = Path(labels or captions)
         if not csv_path.is_file():
             raise FileNotFoundError(f"{csv_path}: no such file")
@@ -452,7 +499,11 @@ def _ingest_imagefolder(
             rel = p.relative_to(src).as_posix()
             parts = rel.split("/")
             items.append([rel, rel, parts[0] if len(parts) > 1 else None])
-    if text_column == "label":
+    if documents_only:
+        task = None
+        spec_map = {"doc_image": "file"}
+        defaults = {"subset": subset or "retrieval", "doc_instruction": IMAGE_DOC_INSTRUCTION}
+    elif text_column == "label":
         task = "classification"
         spec_map = {"query_image": "file", "doc_text": "label"}
         defaults = {
@@ -475,9 +526,11 @@ def _ingest_imagefolder(
         "defaults": defaults,
         "data_root": str(root),
         "embed_images": bool(embed_images),
+        "documents_only": bool(documents_only),
     }
     config = {
         "format": "imagefolder",
+        "documents_only": bool(documents_only),
         "source": str(root),
         "mode": mode,
         "task": task,

@@ -10,9 +10,17 @@ column of the same name):
     query_id, query_text, query_image, query_instruction, subset, task,
     doc_id, doc_text, doc_image, doc_instruction, label, score
 
+``label`` and ``score`` are the pair's own annotations, not content: they are read only from a
+column the mapping names for them (``EXPLICIT_ONLY``), never from a column that merely shares the
+name, because a column called ``label`` is usually a class name (the Hugging Face convention) and
+one called ``score`` a rating or a vote count. A mapped ``label`` must be a relevance label
+(``curation.schema.LABELS``); an empty one means positive.
+
 A missing id becomes a content-hash id (``q-``/``d-`` + 16 hex of sha1 over subset, task,
 instruction, text and image key), so identical queries and documents share one id and are stored
-once. A row that cannot be used raises ``RowError`` with a reason the quarantine records.
+once. A documents-only ingest (``spec["documents_only"]``) reads the document side alone
+(``DOC_TARGETS``) through the same code, so a document gets the same id either way. A row that
+cannot be used raises ``RowError`` with a reason the quarantine records.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import pyarrow.parquet as pq
 
 from curation.dataset import TMP_PREFIX, atomic_write_json
 from curation.quarantine import QuarantineBuilder
-from curation.schema import CORPUS, PAIRS, QUARANTINE, QUERIES, SCHEMAS, resolve_image_path
+from curation.schema import CORPUS, LABELS, PAIRS, QUARANTINE, QUERIES, SCHEMAS, resolve_image_path
 
 TARGETS = (
     "query_id",
@@ -44,6 +52,10 @@ TARGETS = (
     "label",
     "score",
 )
+#: Targets read only from a column the mapping names, never from a same-named column (see above).
+EXPLICIT_ONLY = ("label", "score")
+#: The targets of a documents-only ingest: one document per row, no query, no pair.
+DOC_TARGETS = ("doc_id", "doc_text", "doc_image", "doc_instruction", "subset")
 #: What the quarantine's ``table`` column says for a refused input row (it is not yet a query,
 #: a document or a pair).
 INPUT_TABLE = "input"
@@ -51,12 +63,18 @@ STAGE = "ingest"
 ORIGIN = "ingest"
 KEY = "_key"  # 16-byte hash of a row's id and content: equal keys are exact repeats
 LINE = "_line"  # quarantine: line number relative to the task's byte range (JSONL), fixed on merge
-PART_TABLES = (QUERIES, CORPUS, PAIRS, QUARANTINE)
+#: One row per input row written: the keys of what it made and where it was, so that the merge can
+#: refuse an input row whole, pair and all (curation.ingest_merge: an id given to other content).
+INPUT_ROWS = "input_rows"
+PART_TABLES = (QUERIES, CORPUS, PAIRS, QUARANTINE, INPUT_ROWS)
 PART_SCHEMAS = {
     QUERIES: SCHEMAS[QUERIES].append(pa.field(KEY, pa.binary(16))),
     CORPUS: SCHEMAS[CORPUS].append(pa.field(KEY, pa.binary(16))),
     PAIRS: SCHEMAS[PAIRS].append(pa.field(KEY, pa.binary(16))),
     QUARANTINE: SCHEMAS[QUARANTINE].append(pa.field(LINE, pa.int64())),
+    INPUT_ROWS: pa.schema(
+        [(t, pa.binary(16)) for t in (QUERIES, CORPUS, PAIRS)] + [("source", pa.string()), (LINE, pa.int64())]
+    ),
 }
 DONE = "done.json"
 
@@ -118,7 +136,8 @@ def _id(row: dict[str, Any], target: str, spec: dict[str, Any]) -> str | None:
 
 
 def _value(row: dict[str, Any], target: str, spec: dict[str, Any]) -> Any:
-    value = row.get(spec["mapping"].get(target, target))
+    column = spec["mapping"].get(target, None if target in EXPLICIT_ONLY else target)
+    value = None if column is None else row.get(column)
     if value is None or value == "":
         return spec["defaults"].get(target, value)
     return value
@@ -134,6 +153,33 @@ def _score(row: dict[str, Any], spec: dict[str, Any]) -> float | None:
         return float(value)
     except ValueError:
         raise RowError("wrong_type", f"{_where('score', spec)} is {value!r}, expected a number") from None
+
+
+def _label(row: dict[str, Any], spec: dict[str, Any]) -> str:
+    """The pair's relevance label: positive unless a mapped label column says otherwise."""
+    value = _value(row, "label", spec)
+    if value is None or value == "":
+        mapping = spec["mapping"]
+        stray = row.get("label") if "label" not in mapping and "label" not in mapping.values() else None
+        if isinstance(stray, str) and stray in LABELS and stray != "positive":
+            # an unread column named label that says this pair is not a positive: reading the row
+            # as a positive would state what the input denies
+            raise RowError(
+                "unmapped_label",
+                f"column 'label' holds {stray!r}, a relevance label, but label is read only when "
+                "mapped: pass --map label=label to read it as the pair's label (or map the column "
+                "to doc_text if it holds class names)",
+            )
+        return "positive"
+    if isinstance(value, str) and value in LABELS:
+        return value
+    shown = repr(value) if isinstance(value, str | int | float | bool) else _type_name(value)
+    raise RowError(
+        "invalid_label",
+        f"{_where('label', spec)} is {shown}, not a relevance label ({', '.join(LABELS)}): map "
+        "label only to a column of relevance labels (--map label=COLUMN); a class name or answer "
+        "belongs in doc_text, and with label unmapped every row is a positive pair",
+    )
 
 
 def _decode_b64(data: str, target: str, spec: dict[str, Any]) -> bytes:
@@ -237,6 +283,33 @@ def _id_and_key(given: str | None, prefix: str, content: tuple) -> tuple[str, by
     return rid, hashlib.blake2b(rid.encode("utf-8", "surrogatepass") + b"\0" + data, digest_size=16).digest()
 
 
+def _document(row: dict[str, Any], spec: dict[str, Any], subset: str | None) -> dict:
+    """The document side of a row (with its ``_key``), or ``RowError`` when it has no content.
+    Both ingest modes build documents here, so one document gets one id either way."""
+    d_instr = _text(row, "doc_instruction", spec)
+    d_text = _text(row, "doc_text", spec)
+    d_image, d_ikey = _image(row, "doc_image", spec)
+    if d_text is None and d_image is None:
+        raise RowError(
+            "missing_content",
+            f"the doc has neither text ({_where('doc_text', spec)}) nor image ({_where('doc_image', spec)})",
+        )
+    did, dkey = _id_and_key(_id(row, "doc_id", spec), "d", (subset, d_instr, d_text, d_ikey))
+    return {
+        "doc_id": did,
+        "subset": subset,
+        "instruction": d_instr,
+        "text": d_text,
+        "image": d_image,
+        KEY: dkey,
+    }
+
+
+def normalise_document(row: dict[str, Any], spec: dict[str, Any]) -> dict:
+    """One input row of a documents-only ingest -> a corpus row (with its ``_key``), or ``RowError``."""
+    return _document(row, spec, _text(row, "subset", spec))
+
+
 def normalise_row(row: dict[str, Any], spec: dict[str, Any]) -> tuple[dict, dict, dict]:
     """One flat input row -> (query, doc, pair) rows (each with its ``_key``), or ``RowError``.
 
@@ -248,20 +321,16 @@ def normalise_row(row: dict[str, Any], spec: dict[str, Any]) -> tuple[dict, dict
     q_instr = _text(row, "query_instruction", spec)
     q_text = _text(row, "query_text", spec)
     q_image, q_ikey = _image(row, "query_image", spec)
-    d_instr = _text(row, "doc_instruction", spec)
-    d_text = _text(row, "doc_text", spec)
-    d_image, d_ikey = _image(row, "doc_image", spec)
-    label = _text(row, "label", spec) or "positive"
+    if q_text is None and q_image is None:
+        raise RowError(
+            "missing_content",
+            f"the query has neither text ({_where('query_text', spec)}) "
+            f"nor image ({_where('query_image', spec)})",
+        )
+    doc = _document(row, spec, subset)
+    label = _label(row, spec)
     score = _score(row, spec)
-    for side, text, image in (("query", q_text, q_image), ("doc", d_text, d_image)):
-        if text is None and image is None:
-            raise RowError(
-                "missing_content",
-                f"the {side} has neither text ({_where(side + '_text', spec)}) "
-                f"nor image ({_where(side + '_image', spec)})",
-            )
     qid, qkey = _id_and_key(_id(row, "query_id", spec), "q", (subset, task, q_instr, q_text, q_ikey))
-    did, dkey = _id_and_key(_id(row, "doc_id", spec), "d", (subset, d_instr, d_text, d_ikey))
     query = {
         "query_id": qid,
         "subset": subset,
@@ -271,14 +340,7 @@ def normalise_row(row: dict[str, Any], spec: dict[str, Any]) -> tuple[dict, dict
         "image": q_image,
         KEY: qkey,
     }
-    doc = {
-        "doc_id": did,
-        "subset": subset,
-        "instruction": d_instr,
-        "text": d_text,
-        "image": d_image,
-        KEY: dkey,
-    }
+    did = doc["doc_id"]
     pkey = hashlib.blake2b(_serialise((qid, did, label, score)), digest_size=16).digest()
     pair = {
         "query_id": qid,
@@ -352,14 +414,27 @@ class PartWriter:
         self.buffers[table] = []
         self.buffer_bytes[table] = 0
 
-    def add(self, query: dict, doc: dict, pair: dict) -> None:
+    def add(
+        self,
+        query: dict | None,
+        doc: dict | None,
+        pair: dict | None,
+        location: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        """Write the parts of one row (None: that table gets nothing, as for a documents-only row),
+        and the row's own record in ``INPUT_ROWS`` (its keys; ``location``, ``line`` as for a refused row)."""
         for table, row in ((QUERIES, query), (CORPUS, doc), (PAIRS, pair)):
+            if row is None:
+                continue
             if row[KEY] in self.seen[table]:
                 self.repeats[table] += 1
                 continue
             self.seen[table].add(row[KEY])
             image = row.get("image")
             self._append(table, row, len(image["bytes"] or b"") if image else 0)
+        keys = {t: None if r is None else r[KEY] for t, r in ((QUERIES, query), (CORPUS, doc), (PAIRS, pair))}
+        self._append(INPUT_ROWS, {**keys, "source": location or self.source, LINE: line})
 
     def quarantine(
         self,

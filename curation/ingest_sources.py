@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from curation.ingest_rows import DONE, PartWriter, RowError, normalise_row
+from curation.ingest_rows import DONE, PartWriter, RowError, normalise_document, normalise_row
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 ITEMS_PER_TASK = 2000  # image folders: files per task
@@ -45,16 +45,20 @@ def _type_name(value: Any) -> str:
 def ingest_row(
     w: PartWriter, row: dict[str, Any], spec: dict[str, Any], location: str, line: int | None = None
 ) -> None:
-    """Normalise one parsed row and write it, or quarantine it with the reason."""
+    """Normalise one parsed row and write it, or quarantine it with the reason. In a documents-only
+    ingest (``spec["documents_only"]``) the row is one document: no query, no pair."""
     try:
-        query, doc, pair = normalise_row(row, spec)
+        if spec.get("documents_only"):
+            query, doc, pair = None, normalise_document(row, spec), None
+        else:
+            query, doc, pair = normalise_row(row, spec)
     except RowError as e:
         w.quarantine(e.reason, e.detail, row=row, location=location, line=line)
         return
     except Exception as e:  # a bad row never stops the run
         w.quarantine("unreadable_row", f"{type(e).__name__}: {e}", row=row, location=location, line=line)
         return
-    w.add(query, doc, pair)
+    w.add(query, doc, pair, location, line)
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -198,12 +202,13 @@ def read_hf(task: dict[str, Any], w: PartWriter) -> dict[str, Any]:
 
 def read_imagefolder(task: dict[str, Any], w: PartWriter) -> dict[str, Any]:
     """Items ``[location, file, text]``: file -> query image and text -> class label doc
-    (classification), or text -> caption query and file -> doc image (captions)."""
+    (classification), text -> caption query and file -> doc image (captions), or file -> doc
+    image alone (documents only: ``text_column`` is None)."""
     text_col = task["text_column"]
     for location, file, text in task["items"]:
         w.rows_read += 1
-        row = {"file": file, text_col: text}
-        if not file or not text:
+        row = {"file": file} if text_col is None else {"file": file, text_col: text}
+        if not file or (text_col is not None and not text):
             missing = "file" if not file else text_col
             w.quarantine("missing_field", f"no value for {missing!r}", row=row, location=location)
             continue
@@ -292,7 +297,9 @@ def hf_tasks(path: Path, name: str, num_rows: int, rows_per_task: int = HF_ROWS_
     ]
 
 
-def imagefolder_tasks(items: list[list], text_column: str, per_task: int = ITEMS_PER_TASK) -> list[dict]:
+def imagefolder_tasks(
+    items: list[list], text_column: str | None, per_task: int = ITEMS_PER_TASK
+) -> list[dict]:
     return [
         {
             "kind": "imagefolder",

@@ -23,10 +23,20 @@ image_too_large            more pixels than ``max_pixels`` or more bytes than ``
                            (checked from the header, before decoding: decompression bombs)
 unreadable_image           not an image, a format not allowed, or a corrupt one
 truncated_image            an image whose data ends early
-duplicate_id               an id already used by an earlier row of the same table
+duplicate_id               an id already used by an earlier row of the same table with the same
+                           content (subset, task, instruction, text, image): the first is kept,
+                           and the pairs naming the id state nothing new
+conflicting_id             an id given to rows of different content: every row with it is
+                           refused, and so is every pair naming it (which row a pair meant
+                           cannot be told: keeping the first row would hand it the pairs of
+                           the others, positives no input row stated)
 unknown_query_id           a pair whose query is not in queries (or was refused)
 unknown_doc_id             a pair whose document is not in corpus (or was refused)
 =========================  ================================================================
+
+An ingest by assay never leaves such ids: ingest refuses an input row that gives a known id other
+content, with its pair, naming both lines (curation.ingest_merge). conflicting_id is for datasets
+made otherwise, where the pairs cannot be traced to the row they came with.
 """
 
 from __future__ import annotations
@@ -70,8 +80,14 @@ SCAN_SCHEMA = pa.schema(
         pa.field("doc_id", pa.string()),  # pairs only: id holds the query_id
         pa.field("reason", pa.string()),
         pa.field("detail", pa.string()),
+        pa.field("content", pa.uint64()),  # queries, corpus: a hash of the row's content (not its id)
     ]
 )
+#: What makes two rows of one id the same row (``content``), per table.
+CONTENT_COLUMNS = {
+    QUERIES: ["subset", "task", "instruction", "text", "image"],
+    CORPUS: ["subset", "instruction", "text", "image"],
+}
 
 
 @dataclass(frozen=True)
@@ -260,6 +276,7 @@ def check_rows(table_name: str, raw: pa.Table, data_root: str, cfg: ValidateConf
     n = raw.num_rows
     r = _Reasons(n)
     shard, problem = conform_columns(table_name, raw)
+    content = pa.nulls(n, pa.uint64())
     if problem:
         r.mark(np.ones(n, dtype=bool), "wrong_type", problem)
         ids = pa.nulls(n, pa.string())
@@ -284,6 +301,7 @@ def check_rows(table_name: str, raw: pa.Table, data_root: str, cfg: ValidateConf
             _check_items(table_name, shard, r, data_root, cfg)
             ids = shard.column(ID_COLUMN[table_name]).combine_chunks()
             doc_ids = pa.nulls(n, pa.string())
+            content = _content_hash(table_name, shard, r.ok)
     return pa.table(
         {
             "row": pa.array(np.arange(n), pa.int64()),
@@ -291,9 +309,22 @@ def check_rows(table_name: str, raw: pa.Table, data_root: str, cfg: ValidateConf
             "doc_id": doc_ids.cast(pa.string()),
             "reason": pa.array(r.reason.tolist(), pa.string()),
             "detail": pa.array(r.detail.tolist(), pa.string()),
+            "content": content,
         },
         schema=SCAN_SCHEMA,
     )
+
+
+def _content_hash(table_name: str, shard: pa.Table, ok: np.ndarray) -> pa.Array:
+    """A 64-bit hash of each passing row's content (``CONTENT_COLUMNS``; null for refused rows):
+    two rows of one id with equal hashes are the same row given twice."""
+    n = shard.num_rows
+    if not ok.any():
+        return pa.nulls(n, pa.uint64())
+    cols = shard.select(CONTENT_COLUMNS[table_name]).filter(pa.array(ok))
+    hashes = np.zeros(n, np.uint64)
+    hashes[ok] = pl.from_arrow(cols).hash_rows(seed=0).to_numpy()
+    return pa.array(hashes, pa.uint64(), mask=~ok)
 
 
 def _blank(col: pa.ChunkedArray) -> np.ndarray:
@@ -383,72 +414,121 @@ def _cfg_args(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan_validate(scans: dict[str, list[tuple[str, Path]]]) -> dict[tuple[str, str], pa.Table]:
-    """Duplicate ids and dangling pair ids, decided over the ids of all shards."""
+    """Duplicate and conflicting ids and dangling pair ids, decided over the ids of all shards."""
     plans: dict[tuple[str, str], pa.Table] = {}
     kept_ids: dict[str, pl.Series] = {}
+    conflicting: dict[str, pl.Series] = {}
     for table in (QUERIES, CORPUS):
         s = pl.from_arrow(read_scans(scans.get(table, []))) if scans.get(table) else None
         if s is None or s.height == 0:
-            kept_ids[table] = pl.Series("id", [], dtype=pl.String)
+            kept_ids[table] = conflicting[table] = pl.Series("id", [], dtype=pl.String)
             continue
-        rejected, kept_ids[table] = item_decisions(table, s, [name for name, _ in scans[table]])
+        rejected, kept_ids[table], conflicting[table] = item_decisions(
+            table, s, [name for name, _ in scans[table]]
+        )
         plans.update(_plans_for(rejected, scans[table], table))
     if scans.get(PAIRS):
         s = pl.from_arrow(read_scans(scans[PAIRS])).with_columns(
             pl.col("id").is_in(kept_ids[QUERIES].implode()).alias("q_ok"),
             pl.col("doc_id").is_in(kept_ids[CORPUS].implode()).alias("d_ok"),
+            pl.col("id").is_in(conflicting[QUERIES].implode()).alias("q_conflict"),
+            pl.col("doc_id").is_in(conflicting[CORPUS].implode()).alias("d_conflict"),
         )
         s = pair_decisions(s)
         plans.update(_plans_for(s.filter(pl.col("reason").is_not_null()), scans[PAIRS], PAIRS))
     return plans
 
 
-def item_decisions(table: str, s: pl.DataFrame, shard_names: list[str]) -> tuple[pl.DataFrame, pl.Series]:
-    """The refused rows of queries or corpus and the ids kept, from their scan rows.
+def item_decisions(
+    table: str, s: pl.DataFrame, shard_names: list[str]
+) -> tuple[pl.DataFrame, pl.Series, pl.Series]:
+    """The refused rows of queries or corpus, the ids kept and the conflicting ids, from their scan rows.
 
-    ``s`` holds ``shard`` (an index into ``shard_names``), ``row``, ``id``, ``reason`` and ``detail``
-    of rows in dataset order: all of a table's rows, or any subset that holds every row of each id it
-    holds (a partition by id). Rows with a reason are refused with it; of the others, the first row
-    of each id is kept and the later ones are refused as duplicate_id. Returns (the refused rows:
-    order, shard, row, id, reason, detail; the kept ids).
+    ``s`` holds ``shard`` (an index into ``shard_names``), ``row``, ``id``, ``reason``, ``detail`` and
+    ``content`` of rows in dataset order: all of a table's rows, or any subset that holds every row of
+    each id it holds (a partition by id). Rows with a reason are refused with it. Of the others, an
+    id whose rows differ in content is conflicting: all its rows are refused as conflicting_id (and
+    its pairs, by ``pair_decisions``); of the rest, the first row of each id is kept and the later
+    ones (the same content again) are refused as duplicate_id. Returns (the refused rows: order,
+    shard, row, id, reason, detail; the kept ids; the conflicting ids).
     """
-    s = s.with_row_index("order").select("order", "shard", "row", "id", "reason", "detail")
-    ok = s.filter(pl.col("reason").is_null()).with_columns(pl.col("id").is_first_distinct().alias("first"))
-    first = ok.filter(pl.col("first"))
-    repeated = ok.filter(~pl.col("first"))
+    id_col = ID_COLUMN[table]
+    s = s.with_row_index("order").select("order", "shard", "row", "id", "reason", "detail", "content")
     names = pl.DataFrame(
         {"shard": pl.Series(range(len(shard_names)), dtype=pl.Int32), "shard_name": shard_names}
     )
+    ok = s.filter(pl.col("reason").is_null())
+    conflicting = (
+        ok.group_by("id", maintain_order=True)
+        .agg(pl.col("content").n_unique().alias("n"))
+        .filter(pl.col("n") > 1)
+        .get_column("id")
+    )
+    clash = ok.filter(pl.col("id").is_in(conflicting.implode()))
+    where = (
+        clash.join(names, on="shard", how="left", maintain_order="left")
+        .with_columns(
+            pl.format("{}/{} row {}", pl.lit(table), pl.col("shard_name"), pl.col("row")).alias("at")
+        )
+        .group_by("id", maintain_order=True)
+        .agg(pl.len().alias("n"), pl.col("at").head(4).str.join(", ").alias("at"))
+    )
+    conflicts = clash.join(where, on="id", how="left", maintain_order="left").with_columns(
+        pl.lit("conflicting_id").alias("reason"),
+        pl.format(
+            "{} {} is given to {} rows of different content ({}{}): which one its pairs mean cannot be "
+            "told, so every row with it and every pair naming it is refused",
+            pl.lit(id_col),
+            pl.col("id"),
+            pl.col("n"),
+            pl.col("at"),
+            pl.when(pl.col("n") > 4).then(pl.lit(", ...")).otherwise(pl.lit("")),
+        ).alias("detail"),
+    )
+    ok = ok.filter(~pl.col("id").is_in(conflicting.implode())).with_columns(
+        pl.col("id").is_first_distinct().alias("first")
+    )
+    first = ok.filter(pl.col("first"))
+    repeated = ok.filter(~pl.col("first"))
     first_at = (
         first.filter(pl.col("id").is_in(repeated.get_column("id").implode()))
         .join(names, on="shard", how="left")
         .select(pl.col("id"), pl.format("{} row {}", pl.col("shard_name"), pl.col("row")).alias("at"))
     )
-    dups = (
-        repeated.join(first_at, on="id", how="left", maintain_order="left")
-        .with_columns(
-            pl.lit("duplicate_id").alias("reason"),
-            pl.format(
-                "{} {} was already used (first at {}/{})",
-                pl.lit(ID_COLUMN[table]),
-                pl.col("id"),
-                pl.lit(table),
-                pl.col("at"),
-            ).alias("detail"),
-        )
-        .select(s.columns)
+    dups = repeated.join(first_at, on="id", how="left", maintain_order="left").with_columns(
+        pl.lit("duplicate_id").alias("reason"),
+        pl.format(
+            "{} {} was already used, with the same content (first at {}/{})",
+            pl.lit(id_col),
+            pl.col("id"),
+            pl.lit(table),
+            pl.col("at"),
+        ).alias("detail"),
     )
-    rejected = pl.concat([s.filter(pl.col("reason").is_not_null()), dups]).sort("order")
-    return rejected, first.get_column("id")
+    columns = ["order", "shard", "row", "id", "reason", "detail"]
+    rejected = pl.concat(
+        [
+            s.filter(pl.col("reason").is_not_null()).select(columns),
+            conflicts.select(columns),
+            dups.select(columns),
+        ]
+    ).sort("order")
+    return rejected, first.get_column("id"), conflicting
 
 
 def pair_decisions(s: pl.DataFrame) -> pl.DataFrame:
     """The reason of every pair scan row (``id`` is the query_id): its row check's, else
-    unknown_query_id where ``q_ok`` is false, else unknown_doc_id where ``d_ok`` is false (both: whether
-    the id names a kept row of queries / corpus); null for a pair that passes."""
+    conflicting_id where ``q_conflict`` or ``d_conflict`` (optional: whether the id is conflicting),
+    else unknown_query_id where ``q_ok`` is false, else unknown_doc_id where ``d_ok`` is false (both:
+    whether the id names a kept row of queries / corpus); null for a pair that passes."""
+    for col in ("q_conflict", "d_conflict"):
+        if col not in s.columns:
+            s = s.with_columns(pl.lit(False).alias(col))
     return s.with_columns(
         pl.when(pl.col("reason").is_not_null())
         .then(pl.col("reason"))
+        .when(pl.col("q_conflict") | pl.col("d_conflict"))
+        .then(pl.lit("conflicting_id"))
         .when(~pl.col("q_ok"))
         .then(pl.lit("unknown_query_id"))
         .when(~pl.col("d_ok"))
@@ -457,6 +537,22 @@ def pair_decisions(s: pl.DataFrame) -> pl.DataFrame:
     ).with_columns(
         pl.when(pl.col("detail").is_not_null())
         .then(pl.col("detail"))
+        .when((pl.col("reason") == "conflicting_id") & pl.col("q_conflict"))
+        .then(
+            pl.format(
+                "query_id {} is given to queries of different content (refused as conflicting_id): "
+                "which one this pair meant cannot be told",
+                pl.col("id"),
+            )
+        )
+        .when(pl.col("reason") == "conflicting_id")
+        .then(
+            pl.format(
+                "doc_id {} is given to documents of different content (refused as conflicting_id): "
+                "which one this pair meant cannot be told",
+                pl.col("doc_id"),
+            )
+        )
         .when(pl.col("reason") == "unknown_query_id")
         .then(pl.format("query_id {} is not in queries (or was refused)", pl.col("id")))
         .when(pl.col("reason") == "unknown_doc_id")

@@ -4,7 +4,8 @@
 sub-dataset):
 
 1. embed the subset's queries that have a gold positive (through the embedding cache);
-2. stream the corpus shard by shard, embedding the subset's documents of each shard (cached), and
+2. stream the corpus shard by shard (DATASET's, then those of the ``corpus=`` pools of extra
+   documents: ``mining.pools``), embedding the subset's documents of each shard (cached), and
    search them with ``mining.knn.search``: consecutive shards are searched together in blocks of at
    most ``SEARCH_BLOCK_ROWS`` rows / ``SEARCH_BLOCK_BYTES`` of vectors (a larger shard is a block of
    its own), and the running top-``depth`` per query is merged block by block, so memory holds a
@@ -20,11 +21,12 @@ sub-dataset):
    ``score``: the encoder's cosine between query and positive (the score the margin rules compare
    against), so positive and negative scores can be compared from the pairs alone.
 
-The output is a new dataset: queries and corpus linked unchanged, every input pair kept except the
-negatives of an earlier mining round (``origin`` starting with ``mined:``), which the new round
-replaces. Each subset's result is saved under ``_progress/`` as it completes, so a killed run
-resumes at the subset it reached, and the embedding cache makes the rerun encode nothing it had
-encoded. The manifest's ``extra.mine`` holds per-subset statistics of positive and negative scores.
+The output is a new dataset: queries and corpus linked unchanged (plus the pool documents its new
+pairs name, copied), every input pair kept except the negatives of an earlier mining round
+(``origin`` starting with ``mined:``), which the new round replaces. Each subset's result is saved
+under ``_progress/`` as it completes, so a killed run resumes at the subset it reached, and the
+embedding cache makes the rerun encode nothing it had encoded. The manifest's ``extra.mine`` holds
+per-subset statistics of positive and negative scores (and ``extra.corpus`` what each pool gave).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from curation.schema import CORPUS, PAIRS, QUERIES, ROW_COLUMNS, SCHEMAS, resolv
 from mining.embed_cache import EmbeddingCache
 from mining.encoders import Encoder
 from mining.knn import estimate_recall, search
+from mining.pools import MiningCorpus
 from mining.select import (
     AbsoluteMargin,
     Candidate,
@@ -93,6 +96,7 @@ class SubsetStats:
     dropped: dict[str, int] = field(default_factory=dict)
     index: str = ""
     recall: float | None = None  # recall@depth of an approximate index against exact search
+    pool_negatives: int | None = None  # negatives from corpus pools (None: no pools given)
 
     def summary(self) -> dict[str, Any]:
         def stats(xs: list[float]) -> dict[str, float]:
@@ -107,6 +111,7 @@ class SubsetStats:
                 "p90": round(float(np.percentile(a, 90)), 4),
             }
 
+        pools = {} if self.pool_negatives is None else {"pool_negatives": self.pool_negatives}
         return {
             "queries": self.queries,
             "negatives": self.negatives,
@@ -115,6 +120,7 @@ class SubsetStats:
             "dropped": dict(sorted(self.dropped.items())),
             "index": self.index,
             "recall_at_depth": None if self.recall is None else round(self.recall, 4),
+            **pools,
         }
 
 
@@ -138,6 +144,10 @@ def _subset_rows(ds: Dataset, table: str, name: str, subset: str) -> pa.Table:
     return t.filter(pc.equal(pc.fill_null(t["subset"], ""), subset))
 
 
+def _open(ds: Dataset | str | Path) -> Dataset:
+    return ds if isinstance(ds, Dataset) else Dataset(ds)
+
+
 def _subset_file(progress: Path, subset: str) -> Path:
     return progress / "mined" / f"{hashlib.sha1(subset.encode()).hexdigest()[:16]}.parquet"
 
@@ -151,6 +161,7 @@ def mine_dataset(
     rules: str | Sequence[Any] = "ranks:50-100,sample:random:2",
     depth: int | None = None,
     subsets: Sequence[str] | None = None,
+    corpus: Sequence[Dataset | str | Path] = (),
     method: str = "auto",
     device: str = "cpu",
     seed: int = 0,
@@ -163,8 +174,11 @@ def mine_dataset(
     ``progress(what, n)`` is told of encoded/cached rows (``"embed"``) and mined queries (``"mine"``).
     ``batch_size`` is the number of rows handed to the encoder at once and committed to the cache
     together (the encoder batches inside it, sorted by length as sentence-transformers does).
+    ``corpus``: pools of extra documents (assay datasets; their corpus tables) that join the mining
+    pool of their subset (``mining.pools`` says how ids, subsets and the output's corpus go); the
+    manifest's ``extra.corpus`` counts, per pool, what was searched, ignored and copied.
     """
-    ds = source if isinstance(source, Dataset) else Dataset(source)
+    ds = _open(source)
     as_spec = isinstance(rules, str) or (isinstance(rules, list) and rules and isinstance(rules[0], dict))
     rule_list = parse_rules(rules) if as_spec else list(rules)
     spec = describe(rule_list)
@@ -187,6 +201,7 @@ def mine_dataset(
     unknown = sorted(set(chosen) - set(all_subsets))
     if unknown:
         raise MiningError(f"{ds.root}: no subset {unknown[0]!r}; it has {', '.join(all_subsets)}")
+    docs = MiningCorpus(ds, [_open(p) for p in corpus], subsets=all_subsets, chosen=chosen)
     origin = f"{MINED_PREFIX}{encoder.model_id}:{spec}"
     config = {
         "encoder": encoder.model_id,
@@ -197,6 +212,8 @@ def mine_dataset(
         "method": method,
         "seed": seed,
     }
+    if docs.pools:  # another pool (path or content), another run: never resumed into this one
+        config["corpus"] = docs.refs()
     try:
         writer = DatasetWriter(
             out, stage="mine", config=config, parents=[ds], data_root=str(root.resolve()), overwrite=overwrite
@@ -226,6 +243,7 @@ def mine_dataset(
                 batch_size,
                 origin,
                 progress,
+                docs=docs,
             )
             atomic_write_parquet(saved, table)
             atomic_write_json(stats_file, sub_stats.summary())
@@ -249,7 +267,14 @@ def mine_dataset(
         for name in ds.shards(table):
             if not writer.is_done(table, name):
                 writer.sink.link_shard(table, name, ds.shard_path(table, name))
-    manifest = writer.finish(extra={"mine": stats, "origin": origin})
+    extra: dict[str, Any] = {"mine": stats, "origin": origin}
+    if docs.pools:
+        # the pool documents the new pairs name (negatives, positives DATASET lacks): the output is whole
+        new_ids = pa.concat_arrays([mined_table["doc_id"].combine_chunks(), gold["doc_id"].combine_chunks()])
+        negative_ids = mined_table["doc_id"].combine_chunks()
+        docs.add_referenced(writer.sink, new_ids, negative_ids, root, set(ds.shards(CORPUS)))
+        extra["corpus"] = [p.summary() for p in docs.pools]
+    manifest = writer.finish(extra=extra)
     return manifest, stats
 
 
@@ -278,9 +303,11 @@ def _mine_subset(
     batch_size: int,
     origin: str,
     progress: Callable[[str, int], None] | None,
+    docs: MiningCorpus | None = None,
 ) -> tuple[pa.Table, SubsetStats]:
     root = ds.data_root
-    stats = SubsetStats()
+    docs = docs or MiningCorpus(ds, [], subsets=[subset], chosen=[subset])
+    stats = SubsetStats(pool_negatives=0 if docs.pools else None)
     query_parts = [_subset_rows(ds, QUERIES, n, subset) for n in ds.shards(QUERIES)]
     queries = pa.concat_tables(query_parts) if query_parts else SCHEMAS[QUERIES].empty_table()
     queries = queries.filter(pc.is_in(queries["query_id"], value_set=pc.unique(gold["query_id"])))
@@ -303,23 +330,24 @@ def _mine_subset(
     doc_parts: list[pa.Array] = []
     key_parts: list[Any] = []  # per shard: content keys (see _content_keys)
     pos_parts: list[tuple[np.ndarray, np.ndarray]] = []  # (doc indices, vectors) of the gold positives
+    src_parts: list[np.ndarray] = []  # per shard: the index of the source (0: DATASET, i: the i-th pool)
     n_docs = 0
 
     def corpus(record: bool) -> Iterator[tuple[int, np.ndarray]]:
-        """The subset's corpus vectors in search blocks of whole dataset shards (see SEARCH_BLOCK_*)."""
+        """The subset's corpus vectors (DATASET's, then the pools') in search blocks of whole dataset
+        shards (see SEARCH_BLOCK_*)."""
         nonlocal n_docs
         offset, block, rows = 0, [], 0
-        for name in ds.shards(CORPUS):
-            t = _subset_rows(ds, CORPUS, name, subset)
-            if not t.num_rows:
-                continue
+        for s, src, t in docs.subset_shards(subset):
+            at = src.dataset.data_root
             tock = tick("embed") if record else None
-            vecs = cache.embed_table(t, "candidate", data_root=root, batch_size=batch_size, progress=tock)
+            vecs = cache.embed_table(t, "candidate", data_root=at, batch_size=batch_size, progress=tock)
             if record:
                 wanted = pc.indices_nonzero(pc.is_in(t["doc_id"], value_set=wanted_pos)).to_numpy()
                 pos_parts.append((n_docs + wanted.astype(np.int64), vecs[wanted]))
                 doc_parts.append(t["doc_id"].combine_chunks())
-                key_parts.append(_content_keys(t, root))
+                key_parts.append(_content_keys(t, at))
+                src_parts.append(np.full(t.num_rows, s, np.int16))
                 n_docs += t.num_rows
             if block and (
                 rows + len(vecs) > SEARCH_BLOCK_ROWS
@@ -391,6 +419,8 @@ def _mine_subset(
     rows, cols = np.nonzero(keep)
     neg_scores = scores[rows, cols]
     stats.negatives = int(rows.size)
+    if docs.pools and rows.size:
+        stats.pool_negatives = int((np.concatenate(src_parts)[ids[rows, cols]] > 0).sum())
     stats.negative_scores = neg_scores.astype(np.float64).tolist()
     negatives = _pairs_table(
         qid_col.take(rows), doc_col.take(ids[rows, cols]), "hard_negative", neg_scores, cols + 1, origin

@@ -5,17 +5,21 @@
 in the same shards, and the same refused rows in the quarantine with the same stage and reason (in
 files of the same names), without the three datasets in between. Every decision is taken by the
 stage's own code in curation/; this module wires them into Ray Data operators (what each operator
-runs is in pipelines/dag_steps.py, the judge's actor pool in pipelines/dag_judge.py):
+runs is in pipelines/dag_steps.py and dag_targets.py, the judge's actor pool in pipelines/dag_judge.py):
 
 =========  ==============================================================  ================================
 step       Ray Data operators                                              decided by (curation/)
 =========  ==============================================================  ================================
 read       ``from_items(shards).map_batches``: one task per input shard    validate.check_rows (row checks),
-                                                                           dedup.scan_rows, filter.keep_mask
-validate   ``groupby(hash of id).map_groups``: duplicate ids;               validate.item_decisions,
-           pairs: joins on query_id and doc_id with the kept ids            validate.pair_decisions
+                                                                           dedup_scan.scan_rows,
+                                                                           filter.keep_mask
+validate   ``groupby(hash of id).map_groups``: duplicate and conflicting   validate.item_decisions,
+           ids; pairs: joins on query_id and doc_id with the kept ids       validate.pair_decisions
+targets    the validated pairs' target rows joined with the query and      dedup_targets.targets_by_owner,
+           corpus rows by id (``groupby(hash of table + id)``)              attach_targets
 dedup      ``groupby(hash of subset + text key).map_groups``: exact, near   dedup.plan_content_rows (eval
-           and eval copies; pairs: ``groupby(hash of canonical query)``     rows broadcast), plan_pair_rows
+           and eval copies; pairs: joins with the canonical rows, then     rows broadcast), plan_pair_rows
+           ``groupby(hash of canonical query)``
 judge      joins with the canonical query and doc rows, then                judge.stage.render_pair,
            ``map_batches`` on an actor pool (``ActorPoolStrategy``, one     score_missing (cache first),
            scorer per actor, ``num_gpus`` per actor when the cluster has     lookup_scores
@@ -68,7 +72,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.dataset import AlreadyComplete, Dataset, DatasetWriter, Manifest, atomic_write_parquet
-from curation.dedup import DEFAULT_DECONTAMINATE, dedup_config, eval_rows
+from curation.dedup import CONFLICTS, DEFAULT_DECONTAMINATE, dedup_config, eval_rows
 from curation.dedup import STAGE as DEDUP
 from curation.filter import filter_targets
 from curation.filter_expr import Filter, parse_filter
@@ -101,6 +105,7 @@ from pipelines.dag_steps import (
     validate_pairs,
     write_shard,
 )
+from pipelines.dag_targets import item_targets, join_valid, pair_target_rows, valid_map
 
 JUDGE = "judge"
 FILTER = "filter"
@@ -373,15 +378,22 @@ def _execute(
         **{**vars(run), "parts": partitions or max(1, cpus, math.ceil(rows / ROWS_PER_PARTITION))}
     )
     decisions = []
-    # queries and corpus: ids, hashes and decisions, kept in the object store: pairs and write use them
-    items = _items(run, _eval_hashes(evals, decontaminate, dcfg) if evals else {}, decontaminate)
-    if items is not None:
+    # validate: queries and corpus (duplicate and conflicting ids), then the pairs (ids that name no
+    # kept row); both kept in the object store: dedup's targets and the pairs' dedup use them
+    valid = _valid_items(run)
+    pairs = _valid_pairs(run, valid)
+    # dedup of queries and corpus, with what the validated pairs say each row is about
+    items = None
+    if valid is not None:
+        evals_hashes = _eval_hashes(evals, decontaminate, dcfg) if evals else {}
+        items = _dedup_items(run, valid, pairs, evals_hashes, decontaminate)
         decisions.append(items.map_batches(decide_items, fn_kwargs={"run": run}, batch_format="pyarrow"))
     cache_server = _start_cache(cache) if judge is not None else None
     try:
-        pairs = _pairs(run, items, judge, cache_server, resources, pool, actors, gpus_per_actor)
         if pairs is not None:
-            decisions.append(pairs)
+            decisions.append(
+                _pairs(run, pairs, items, judge, cache_server, resources, pool, actors, gpus_per_actor)
+            )
         if not decisions:
             return
         merged = decisions[0] if len(decisions) == 1 else decisions[0].union(decisions[1])
@@ -396,13 +408,44 @@ def _execute(
             ray.kill(cache_server)
 
 
-def _items(run: CurateRun, evals: dict[str, Any], decontaminate: tuple[str, ...]) -> Any:
-    """Queries and corpus: read and check, duplicate ids (by id), dedup (by subset and text); one
-    decided row each (``dag_steps.dedup_items``), materialized. None when there are no shards."""
+def _valid_items(run: CurateRun) -> Any:
+    """Queries and corpus: read and check, duplicate and conflicting ids (by id); materialized.
+    None when there are no shards."""
     items = _read(run, (QUERIES, CORPUS), scan_items)
     if items is None:
         return None
-    items = _partitioned(items, ["_t", "id"], run.parts, validate_ids, run=run, valid="_ok")
+    return _partitioned(items, ["_t", "id"], run.parts, validate_ids, run=run, valid="_ok").materialize()
+
+
+def _valid_pairs(run: CurateRun, valid: Any) -> Any:
+    """Pairs: read and check, joined with what validate says of their ids (unknown, conflicting,
+    the content identity of a kept row); materialized. None when there are no pair shards."""
+    pairs = _read(run, (PAIRS,), scan_pairs)
+    if pairs is None:
+        return None
+    for column, table, prefix in (("query_id", QUERIES, "qv_"), ("doc_id", CORPUS, "dv_")):
+        ids = (
+            None
+            if valid is None
+            else valid.map_batches(valid_map, fn_kwargs={"table": table}, batch_format="pyarrow")
+        )
+        pairs = _partitioned(
+            pairs, [column], run.parts, join_valid, right=ids, right_on=["id"], column=column, prefix=prefix
+        )
+    return pairs.map_batches(validate_pairs, batch_format="pyarrow").materialize()
+
+
+def _dedup_items(
+    run: CurateRun, valid: Any, pairs: Any, evals: dict[str, Any], decontaminate: tuple[str, ...]
+) -> Any:
+    """Queries and corpus: their targets from the validated pairs (by id), then dedup (by subset and
+    text): one decided row each (``dag_steps.dedup_items``), materialized."""
+    items = valid
+    if run.near and pairs is not None:
+        targets = pairs.map_batches(pair_target_rows, batch_format="pyarrow")
+        items = _partitioned(
+            items, ["_t", "id"], run.parts, item_targets, right=targets, right_on=["_t", "id"]
+        )
     items = items.map_batches(dedup_partition, fn_kwargs={"run": run}, batch_format="pyarrow")
     items = items.groupby(PART).map_groups(
         dedup_items, fn_kwargs={"run": run, "evals": evals, "tables": decontaminate}, batch_format="pyarrow"
@@ -412,6 +455,7 @@ def _items(run: CurateRun, evals: dict[str, Any], decontaminate: tuple[str, ...]
 
 def _pairs(
     run: CurateRun,
+    pairs: Any,
     items: Any,
     judge: dict[str, Any] | None,
     cache_server: Any,
@@ -420,12 +464,9 @@ def _pairs(
     actors: int | None,
     gpus_per_actor: float | None,
 ) -> Any:
-    """Pairs: read and check, joined with the id maps of queries and corpus (unknown ids, canonical
-    rows), dedup by canonical query (with the query rows to judge), the doc rows to judge, the judge
-    pool, then verdicts and the filter: one decision row each. None when there are no pair shards."""
-    pairs = _read(run, (PAIRS,), scan_pairs)
-    if pairs is None:
-        return None
+    """Validated pairs joined with the id maps of queries and corpus (canonical rows), dedup by
+    canonical query (with the query rows to judge), the doc rows to judge, the judge pool, then
+    verdicts and the filter: one decision row each."""
     for column, table, prefix in (("query_id", QUERIES, "q_"), ("doc_id", CORPUS, "d_")):
         ids = (
             None
@@ -435,7 +476,6 @@ def _pairs(
         pairs = _partitioned(
             pairs, [column], run.parts, join_ids, right=ids, right_on=["id"], column=column, prefix=prefix
         )
-    pairs = pairs.map_batches(validate_pairs, batch_format="pyarrow")
     position = ["_shard", "_row"]
     queries = _read(run, (QUERIES,), scan_content) if judge else None
     pairs = _partitioned(
@@ -622,6 +662,7 @@ def _summary(
         for key, n in m.get("reasons", {}).items():
             step, _, reason = key.partition(":")
             steps[step][reason] += n
+        steps[DEDUP][CONFLICTS] += m.get(CONFLICTS, 0)
         kept[m["table"]] += m.get("kept", m.get("rows", 0))
         dropped[m["table"]].update(m.get("dropped", {}))
         for k, v in m.get(JUDGE, {}).items():

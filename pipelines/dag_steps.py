@@ -27,8 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.dataset import PROGRESS, ShardSink, atomic_write_parquet
+from curation.dedup import CONFLICTS, plan_content_rows, plan_pair_rows
 from curation.dedup import STAGE as DEDUP
-from curation.dedup import plan_content_rows, plan_pair_rows, scan_rows, scan_shard
+from curation.dedup_scan import scan_rows, scan_shard
 from curation.filter import REASON_FILTER, keep_mask, pair_filter_reasons
 from curation.filter_expr import parse_filter
 from curation.judge.cache import Key
@@ -192,6 +193,7 @@ def scan_items(task: pa.Table, run: CurateRun) -> pa.Table:
             side.append_column("_row", pa.array(rows[ok]))
             .append_column("reason", pa.nulls(good.num_rows, pa.string()))
             .append_column("detail", pa.nulls(good.num_rows, pa.string()))
+            .append_column("content", checks.column("content").filter(pa.array(ok)))
             .append_column("f_keep", keep)
         )
     else:
@@ -271,20 +273,32 @@ def scan_eval(task: pa.Table, config: dict[str, Any]) -> pa.Table:
 
 
 def validate_ids(left: pa.Table, right: None, run: CurateRun) -> pa.Table:
+    """validate's duplicate and conflicting ids of a partition by id; ``v_rep`` marks the first row
+    of each conflicting id (the one row per id that tells the pairs naming it so)."""
     out = []
     for t in (QUERIES, CORPUS):
         part = in_order(left.filter(pc.equal(left.column("_t"), t)))
         if not part.num_rows:
             continue
-        frame = pl.from_arrow(part.select(["_shard", "_row", "id", "reason", "detail"]))
-        rejected, _ = item_decisions(t, frame.rename({"_shard": "shard", "_row": "row"}), run.names[t])
+        if "content" not in part.column_names:  # a shard none of whose rows passed the row checks
+            part = part.append_column("content", pa.nulls(part.num_rows, pa.uint64()))
+        frame = pl.from_arrow(part.select(["_shard", "_row", "id", "reason", "detail", "content"]))
+        rejected, _, conflicting = item_decisions(
+            t, frame.rename({"_shard": "shard", "_row": "row"}), run.names[t]
+        )
         reason = np.array(part.column("reason").to_pylist(), dtype=object)
         detail = np.array(part.column("detail").to_pylist(), dtype=object)
         at = rejected.get_column("order").to_numpy()
         reason[at] = rejected.get_column("reason").to_list()
         detail[at] = rejected.get_column("detail").to_list()
+        ids = part.column("id")
+        first = np.asarray(
+            pl.from_arrow(pa.table({"id": ids})).get_column("id").is_first_distinct().to_numpy(), bool
+        )
+        rep = first & np.asarray(pc.is_in(ids, value_set=conflicting.to_arrow().cast(pa.string())), bool)
         part = part.set_column(part.column_names.index("reason"), "reason", strings(reason))
         part = part.set_column(part.column_names.index("detail"), "detail", strings(detail))
+        part = part.append_column("v_rep", pa.array(rep))
         out.append(part.set_column(part.column_names.index("_ok"), "_ok", pc.is_null(part.column("reason"))))
     return pa.concat_tables(out)
 
@@ -298,7 +312,8 @@ def dedup_partition(batch: pa.Table, run: CurateRun) -> pa.Table:
     return tag_partition(batch, keys, run.parts, side=0, valid="_ok").drop_columns(["_subset", SIDE])
 
 
-_SIDE_COLUMNS = ["id", "subset", "key_a", "key_b", "text_key", "phash", "note", "has_image"]
+_SIDE_COLUMNS = ["id", "subset", "key_a", "key_b", "text_key", "phash", "note", "has_image", "thumb", "side"]
+_TARGET_COLUMNS = ["t_sig", "t_pos", "t_neg"]
 
 
 def dedup_items(group: pa.Table, run: CurateRun, evals: dict[str, Any], tables: tuple[str, ...]) -> pa.Table:
@@ -313,17 +328,18 @@ def dedup_items(group: pa.Table, run: CurateRun, evals: dict[str, Any], tables: 
         d_reason = np.full(n, None, object)
         d_detail = np.full(n, None, object)
         canon = np.zeros(0, np.int64)
+        conflict = np.zeros(n, bool)
         if n:
-            side = kept.select(["_shard", "_row", *_SIDE_COLUMNS]).rename_columns(
-                ["shard", "row", *_SIDE_COLUMNS]
-            )
+            columns = _SIDE_COLUMNS + [c for c in _TARGET_COLUMNS if c in kept.column_names]
+            side = kept.select(["_shard", "_row", *columns]).rename_columns(["shard", "row", *columns])
             ev = evals.get(t) if t in tables else None
-            decisions, canon, _ = plan_content_rows(
+            decisions, canon, _, conflicts = plan_content_rows(
                 t, side, ev, near=run.near, distance=run.distance, text_only=run.text_only
             )
             at = locate(kept, decisions.column("shard"), decisions.column("row"))
             d_reason[at] = decisions.column("reason").to_pylist()
             d_detail[at] = decisions.column("detail").to_pylist()
+            conflict[conflicts] = True
         alive = canon >= 0
         take = pa.array(np.where(alive, canon, 0), mask=~alive)
         decided = pa.table(
@@ -337,6 +353,7 @@ def dedup_items(group: pa.Table, run: CurateRun, evals: dict[str, Any], tables: 
                 "d_reason": strings(d_reason),
                 "d_detail": strings(d_detail),
                 "f_keep": kept.column("f_keep"),
+                "d_conflict": pa.array(conflict),
                 "canon_id": kept.column("id").take(take),
                 "canon_shard": kept.column("_shard").take(take),
                 "canon_row": kept.column("_row").take(take),
@@ -358,6 +375,7 @@ def dedup_items(group: pa.Table, run: CurateRun, evals: dict[str, Any], tables: 
                     "d_reason": pa.nulls(m, pa.string()),
                     "d_detail": pa.nulls(m, pa.string()),
                     "f_keep": pa.nulls(m, pa.bool_()),
+                    "d_conflict": pa.array(np.zeros(m, bool)),
                     "canon_id": pa.nulls(m, pa.string()),
                     "canon_shard": pa.nulls(m, pa.int32()),
                     "canon_row": pa.nulls(m, pa.int64()),
@@ -397,6 +415,11 @@ def join_ids(left: pa.Table, right: pa.Table | None, column: str, prefix: str) -
 
 
 def validate_pairs(batch: pa.Table) -> pa.Table:
+    def flag(name: str) -> pa.Array:
+        return pa.array(
+            np.asarray(pc.fill_null(batch.column(name), False).to_numpy(zero_copy_only=False), bool)
+        )
+
     frame = pl.from_arrow(
         pa.table(
             {
@@ -404,8 +427,10 @@ def validate_pairs(batch: pa.Table) -> pa.Table:
                 "doc_id": batch.column("doc_id"),
                 "reason": batch.column("v_reason"),
                 "detail": batch.column("v_detail"),
-                "q_ok": batch.column("q_known"),
-                "d_ok": batch.column("d_known"),
+                "q_ok": flag("qv_ok"),
+                "d_ok": flag("dv_ok"),
+                "q_conflict": flag("qv_conflict"),
+                "d_conflict": flag("dv_conflict"),
             }
         )
     )
@@ -578,6 +603,7 @@ def finish_pairs(left: pa.Table, right: None = None, *, run: CurateRun) -> pa.Ta
             "j_relabelled": pc.and_(
                 pa.array(judged), pc.not_equal(left.column("label"), table.column("label"))
             ),
+            "conflict": pa.array(np.zeros(n, bool)),
         }
     )
 
@@ -603,6 +629,7 @@ def decide_items(batch: pa.Table, run: CurateRun) -> pa.Table:
             "reason": pc.coalesce(batch.column("v_reason"), batch.column("d_reason")),
             "detail": pc.coalesce(batch.column("v_detail"), batch.column("d_detail")),
             "drop": strings(drop if n else []),
+            "conflict": pc.fill_null(batch.column("d_conflict"), False),
         }
     )
 
@@ -656,6 +683,9 @@ def write_shard(group: pa.Table, run: CurateRun) -> pa.Table:
         "kept": int(keep.sum()),
         "dropped": dict(Counter(d for d in drop.tolist() if d is not None)),
     }
+    conflicts = int(pc.sum(rows.column("conflict")).as_py() or 0)
+    if conflicts:  # dedup: near copies whose targets disagree, kept (curation.dedup_targets)
+        stats[CONFLICTS] = conflicts
     data = None
     if keep.any():
         data = conformed(t, raw)

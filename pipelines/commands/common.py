@@ -105,8 +105,9 @@ def dedup_options(fn: Callable) -> Callable:
             default=4,
             show_default=True,
             metavar="N",
-            help=f"Images whose 64-bit pHash differ in at most N bits are near duplicates (0: equal "
-            f"hashes only; at most {MAX_DISTANCE}; negative: off). Unrelated images are ~32 bits apart.",
+            help=f"Images whose 64-bit pHash differ in at most N bits, and whose colour thumbnails "
+            f"agree, are near duplicates (0: equal hashes only; at most {MAX_DISTANCE}; negative: off). "
+            "Unrelated images are ~32 bits apart. Near copies whose pairs disagree are kept and counted.",
         ),
         click.option(
             "--no-near",

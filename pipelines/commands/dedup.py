@@ -51,10 +51,18 @@ def command(
       exact_duplicate       same text after normalisation (Unicode NFKC, case folded, whitespace
                             collapsed) and the same image bytes (sha256; images by path are read
                             from the data root)
-      near_duplicate_image  same normalised text (or none) and images whose pHash differ in at
-                            most --phash-distance bits (resized, re-encoded, slightly edited copies)
+      near_duplicate_image  same normalised text (or none), images near in structure (pHash at
+                            most --phash-distance bits apart) AND colour (8x8 thumbnails within
+                            32 of 255 per cell): resized, re-encoded, slightly edited copies, not
+                            recoloured ones; and the same targets: two queries with the same
+                            positive documents, two documents no query tells apart
       contaminated          the same content as a row of an --against dataset (any subset), or,
                             with near on, the same text and a near-identical image
+
+    \b
+    Near copies whose targets disagree (the same question about the same picture, answered "yes"
+    and "no") are a conflict in the data, not a copy: both rows stay, and the count is printed
+    and kept in the manifest (extra.dedup.TABLE.near_duplicate_conflicts, with examples).
 
     \b
     The first occurrence (in shard order, then row order) is kept; the others go, whole, to
@@ -106,6 +114,13 @@ def command(
                 click.echo(
                     f"note: {s['images_not_phashed']} {table} image(s) could not be decoded and were left out "
                     "of the near-duplicate check",
+                    err=True,
+                )
+            if s.get("near_duplicate_conflicts"):
+                click.echo(
+                    f"note: {s['near_duplicate_conflicts']} row(s) of {table} are near copies of an earlier row "
+                    "whose targets disagree: kept, not folded (a conflict in the data, not a copy); e.g. "
+                    + s["conflict_examples"][0],
                     err=True,
                 )
         if stats.get("pairs", {}).get("rewritten"):

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from curation.ingest import FORMATS, TARGETS, infer_format, ingest, load_mapping, parse_map_flags
+from curation.ingest import (
+    DOC_TARGETS,
+    FORMATS,
+    TARGETS,
+    infer_format,
+    ingest,
+    load_mapping,
+    parse_map_flags,
+)
 from pipelines.commands.common import (
     build_executor,
     executor_options,
@@ -19,9 +27,19 @@ HELP = f"""Turn raw image+text pairs in SOURCE into a new assay dataset at OUT.
 Each input row is one (query, document) pair. Its columns are mapped onto these targets:
   {", ".join(TARGETS[:6])},
   {", ".join(TARGETS[6:])}
-A target reads the column of the same name unless --map or --mapping names another. Rows
-without an id get a content-hash id, so a document named by many rows is stored once. An image
-cell is a path (relative to --data-root), {{bytes, path}} (the HF convention) or inline bytes.
+A target reads the column of the same name unless --map or --mapping names another, except
+label and score: the pair's relevance label (one of positive, negative, hard_negative,
+false_negative) and score are read only when mapped (--map label=relevance), so a column named
+label holding class names stays content (--map doc_text=label). Without a mapped label every
+row is a positive pair. Rows without an id get a content-hash id, so a document named by many
+rows is stored once. An image cell is a path (relative to --data-root), {{bytes, path}} (the HF
+convention) or inline bytes.
+
+\b
+--documents: each row is one document ({", ".join(DOC_TARGETS)}); the
+dataset holds a corpus and no queries or pairs (e.g. a pool to mine from). A document gets
+the same id as when ingested in a pair (with the same subset); an image folder gives one
+document per image.
 
 \b
 Formats (inferred from the extension, or from what a folder holds, when --format is omitted):
@@ -42,6 +60,7 @@ Examples:
   assay ingest pairs.jsonl data/pairs --map query_text=question --map doc_image=img --task vqa
   assay ingest pairs.csv data/pairs --mapping columns.yaml --subset coco --embed-images
   assay ingest photos/ data/photos --format imagefolder --captions captions.csv
+  assay ingest passages.jsonl data/pool --documents --map doc_text=passage --subset coco
   assay ingest --format example easy-vqa data/easy-vqa --executor local
 """
 
@@ -103,6 +122,13 @@ Examples:
     help="imagefolder: a CSV with columns file,caption (retrieval: caption -> image).",
 )
 @click.option(
+    "--documents",
+    "documents_only",
+    is_flag=True,
+    help="Each row is one document (doc_id, doc_text, doc_image, doc_instruction, subset): write a "
+    "corpus with no queries or pairs.",
+)
+@click.option(
     "--rows-per-shard",
     type=click.IntRange(min=1),
     default=50_000,
@@ -123,6 +149,7 @@ def command(
     task,
     labels,
     captions,
+    documents_only,
     rows_per_shard,
     executor,
     ray_address,
@@ -143,6 +170,7 @@ def command(
                 task=task,
                 labels=labels,
                 captions=captions,
+                documents_only=documents_only,
                 embed_images=embed_images,
                 rows_per_shard=rows_per_shard,
                 executor=build_executor(executor, ray_address, num_cpus),
@@ -165,6 +193,7 @@ def command(
             rows_per_shard=rows_per_shard,
             executor=build_executor(executor, ray_address, num_cpus),
             overwrite=overwrite,
+            documents_only=documents_only,
         )
         print_counts(manifest, "ingest")
         click.echo(f"wrote {out}")
@@ -181,6 +210,7 @@ def _ingest_example(
     task,
     labels,
     captions,
+    documents_only,
     embed_images,
     rows_per_shard,
     executor,
@@ -203,6 +233,7 @@ def _ingest_example(
             ("--labels", labels),
             ("--captions", captions),
             ("--embed-images", embed_images),
+            ("--documents", documents_only),
         )
         if value
     ]

@@ -34,6 +34,20 @@ def format_stats(stats: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_pool(p: dict, out: str) -> str:
+    """What one corpus pool gave: documents searched, left out and why, negatives, copies."""
+    parts = [f"{p['documents']} documents", f"{p['searched']} searched"]
+    if p["same_doc"]:
+        parts.append(f"{p['same_doc']} already there under the same id (the same documents)")
+    for key, what in (("not_mined", "subsets not chosen"), ("ignored", "subsets not in the dataset")):
+        if p[key]:
+            parts.append(f"{sum(p[key].values())} {key.replace('_', ' ')} ({what}: {', '.join(p[key])})")
+    return (
+        f"corpus {p['path']}: {', '.join(parts)}; {p['negatives']} negatives from it, "
+        f"{p['added']} documents copied into {out}"
+    )
+
+
 @click.command("mine", short_help="Mine hard negatives per query against a checkpoint (kNN per subset).")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
@@ -55,6 +69,17 @@ def format_stats(stats: dict[str, dict]) -> str:
 )
 @click.option(
     "--subset", "subsets", multiple=True, metavar="NAME", help="Mine only this subset (repeatable)."
+)
+@click.option(
+    "--corpus",
+    "pools",
+    multiple=True,
+    metavar="POOL",
+    type=click.Path(exists=True, file_okay=False),
+    help="An assay dataset whose corpus holds extra documents to mine from (repeatable; e.g. a "
+    "documents-only ingest). They join the pool of their subset (documents of subsets DATASET lacks "
+    "are ignored and counted); a doc id already used must name the same document, else it is an "
+    "error; the pool documents OUT's pairs name are copied into OUT's corpus.",
 )
 @click.option(
     "--index",
@@ -109,6 +134,7 @@ def command(
     rules,
     depth,
     subsets,
+    pools,
     method,
     device,
     batch_size,
@@ -130,6 +156,7 @@ def command(
     block (at most 65,536 vectors or 64 MiB in memory), gold positives and documents with a positive's content are
     dropped, and the rules pick the negatives. They are written as pairs labelled hard_negative with
     score, rank and origin (mined:<encoder>:<rules>); an earlier round's mined pairs are replaced.
+    --corpus adds the documents of other datasets to the pools (the ones picked are copied to OUT).
     With --judge, the mined dataset goes to OUT.unjudged and the judged one to OUT.
     """
     if keep is not None and judge_model is None:
@@ -144,6 +171,7 @@ def command(
         from mining.stage import mine_dataset
 
         src = open_dataset(dataset)
+        corpus = [open_dataset(p) for p in pools]
         enc = load_encoder(
             encoder,
             device=device,
@@ -169,6 +197,7 @@ def command(
                 rules=PRESETS.get(rules, rules),
                 depth=depth,
                 subsets=list(subsets) or None,
+                corpus=corpus,
                 method=method,
                 device=device,
                 seed=seed,
@@ -183,6 +212,8 @@ def command(
             f"encoder {enc.model_id}; rules {manifest.config['rules']}; depth {manifest.config['depth']}"
         )
         click.echo(format_stats(stats))
+        for pool in manifest.extra.get("corpus", []):
+            click.echo(format_pool(pool, mined_out))
         if judge_model:
             _judge(
                 mined_out,

@@ -40,9 +40,11 @@ def command(
     Refused rows go, whole, to OUT/quarantine/ with the reason and the stage; nothing is dropped
     silently. Reasons: wrong_type, invalid_utf8, missing_id, missing_content, empty_text,
     text_too_long, nul_in_text, invalid_label, invalid_value, image_path_outside_root,
-    image_not_found, image_too_large, unreadable_image, truncated_image, duplicate_id,
-    unknown_query_id, unknown_doc_id (see curation/validate.py). A shard that is not a readable
-    Parquet file stops the run before anything is written.
+    image_not_found, image_too_large, unreadable_image, truncated_image, duplicate_id (an id
+    given again with the same content: the first row is kept), conflicting_id (an id given to rows
+    of different content: every row with it and every pair naming it go, since which row a pair
+    meant cannot be told), unknown_query_id, unknown_doc_id (see curation/validate.py). A shard
+    that is not a readable Parquet file stops the run before anything is written.
 
     \b
     Example:

@@ -11,11 +11,12 @@ import pytest
 from helpers.badrows import png as png_bytes
 from PIL import Image
 
-from curation.content_key import content_key, iter_content_keys, normalize_text, perceptual_hash
+from curation.content_key import content_key, iter_content_keys, normalize_text
 from curation.dataset import Dataset, DatasetError, write_dataset
 from curation.dedup import dedup
 from curation.executor import LocalExecutor
 from curation.hamming import _popcount_swar, greedy_near_duplicates, near_pairs, popcount
+from curation.near_image import image_signature
 from curation.quarantine import decode_record
 from curation.schema import CORPUS, PAIRS, QUERIES
 
@@ -34,7 +35,25 @@ def pic(seed: int, *, size: int = 32, pixel: tuple[int, int] | None = None, comp
 
 
 def bits_apart(a: bytes, b: bytes) -> int:
-    return int(popcount(np.uint64(perceptual_hash(a)[0]) ^ np.uint64(perceptual_hash(b)[0])))
+    return int(popcount(np.uint64(image_signature(a).phash) ^ np.uint64(image_signature(b).phash)))
+
+
+def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def smooth(seed: int, size: int = 64) -> Image.Image:
+    rs = np.random.RandomState(seed)
+    return Image.fromarray((rs.rand(8, 8, 3) * 255).astype("uint8")).resize((size, size), Image.BILINEAR)
+
+
+def shape(colour, size: int = 64, box: tuple[int, int, int, int] = (20, 20, 44, 44)) -> Image.Image:
+    """A coloured square on white: pictures of different colours have the same (grayscale) pHash."""
+    im = Image.new("RGB", (size, size), "white")
+    im.paste(Image.new("RGB", (box[2] - box[0], box[3] - box[1]), colour), box[:2])
+    return im
 
 
 def img(data: bytes | None = None, path: str | None = None) -> dict:
@@ -257,6 +276,177 @@ def test_banding_finds_exactly_the_brute_force_pairs():
         assert greedy_near_duplicates(h, g, distance).tolist() == expect
     x = rng.integers(0, 2**64 - 1, size=1000, dtype=np.uint64, endpoint=True)
     assert (_popcount_swar(x) == popcount(x)).all()
+
+
+# ------------------------------------------------------------- near duplicates: colour and targets (issue 15)
+
+
+def test_recoloured_copies_are_not_near_duplicates(tmp_path):
+    """pHash sees grayscale structure only: six solid colours (and one square in six colours) hash
+    alike. Before issue 15 dedup folded each set into one document."""
+    colours = ["red", "green", "blue", "yellow", "black", "gray"]
+    solid = [encode(Image.new("RGB", (64, 64), c)) for c in colours]
+    squares = [encode(shape(c)) for c in colours]
+    for pictures in (solid, squares):  # the pHashes are within a bit of one another: candidates all
+        assert max(bits_apart(pictures[0], x) for x in pictures) <= 1
+    src = make(
+        tmp_path / "src",
+        corpus=[d(f"solid-{c}", image=img(b)) for c, b in zip(colours, solid, strict=True)]
+        + [d(f"square-{c}", "a square", img(b)) for c, b in zip(colours, squares, strict=True)],
+    )
+    m = dedup(src, tmp_path / "out")
+    assert len(ids(tmp_path / "out", CORPUS)) == 12 and reasons(tmp_path / "out") == {}
+    assert m.extra["dedup"]["corpus"]["near_duplicate_image"] == 0
+    assert m.config["colour_distance"] == 32
+
+
+def test_reencoded_and_slightly_resized_copies_still_go(tmp_path):
+    base = smooth(0)
+    jpeg = encode(base, "JPEG", quality=90)
+    resized = encode(base.resize((60, 60), Image.BICUBIC))
+    original = encode(base)
+    assert bits_apart(original, jpeg) <= 4 and bits_apart(original, resized) <= 4
+    src = make(
+        tmp_path / "src",
+        queries=[
+            q("q1", "what is it?", img(original)),
+            q("q2", "What is it?", img(jpeg)),
+            q("q3", "what is it?", img(resized)),
+        ],
+        corpus=[d("d1", "a thing")],
+        pairs=[p("q1", "d1"), p("q2", "d1"), p("q3", "d1")],
+    )
+    m = dedup(src, tmp_path / "out")
+    assert ids(tmp_path / "out", QUERIES) == ["q1"]
+    assert reasons(tmp_path / "out") == {
+        "q2": "near_duplicate_image",
+        "q3": "near_duplicate_image",
+        "q2->d1": "duplicate_pair",  # rewritten to (q1, d1): the very pair q1 has
+        "q3->d1": "duplicate_pair",
+    }
+    detail = {r["id"]: r["detail"] for r in quarantine(tmp_path / "out")}["q2"]
+    assert "'q1'" in detail and "(colour)" in detail and "same text and targets" in detail
+    assert m.extra["dedup"]["queries"]["near_duplicate_conflicts"] == 0
+    # ...and --no-near (near=False) keeps them all
+    dedup(src, tmp_path / "off", near=False)
+    assert ids(tmp_path / "off", QUERIES) == ["q1", "q2", "q3"]
+
+
+def test_same_question_other_answer_is_a_conflict_not_a_copy(tmp_path):
+    """The same question about a picture and its re-encoded copy, answered yes and no: both rows stay
+    (folding would tell training that the kept picture's answer is both), counted as a conflict."""
+    picture = encode(smooth(5))
+    copy = encode(smooth(5), "JPEG", quality=90)
+    assert bits_apart(picture, copy) <= 4
+    src = make(
+        tmp_path / "src",
+        queries=[
+            q("q1", "Is it red?", img(picture)),
+            q("q2", "is it red?", img(copy)),
+            q("q3", "Is it red?", img(encode(smooth(5).resize((60, 60), Image.BICUBIC)))),
+        ],
+        corpus=[d("yes", "yes"), d("no", "no")],
+        pairs=[p("q1", "yes"), p("q2", "no"), p("q3", "yes")],
+    )
+    m = dedup(src, tmp_path / "out")
+    assert ids(tmp_path / "out", QUERIES) == ["q1", "q2"]  # q3 agrees with q1: a copy
+    assert reasons(tmp_path / "out") == {"q3": "near_duplicate_image", "q3->yes": "duplicate_pair"}
+    got = [(r["query_id"], r["doc_id"]) for r in rows(tmp_path / "out", PAIRS)]
+    assert got == [("q1", "yes"), ("q2", "no")]
+    stats = m.extra["dedup"]["queries"]
+    assert stats["near_duplicate_conflicts"] == 1
+    assert (
+        "'q2' and 'q1'" in stats["conflict_examples"][0]
+        and "other positive documents" in stats["conflict_examples"][0]
+    )
+
+
+def test_documents_told_apart_by_a_query_are_not_folded(tmp_path):
+    """Two near-identical pictures in the corpus fold (their queries then name one copy), unless a
+    query calls one relevant and the other irrelevant: then the pairs say they differ."""
+    a, b = encode(smooth(3)), encode(smooth(3), "JPEG", quality=90)
+    pairs = [p("q1", "a"), p("q2", "b")]
+    src = make(
+        tmp_path / "src",
+        queries=[q("q1", "x"), q("q2", "y")],
+        corpus=[d("a", image=img(a)), d("b", image=img(b))],
+        pairs=pairs,
+    )
+    dedup(src, tmp_path / "folded")
+    assert ids(tmp_path / "folded", CORPUS) == ["a"]
+    assert [(r["query_id"], r["doc_id"]) for r in rows(tmp_path / "folded", PAIRS)] == [
+        ("q1", "a"),
+        ("q2", "a"),
+    ]
+    told_apart = make(
+        tmp_path / "src2",
+        queries=[q("q1", "x"), q("q2", "y")],
+        corpus=[d("a", image=img(a)), d("b", image=img(b))],
+        pairs=[*pairs, p("q1", "b", "hard_negative")],
+    )
+    m = dedup(told_apart, tmp_path / "kept")
+    assert ids(tmp_path / "kept", CORPUS) == ["a", "b"]
+    assert m.extra["dedup"]["corpus"]["near_duplicate_conflicts"] == 1
+
+
+def test_a_recoloured_eval_picture_is_not_contamination(tmp_path):
+    evalset = make(tmp_path / "eval", queries=[q("e1", "what colour?", img(encode(shape("red"))))])
+    src = make(
+        tmp_path / "src",
+        queries=[
+            q("t1", "what colour?", img(encode(shape("green")))),
+            q("t2", "what colour?", img(encode(shape("red").resize((60, 60), Image.BICUBIC)))),
+        ],
+    )
+    dedup(src, tmp_path / "out", against=[evalset])
+    assert reasons(tmp_path / "out") == {"t2": "contaminated"}
+    detail = {r["id"]: r["detail"] for r in quarantine(tmp_path / "out")}["t2"]
+    assert "(colour)" in detail and "'e1'" in detail
+
+
+def test_colour_distance_fits_the_picture_size():
+    """A cell covers at least 4x4 pixels of the smaller picture: one changed pixel moves it by 1/16."""
+    from curation.near_image import colour_distance, fitting_grid, image_signature
+
+    assert fitting_grid(np.array([7, 8, 16, 31, 32, 4000])).tolist() == [1, 2, 4, 4, 8, 8]
+    for size in (8, 16, 32, 64):
+        base = Image.new("RGB", (size, size), (0, 0, 0))
+        dot = base.copy()
+        dot.putpixel((0, 0), (255, 255, 255))
+        x, y = image_signature(encode(base)), image_signature(encode(dot))
+        assert x.phash is not None and colour_distance(x.thumb, y.thumb, x.side, y.side)[0] <= 16, size
+
+
+def test_greedy_with_an_accept_rule_equals_the_brute_force_walk():
+    """The fast path (banding, equal rows collapsed through ``same``) decides as a walk that compares
+    every row with every kept row, when accept() refuses pairs (dedup: colour, targets)."""
+    rng = np.random.default_rng(15)
+    for distance in (0, 2, 4):
+        centres = rng.integers(0, 2**63, size=20, dtype=np.uint64)
+        h = centres[rng.integers(0, 20, size=400)]
+        flips = rng.integers(0, 64, size=(400, 3))
+        for k in range(3):
+            h = np.where(rng.random(400) < 0.3, h ^ (np.uint64(1) << flips[:, k].astype(np.uint64)), h)
+        g = rng.integers(0, 2, size=400)
+        colour = rng.integers(0, 3, size=400)  # a stand-in for the thumbnail: equal colours accept
+
+        def accept(a, b):
+            return colour[a] == colour[b]  # noqa: B023
+
+        got = greedy_near_duplicates(h, g, distance, accept=accept, same=[colour])
+        kept, expect = [], []
+        for j in range(len(h)):
+            w = [
+                i
+                for i in kept
+                if g[i] == g[j]
+                and colour[i] == colour[j]
+                and bin(int(h[i]) ^ int(h[j])).count("1") <= distance
+            ]
+            expect.append(min(w) if w else -1)
+            if not w:
+                kept.append(j)
+        assert got.tolist() == expect and (got >= 0).sum() > 50
 
 
 # ------------------------------------------------------------------------------------------- pairs
@@ -549,7 +739,7 @@ def test_images_only_decontamination_spares_text_only_rows(tmp_path):
 
 
 def test_text_only_fast_scan_gives_the_row_by_row_keys(tmp_path):
-    from curation.dedup import scan_shard
+    from curation.dedup_scan import scan_shard
 
     texts = [
         "Hello  World",

@@ -146,7 +146,8 @@ def test_parquet_row_groups_inline_bytes_and_same_named_columns(tmp_path, make_p
         }
     )
     pq.write_table(table, tmp_path / "pairs.parquet", row_group_size=2)
-    ingest(tmp_path / "pairs.parquet", tmp_path / "out", subset="fallback")
+    # the relevance label is read only when mapped, even from a column named label
+    ingest(tmp_path / "pairs.parquet", tmp_path / "out", subset="fallback", mapping={"label": "label"})
     ds = Dataset(tmp_path / "out")
     corpus = rows(ds, "corpus")
     # same bytes, same subset -> one doc; the row without a subset gets --subset and its own doc
@@ -190,6 +191,7 @@ def test_hf_save_to_disk_round_trip(tmp_path, make_png):
     ds = Dataset(tmp_path / "out")
     assert [q["image"]["bytes"] for q in rows(ds, "queries")] == images
     assert [c["text"] for c in rows(ds, "corpus")] == ["red", "green", "blue"]  # ClassLabel names
+    assert {p["label"] for p in rows(ds, "pairs")} == {"positive"}  # the ClassLabel is not relevance
     assert {q["subset"] for q in rows(ds, "queries")} == {"hf"}
     # a DatasetDict: one split at a time, the error says so
     datasets.DatasetDict({"train": hf, "test": hf}).save_to_disk(str(tmp_path / "dd"))
@@ -219,6 +221,7 @@ def test_imagefolder_one_folder_per_class(tmp_path, make_png):
     assert sorted(c["text"] for c in corpus) == ["cat", "dog"]
     label_of = {c["doc_id"]: c["text"] for c in corpus}
     assert [label_of[p["doc_id"]] for p in pairs] == ["cat"] * 3 + ["dog"] * 3
+    assert {p["label"] for p in pairs} == {"positive"}  # the class is the doc, not the pair's label
     assert ds.manifest.data_root == str((tmp_path / "photos").resolve())
 
 
@@ -236,6 +239,8 @@ def test_imagefolder_with_labels_and_captions_csv(tmp_path, make_png):
     (bad,) = quarantine(tmp_path / "by-label")
     assert (bad["reason"], bad["source"]) == ("missing_field", "labels.csv:4")
     assert {q["subset"] for q in rows(ds, "queries")} == {"shades"}
+    assert [c["text"] for c in rows(ds, "corpus")] == ["dark"]
+    assert {p["label"] for p in rows(ds, "pairs")} == {"positive"}
 
     captions = write_csv(
         flat / "captions.csv",  # inside the folder: --captions still means an image folder
@@ -282,11 +287,18 @@ def test_easy_vqa_three_subsets_with_package_counts(easy_vqa_out):
             ("vqa", "vqa"): n_q,
             ("classification", "classification"): n_i,
             ("retrieval", "retrieval"): n_desc,
+            ("captions", "retrieval"): manifest.extra["captions"]["queries"],  # see test_examples.py
         }
         assert 3 <= n_desc <= 24
         c_by = collections.Counter(c["subset"] for c in corpus)
-        assert c_by == {"vqa": len(set(questions[1])), "classification": 3, "retrieval": n_i}
-        assert len(pairs) == n_q + 2 * n_i and {p["label"] for p in pairs} == {"positive"}
+        n_cap = manifest.extra["captions"]["queries"]
+        assert c_by == {
+            "vqa": len(set(questions[1])),
+            "classification": 3,
+            "retrieval": n_i,
+            "captions": manifest.extra["captions"]["corpus"],
+        }
+        assert len(pairs) == n_q + 2 * n_i + n_cap and {p["label"] for p in pairs} == {"positive"}
         assert manifest.counts["quarantine"] == 0
         # every query has a positive; every image path exists under the data root
         assert {q["query_id"] for q in queries} == {p["query_id"] for p in pairs}
@@ -375,7 +387,8 @@ def test_bad_rows_are_quarantined_with_reason_and_location(tmp_path, make_png):
         {"query_text": "good two", "doc_text": "y", "score": 1},  # 13
     ]
     src = write_jsonl(data / "in.jsonl", lines)
-    m = ingest(src, tmp_path / "out", embed_images=True, chunk_bytes=64)  # many tiny byte ranges
+    # many tiny byte ranges; score is read only when mapped
+    m = ingest(src, tmp_path / "out", embed_images=True, chunk_bytes=64, mapping={"score": "score"})
     ds = Dataset(tmp_path / "out")
     assert [q["text"] for q in rows(ds, "queries")] == ["good one", "good two"]
     assert rows(ds, "corpus")[0]["image"] == {"bytes": (data / "ok.png").read_bytes(), "path": "ok.png"}
@@ -412,7 +425,7 @@ def test_bad_csv_rows(tmp_path):
         b"caf\xe9,doc,\n"
         b"x,y,notanumber\n"
     )
-    ingest(src, tmp_path / "out")
+    ingest(src, tmp_path / "out", mapping={"score": "score"})
     ds = Dataset(tmp_path / "out")
     assert [q["text"] for q in rows(ds, "queries")] == ["good", "multi\nline"]
     got = {r["source"]: r["reason"] for r in quarantine(tmp_path / "out")}
@@ -422,6 +435,88 @@ def test_bad_csv_rows(tmp_path):
         "in.csv:7": "invalid_utf8",
         "in.csv:8": "wrong_type",
     }
+
+
+# ------------------------------------------------------------------------- relevance labels, scores
+
+
+def test_columns_named_label_and_score_are_content_not_the_pairs_label_and_score(tmp_path, make_png):
+    """The HF convention: `label` holds class names. Unmapped, it is never the relevance label (nor
+    a `score` of ratings the pair's score), so validate keeps every row (issue 15)."""
+    (tmp_path / "a.png").write_bytes(make_png((255, 0, 0)))
+    (tmp_path / "b.png").write_bytes(make_png((0, 0, 255), shape="box"))
+    items = [
+        {"image": "a.png", "label": "eight", "score": "five stars"},
+        {"image": "b.png", "label": "three", "score": 4.5},
+    ]
+    src = write_jsonl(tmp_path / "digits.jsonl", items)
+    m = ingest(src, tmp_path / "out", mapping={"query_image": "image", "doc_text": "label"})
+    ds = Dataset(tmp_path / "out")
+    assert m.counts == {"queries": 2, "corpus": 2, "pairs": 2, "quarantine": 0}
+    assert [c["text"] for c in rows(ds, "corpus")] == ["eight", "three"]
+    assert [(p["label"], p["score"]) for p in rows(ds, "pairs")] == [("positive", None)] * 2
+    from curation.validate import validate
+
+    assert validate(ds, tmp_path / "valid").counts == m.counts
+
+
+def test_an_unread_label_column_that_denies_a_pair_refuses_the_row(tmp_path):
+    """A column named label that nobody mapped is not read, but where it says `negative` the row is
+    refused (not turned into a positive pair the input denies); class names and `positive` pass."""
+    items = [
+        {"q": "a", "d": "x", "label": "positive"},  # 1
+        {"q": "b", "d": "y", "label": "negative"},  # 2 refused
+        {"q": "c", "d": "z", "label": "cat"},  # 3 a class name: content nobody asked for, ignored
+        {"q": "d", "d": "w", "label": "hard_negative"},  # 4 refused
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", items)
+    m = ingest(src, tmp_path / "out", mapping={"query_text": "q", "doc_text": "d"})
+    assert m.counts["pairs"] == 2 and m.counts["quarantine"] == 2
+    assert [p["label"] for p in rows(Dataset(tmp_path / "out"), "pairs")] == ["positive", "positive"]
+    got = {r["source"]: r for r in quarantine(tmp_path / "out")}
+    assert set(got) == {"in.jsonl:2", "in.jsonl:4"}
+    assert {r["reason"] for r in got.values()} == {"unmapped_label"}
+    assert "--map label=label" in got["in.jsonl:2"]["detail"]
+    # mapped, the same file reads as labelled pairs
+    m = ingest(src, tmp_path / "mapped", mapping={"query_text": "q", "doc_text": "d", "label": "label"})
+    assert m.counts["quarantine"] == 1  # only "cat", now invalid_label
+    labels = sorted(p["label"] for p in rows(Dataset(tmp_path / "mapped"), "pairs"))
+    assert labels == ["hard_negative", "negative", "positive"]
+
+
+def test_a_mapped_label_column_must_hold_relevance_labels(tmp_path):
+    items = [
+        {"q": "a", "d": "x", "rel": "positive"},  # 1
+        {"q": "b", "d": "x", "rel": "hard_negative"},  # 2
+        {"q": "c", "d": "x", "rel": ""},  # 3 empty: a positive pair
+        {"q": "d", "d": "x", "rel": "cat"},  # 4 a class name: refused here, not at validate
+        {"q": "e", "d": "x", "rel": 1},  # 5 a number
+        {"q": "f", "d": "x", "rel": "Positive"},  # 6 labels are exact
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", items)
+    res = run_cli(
+        str(src), str(tmp_path / "out"), "--map", "query_text=q", "--map", "doc_text=d", "--map", "label=rel"
+    )
+    assert res.exit_code == 0, res.output
+    assert "invalid_label" in res.output
+    ds = Dataset(tmp_path / "out")
+    assert [p["label"] for p in rows(ds, "pairs")] == ["positive", "hard_negative", "positive"]
+    got = {r["source"]: r for r in quarantine(tmp_path / "out")}
+    assert set(got) == {"in.jsonl:4", "in.jsonl:5", "in.jsonl:6"}
+    assert {r["reason"] for r in got.values()} == {"invalid_label"}
+    detail = got["in.jsonl:4"]["detail"]
+    assert "label (column 'rel') is 'cat'" in detail and "--map label=" in detail and "doc_text" in detail
+    assert "is 1," in got["in.jsonl:5"]["detail"]
+    assert decode_record(got["in.jsonl:4"]["record"]) == items[3]
+
+
+def test_a_mapped_score_column_must_hold_numbers(tmp_path):
+    src = write_csv(tmp_path / "in.csv", ["q", "d", "rating"], [["a", "x", "0.25"], ["b", "x", "high"]])
+    ingest(src, tmp_path / "out", mapping={"query_text": "q", "doc_text": "d", "score": "rating"})
+    assert [p["score"] for p in rows(Dataset(tmp_path / "out"), "pairs")] == [0.25]
+    (bad,) = quarantine(tmp_path / "out")
+    assert (bad["reason"], bad["source"]) == ("wrong_type", "in.csv:3")
+    assert "score (column 'rating') is 'high'" in bad["detail"]
 
 
 # ------------------------------------------------------------------------------------- id merging
@@ -449,7 +544,8 @@ def test_content_hash_ids_merge_identical_docs_and_repeats(tmp_path):
     assert ds.manifest.extra["exact_repeats_dropped"] == {"queries": 2, "corpus": 4, "pairs": 1}
 
 
-def test_user_ids_with_different_content_are_left_for_validate(tmp_path):
+def test_user_ids_with_different_content_are_refused_with_their_pair(tmp_path):
+    # issue 15: the second q1 row would hand its pair to the first row's content; it goes, whole
     items = [
         {"query_id": "q1", "query_text": "a", "doc_id": "d1", "doc_text": "x"},
         {"query_id": "q1", "query_text": "b", "doc_id": "d1", "doc_text": "x"},  # q1 reused, other text
@@ -457,8 +553,102 @@ def test_user_ids_with_different_content_are_left_for_validate(tmp_path):
     ]
     ingest(write_jsonl(tmp_path / "in.jsonl", items), tmp_path / "out")
     ds = Dataset(tmp_path / "out")
-    assert [(q["query_id"], q["text"]) for q in rows(ds, "queries")] == [("q1", "a"), ("q1", "b"), ("7", "c")]
+    assert [(q["query_id"], q["text"]) for q in rows(ds, "queries")] == [("q1", "a"), ("7", "c")]
     assert [c["doc_id"] for c in rows(ds, "corpus")] == ["d1"]
+    assert [(p["query_id"], p["doc_id"]) for p in rows(ds, "pairs")] == [("q1", "d1"), ("7", "d1")]
+    [refused] = quarantine(tmp_path / "out")
+    assert (refused["reason"], refused["source"]) == ("conflicting_id", "in.jsonl:2")
+    assert "in.jsonl:1" in refused["detail"]
+
+
+# ---------------------------------------------------------------------------------- documents only
+
+
+def test_documents_only_writes_a_corpus_whose_ids_match_the_same_docs_in_pairs(tmp_path, make_png):
+    (tmp_path / "cat.png").write_bytes(make_png((200, 10, 10)))
+    pairs = [
+        {"question": "what animal?", "answer": "a cat", "img": None},
+        {"question": "show me a cat", "answer": None, "img": "cat.png"},
+    ]
+    ingest(
+        write_jsonl(tmp_path / "pairs.jsonl", pairs),
+        tmp_path / "pairs",
+        mapping={"query_text": "question", "doc_text": "answer", "doc_image": "img"},
+        subset="animals",
+    )
+    docs = [
+        {"passage": "a cat", "picture": None},  # 1: the same doc as pair 1
+        {"passage": None, "picture": "cat.png"},  # 2: the same doc as pair 2
+        {"passage": "a dog", "picture": None, "doc_id": "dog-1"},  # 3: the user's own id
+        {"passage": None, "picture": None, "label": "x"},  # 4: no content
+        {"passage": "a cat", "picture": None},  # 5: an exact repeat of 1, stored once
+    ]
+    src = write_jsonl(tmp_path / "docs.jsonl", docs)
+    res = run_cli(
+        str(src),
+        str(tmp_path / "pool"),
+        "--documents",
+        "--map",
+        "doc_text=passage",
+        "--map",
+        "doc_image=picture",
+        "--subset",
+        "animals",
+    )
+    assert res.exit_code == 0, res.output
+    assert "ingest: queries=0 corpus=3 pairs=0 quarantine=1" in res.output
+    pool = Dataset(tmp_path / "pool")
+    assert pool.manifest.config["documents_only"] is True
+    corpus = rows(pool, "corpus")
+    pair_docs = rows(Dataset(tmp_path / "pairs"), "corpus")
+    assert [c["doc_id"] for c in corpus[:2]] == [d["doc_id"] for d in pair_docs]  # one id either way
+    assert corpus[2]["doc_id"] == "dog-1" and {c["subset"] for c in corpus} == {"animals"}
+    (bad,) = quarantine(tmp_path / "pool")
+    assert (bad["reason"], bad["source"]) == ("missing_content", "docs.jsonl:4")
+    assert "doc_text (column 'passage')" in bad["detail"]
+    assert rows(pool, "queries") == [] and rows(pool, "pairs") == []
+
+    # a normal dataset: validate and dedup read it and keep every document
+    from curation.dedup import dedup
+    from curation.validate import validate
+
+    valid = validate(pool, tmp_path / "valid")
+    assert valid.counts == {"queries": 0, "corpus": 3, "pairs": 0, "quarantine": 1}
+    clean = dedup(Dataset(tmp_path / "valid"), tmp_path / "clean")
+    assert clean.counts == valid.counts
+    assert [c["doc_id"] for c in rows(Dataset(tmp_path / "clean"), "corpus")] == [c["doc_id"] for c in corpus]
+
+
+def test_documents_only_from_an_image_folder_matches_the_captions_ids(tmp_path, make_png):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        (flat / f"{i}.png").write_bytes(make_png((40 * i, 0, 0), size=(8 + i, 8)))
+    captions = write_csv(
+        tmp_path / "captions.csv", ["file", "caption"], [["0.png", "zero"], ["2.png", "two"]]
+    )
+    ingest(flat, tmp_path / "captioned", captions=captions)
+    m = ingest(flat, tmp_path / "pool", format="imagefolder", documents_only=True)
+    assert m.counts == {"queries": 0, "corpus": 3, "pairs": 0, "quarantine": 0}
+    pool = {c["image"]["path"]: c["doc_id"] for c in rows(Dataset(tmp_path / "pool"), "corpus")}
+    captioned = {c["image"]["path"]: c["doc_id"] for c in rows(Dataset(tmp_path / "captioned"), "corpus")}
+    assert set(pool) == {"0.png", "1.png", "2.png"}
+    assert captioned == {p: pool[p] for p in ("0.png", "2.png")}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--map", "query_text=passage"], "the mapping's query_text do not apply"),
+        (["--map", "label=passage"], "the mapping's label do not apply"),
+        (["--task", "vqa"], "--task does not apply to --documents"),
+    ],
+)
+def test_documents_only_refuses_what_belongs_to_queries_or_pairs(tmp_path, extra, message):
+    src = write_jsonl(tmp_path / "docs.jsonl", [{"passage": "a cat"}])
+    res = run_cli(str(src), str(tmp_path / "o"), "--documents", *extra)
+    assert res.exit_code != 0 and message in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "o").exists()
 
 
 # -------------------------------------------------------------------------------------- kill/resume

@@ -1,4 +1,4 @@
-"""validate: every reason on its own, a fuzz mix of 200+ bad rows of 17 kinds, and the Ray path."""
+"""validate: every reason on its own, a fuzz mix of 200+ bad rows of 18 kinds, and the Ray path."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from helpers.badrows import (
     marker_of,
     png,
     queries_table,
+    stated_pairs,
     truncated_png,
 )
 
@@ -116,15 +117,69 @@ def test_pairs_refer_to_refused_rows_are_refused_too(tmp_path):
     }
 
 
+def test_a_repeated_id_keeps_its_pairs_only_when_the_rows_say_the_same(tmp_path):
+    """Issue 15: q5 names two queries of different content, each row with its own pair; keeping the
+    first row would hand it the second's pair (a positive no row stated). Every row and pair of q5
+    goes; q1, given twice with the same content, keeps its first row and both its pairs; d2, a
+    document id given to two contents, takes its rows and pairs too."""
+    ds = write_dataset(
+        tmp_path / "ds",
+        {
+            "queries": [
+                {"query_id": "q1", "text": "a red square"},
+                {"query_id": "q5", "text": "a orange square number 5"},
+                {"query_id": "q1", "text": "a red square"},
+                {"query_id": "q5", "text": "a red square"},
+                {"query_id": "q7", "text": "a green circle"},
+            ],
+            "corpus": [
+                {"doc_id": "d0", "text": "red.png"},
+                {"doc_id": "d1", "text": "orange.png"},
+                {"doc_id": "d2", "text": "green.png"},
+                {"doc_id": "d2", "text": "blue.png"},
+            ],
+            "pairs": [
+                {"query_id": "q5", "doc_id": "d1", "label": "positive"},
+                {"query_id": "q5", "doc_id": "d0", "label": "positive"},
+                {"query_id": "q1", "doc_id": "d0", "label": "positive"},
+                {"query_id": "q1", "doc_id": "d0", "label": "positive"},
+                {"query_id": "q7", "doc_id": "d2", "label": "positive"},
+            ],
+        },
+        rows_per_shard=2,
+    )
+    m = validate(ds, tmp_path / "out")
+    out = Dataset(tmp_path / "out")
+    assert [r["query_id"] for r in table_rows(out, "queries")] == ["q1", "q7"]
+    assert [r["doc_id"] for r in table_rows(out, "corpus")] == ["d0", "d1"]
+    assert [(r["query_id"], r["doc_id"]) for r in table_rows(out, "pairs")] == [("q1", "d0"), ("q1", "d0")]
+    got = Counter((r["table"], r["id"], r["reason"]) for r in quarantine_rows(out.root))
+    assert got == {
+        ("queries", "q1", "duplicate_id"): 1,
+        ("queries", "q5", "conflicting_id"): 2,
+        ("corpus", "d2", "conflicting_id"): 2,
+        ("pairs", "q5->d1", "conflicting_id"): 1,
+        ("pairs", "q5->d0", "conflicting_id"): 1,
+        ("pairs", "q7->d2", "conflicting_id"): 1,
+    }
+    detail = next(
+        r["detail"] for r in quarantine_rows(out.root) if r["id"] == "q5" and r["table"] == "queries"
+    )
+    assert "2 rows of different content" in detail and "part-00000.parquet row 1" in detail
+    assert "part-00001.parquet row 1" in detail
+    assert m.quarantine_reasons == {"validate:duplicate_id": 1, "validate:conflicting_id": 7}
+
+
 def test_fuzz_every_bad_row_quarantined_with_its_reason_and_every_good_row_kept(tmp_path):
     cfg = ValidateConfig(max_text_chars=2_000)
-    queries, corpus, pairs, expected = make_fuzz_rows(
+    queries, corpus, pairs, expected, statements = make_fuzz_rows(
         tmp_path / "root",
         tmp_path / "outside",
         n_good=300,
         n_bad=260,
         seed=7,
         max_text_chars=cfg.max_text_chars,
+        with_statements=True,
     )
     kinds = Counter(reason for _, reason in expected.values())
     assert len(expected) >= 200 and len(kinds) >= 10
@@ -146,10 +201,18 @@ def test_fuzz_every_bad_row_quarantined_with_its_reason_and_every_good_row_kept(
 
     out = Dataset(tmp_path / "out")
     kept_q = {r["query_id"] for r in table_rows(out, "queries")}
-    assert kept_q == {f"q-good-{i}" for i in range(300)}
+    repeated = {k for k, (_, reason) in expected.items() if reason == "duplicate_id"}
+    assert kept_q == {f"q-good-{i}" for i in range(300)} | repeated  # the first of a repeat is kept
     kept_pairs = table_rows(out, "pairs")
-    assert len(kept_pairs) == 300 and all(p["label"] == "positive" for p in kept_pairs)
+    # the good rows' pairs, and both pairs of a repeated row (the same statement twice)
+    assert len(kept_pairs) == 300 + 2 * len(repeated) and all(p["label"] == "positive" for p in kept_pairs)
     assert m.counts["quarantine"] == len(expected)
+    # Nothing is added that the input did not say: every kept pair, read through the kept rows its
+    # ids name, is a (query, document) that some input row stated (issue 15: an id given to two
+    # contents takes both rows and both pairs with it).
+    kept = stated_pairs(table_rows(out, "queries"), table_rows(out, "corpus"), kept_pairs)
+    assert kept <= statements, kept - statements
+    assert Counter(r for _, r in expected.values())["conflicting_id"] >= 4
     # The whole row is in the quarantine: an inline image comes back byte for byte.
     trunc = [r for r in quarantine_rows(tmp_path / "out") if r["reason"] == "truncated_image"]
     assert trunc and trunc[0]["row"]["image"]["bytes"] == truncated_png()

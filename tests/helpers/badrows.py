@@ -2,7 +2,11 @@
 
 Used by the validate fuzz test (and meant for the bad-input corpus of later issues). Every bad row
 carries a unique marker (its id, or its text when the id itself is what is wrong) so a test can
-find it in the quarantine and check the reason.
+find it in the quarantine and check the reason. Two kinds reuse an id: ``duplicate_id`` gives a
+row again, the same content under the same id (the repeat is refused, its marker is the id, which
+the kept first row shares), and ``conflicting_id`` gives an id to two rows of different content,
+each with its own pair to another document: both rows and both pairs must go (which row a pair
+meant cannot be told), so no pair comes to state what no input row said (``stated_pairs``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def bad_utf8(text: str) -> str:
 QUERY_KINDS = [
     "missing_id",
     "duplicate_id",
+    "conflicting_id",
     "missing_content",
     "empty_text",
     "text_too_long",
@@ -70,12 +75,22 @@ REASON = {k: k for k in QUERY_KINDS + PAIR_KINDS}
 REASON.update({"symlink_outside_root": "image_path_outside_root", "missing_pair_id": "missing_id"})
 
 
-def make_fuzz_rows(data_root: Path, outside: Path, n_good: int, n_bad: int, seed: int, max_text_chars: int):
+def make_fuzz_rows(
+    data_root: Path,
+    outside: Path,
+    n_good: int,
+    n_bad: int,
+    seed: int,
+    max_text_chars: int,
+    with_statements: bool = False,
+):
     """Good and bad rows mixed in random order.
 
     Returns (queries, corpus, pairs, expected) where expected maps a marker -> (table, reason) for
-    every bad row, and the good rows are those whose marker is not in expected. Images by path are
-    written under ``data_root``; ``outside`` is a folder outside it (for escapes).
+    every row that must be refused, and the good rows are those whose marker is not in expected
+    (but for the first row of a ``duplicate_id`` repeat, kept, whose marker is its id). Images by
+    path are written under ``data_root``; ``outside`` is a folder outside it (for escapes). With
+    ``with_statements``, a fifth value: ``stated_pairs`` of what the input rows state.
     """
     rng = random.Random(seed)
     data_root.mkdir(parents=True, exist_ok=True)
@@ -89,7 +104,15 @@ def make_fuzz_rows(data_root: Path, outside: Path, n_good: int, n_bad: int, seed
     (data_root / "img" / "good.png").write_bytes(good_png)
 
     queries, corpus, pairs, expected = [], [], [], {}
+    repeats: list[dict] = []  # duplicate_id rows, placed after the rows they repeat
+    statements: set[tuple] = set()  # (query content, doc content) of every input pair with a query row
     corpus.append({"doc_id": "d-good", "subset": "s", "text": "a good document"})
+    corpus.append({"doc_id": "d-other", "subset": "s", "text": "another good document"})
+    docs = {d["doc_id"]: d for d in corpus}
+
+    def state(query: dict, doc_id: str) -> None:
+        statements.add((query_content(query), doc_content(docs[doc_id])))
+
     for i in range(n_good):
         qid = f"q-good-{i}"
         if i % 3 == 0:
@@ -115,6 +138,7 @@ def make_fuzz_rows(data_root: Path, outside: Path, n_good: int, n_bad: int, seed
         else:
             queries.append({"query_id": qid, "subset": "s", "task": "retrieval", "text": f"text {i}"})
         pairs.append({"query_id": qid, "doc_id": "d-good", "label": "positive", "score": 1.0})
+        state(queries[-1], "d-good")
     kinds = QUERY_KINDS + PAIR_KINDS
     for j in range(n_bad):
         kind = kinds[j % len(kinds)] if j < len(kinds) else rng.choice(kinds)
@@ -141,10 +165,37 @@ def make_fuzz_rows(data_root: Path, outside: Path, n_good: int, n_bad: int, seed
             pairs.append(p)
             expected[mark] = ("pairs", REASON[kind])
             continue
+        if kind == "duplicate_id":
+            # the same row twice: the repeat is refused, its pair (the same statement) is kept
+            first = {"query_id": f"q-dup-{j}", "subset": "s", "task": "vqa", "text": f"question dup {j}"}
+            queries.append(first)
+            repeats.append(dict(first))
+            pairs.append({"query_id": first["query_id"], "doc_id": "d-good", "label": "positive"})
+            pairs.append(
+                {"query_id": first["query_id"], "doc_id": "d-good", "label": "positive", "origin": mark}
+            )
+            state(first, "d-good")
+            expected[first["query_id"]] = ("queries", REASON[kind])
+            continue
+        if kind == "conflicting_id":
+            # one id, two contents, each row with a pair to its own document (issue 15, point 4)
+            for side, doc_id in (("a", "d-good"), ("b", "d-other")):
+                row = {**q, "query_id": f"q-clash-{j}", "text": f"text of {mark}-{side}"}
+                queries.append(row)
+                pairs.append(
+                    {
+                        "query_id": row["query_id"],
+                        "doc_id": doc_id,
+                        "label": "positive",
+                        "origin": f"{mark}-{side}-pair",
+                    }
+                )
+                state(row, doc_id)
+                expected[f"{mark}-{side}"] = ("queries", REASON[kind])
+                expected[f"{mark}-{side}-pair"] = ("pairs", REASON[kind])
+            continue
         if kind == "missing_id":
             q["query_id"] = rng.choice([None, "", " \t"])
-        elif kind == "duplicate_id":
-            q["query_id"] = f"q-good-{rng.randrange(n_good)}"
         elif kind == "missing_content":
             q["text"] = None
             q["image"] = rng.choice([None, {"bytes": None, "path": None}])
@@ -176,9 +227,40 @@ def make_fuzz_rows(data_root: Path, outside: Path, n_good: int, n_bad: int, seed
         expected[mark] = ("queries", REASON[kind])
     rng.shuffle(queries)
     rng.shuffle(pairs)
-    # A duplicate must come after the row whose id it repeats: the first occurrence is the one kept.
-    queries.sort(key=lambda q: (q["text"] or "").startswith("text of bad-") and "duplicate_id" in q["text"])
+    # A repeat comes after the row it repeats: the first occurrence is the one kept.
+    queries += repeats
+    if with_statements:
+        return queries, corpus, pairs, expected, statements
     return queries, corpus, pairs, expected
+
+
+def _image_key(image: dict | None) -> tuple | None:
+    if not image or (image.get("bytes") is None and image.get("path") is None):
+        return None
+    return (image.get("bytes"), image.get("path"))
+
+
+def query_content(row: dict) -> tuple:
+    """What a query row says, without its id (input rows and dataset rows alike)."""
+    return (
+        row.get("subset"),
+        row.get("task"),
+        row.get("instruction"),
+        row.get("text"),
+        _image_key(row.get("image")),
+    )
+
+
+def doc_content(row: dict) -> tuple:
+    return (row.get("subset"), row.get("instruction"), row.get("text"), _image_key(row.get("image")))
+
+
+def stated_pairs(queries: list[dict], corpus: list[dict], pairs: list[dict]) -> set[tuple]:
+    """(query content, doc content) of every pair of a dataset, through its ids: each must be one that
+    an input row stated (``make_fuzz_rows(..., with_statements=True)``)."""
+    q = {r["query_id"]: query_content(r) for r in queries}
+    d = {r["doc_id"]: doc_content(r) for r in corpus}
+    return {(q[p["query_id"]], d[p["doc_id"]]) for p in pairs}
 
 
 def queries_table(rows: list[dict]):

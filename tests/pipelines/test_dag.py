@@ -43,13 +43,14 @@ pytestmark = pytest.mark.ray
 WHERE = "not startswith(subset, 'drop')"
 
 
-def _noise_png(seed: int, changed: int = 0) -> bytes:
-    """A 32x32 noise image; ``changed`` pixels set to black make a near duplicate of it."""
+def _noise_png(seed: int, changed: int = 0, step: int = 1) -> bytes:
+    """A 32x32 noise image; ``changed`` pixels set to black (``step`` apart on the diagonal) make a
+    near duplicate of it."""
     rng = random.Random(seed)
     img = Image.new("RGB", (32, 32))
     img.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256)) for _ in range(32 * 32)])
     for i in range(changed):
-        img.putpixel((i, i), (0, 0, 0))
+        img.putpixel((i * step, i * step), (0, 0, 0))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -57,8 +58,10 @@ def _noise_png(seed: int, changed: int = 0) -> bytes:
 
 def _dataset(root: Path) -> tuple[Dataset, Dataset, dict[str, tuple[str, str]]]:
     """Every kind of bad row (helpers.badrows), exact and near duplicates, a copy of an eval query,
-    a duplicate document (its pairs rewritten, one then repeating another) and a document the filter
-    drops; several shards per table. Returns (dataset, eval dataset, bad row marker -> (table, reason))."""
+    a duplicate document (its pairs rewritten, one then repeating another), a document the filter
+    drops, and near copies whose targets disagree (a query answered otherwise, a document a query
+    tells apart: kept, conflicts) or agree through a duplicate document (folded); several shards per
+    table. Returns (dataset, eval dataset, bad row marker -> (table, reason))."""
     queries, corpus, pairs, expected = make_fuzz_rows(
         root / "data", root / "outside", n_good=30, n_bad=25, seed=1, max_text_chars=1000
     )
@@ -70,6 +73,27 @@ def _dataset(root: Path) -> tuple[Dataset, Dataset, dict[str, tuple[str, str]]]:
         pairs.append({"query_id": f"dup-{i}", "doc_id": "d-good", "label": "positive", "score": 1.0})
     corpus.append({"doc_id": "d-copy", "subset": "s", "text": "A good  document"})  # = d-good, normalised
     corpus.append({"doc_id": "d-drop", "subset": "drop-me", "text": "a document the filter drops"})
+    # near copies of dup-0: answered with d-copy (= d-good by content: the same targets, folded), and
+    # with another document (a conflict, kept)
+    for qid, changed, doc in (("near-same", 3, "d-copy"), ("near-other", 4, "d-other")):
+        image = {"bytes": _noise_png(7, changed, step=5), "path": None}
+        queries.append({"query_id": qid, "subset": "s", "task": "vqa", "text": "Which?", "image": image})
+        pairs.append({"query_id": qid, "doc_id": doc, "label": "positive", "score": 1.0})
+    # near-copy pictures in the corpus: img-b is told apart from img-a by q-good-6 (kept), img-c is not
+    for did, changed in (("img-a", 0), ("img-b", 2), ("img-c", 3)):
+        corpus.append(
+            {
+                "doc_id": did,
+                "subset": "s",
+                "text": None,
+                "image": {"bytes": _noise_png(9, changed), "path": None},
+            }
+        )
+    pairs += [
+        {"query_id": "q-good-6", "doc_id": "img-a", "label": "positive", "score": 1.0},
+        {"query_id": "q-good-6", "doc_id": "img-b", "label": "hard_negative", "score": 0.3},
+        {"query_id": "q-good-7", "doc_id": "img-c", "label": "positive", "score": 1.0},
+    ]
     pairs += [
         {"query_id": "q-good-1", "doc_id": "d-copy", "label": "positive", "score": 1.0},  # -> duplicate_pair
         {"query_id": "q-good-2", "doc_id": "d-copy", "label": "hard_negative", "score": 0.2},
@@ -176,6 +200,10 @@ def test_curate_gives_what_the_four_commands_give(curated):
     assert {"exact_duplicate", "near_duplicate_image", "contaminated", "duplicate_pair"} <= set(
         m.extra["dedup"]
     )
+    # near copies whose targets disagree: kept and counted alike (one query, one document)
+    dedup_stats = Dataset(run["root"] / "dedup").manifest.extra["dedup"]
+    assert [dedup_stats[t]["near_duplicate_conflicts"] for t in ("queries", "corpus")] == [1, 1]
+    assert m.extra["dedup"]["near_duplicate_conflicts"] == 2
     assert m.extra["filter"]["dropped"] == {"corpus": {"filter": 1}, "pairs": {"dangling": 1}}
     judged = m.extra["judge"]
     assert judged["scored"] == judged["selected"] > 0 and judged["cached"] == 0

@@ -211,6 +211,22 @@ KINDS = [
         setup=_secret,
     ),
     Kind(
+        "ingest-jsonl-id-clash",
+        (
+            "ingest",
+            f"{ING}/id_clash.jsonl",
+            "{out}",
+            *("--map", "query_id=id", "--map", "query_text=question", "--map", "doc_image=image"),
+            *LOCAL,
+        ),
+        "--map query_id=id, and id g5 on line 2 and again on line 4 with other content and another image",
+        quarantine=(
+            ("conflicting_id", "id_clash.jsonl:4"),
+            ("conflicting_id", "first row, id_clash.jsonl:2"),
+        ),
+        kept=(("queries", 3), ("pairs", 3)),
+    ),
+    Kind(
         "ingest-mapping-unknown-target",
         (
             "ingest",
@@ -302,9 +318,9 @@ KINDS = [
     Kind(
         "validate-duplicate-ids",
         ("validate", f"{D}/duplicate_ids", "{out}", *LOCAL),
-        "two queries with the same query_id and different text",
-        quarantine=(("duplicate_id", "q-good"),),
-        kept=(("queries", 1), ("pairs", 2)),
+        "a query_id given twice with the same content, another twice with different content (each row with its own pair)",
+        quarantine=(("duplicate_id", "q-dup"), ("conflicting_id", "q-clash")),
+        kept=(("queries", 2), ("pairs", 3)),
     ),
     Kind(
         "validate-pairs-unknown-ids",
@@ -579,3 +595,60 @@ def test_the_corpus_is_small_and_covers_enough_kinds():
     readme = (CORPUS / "README.md").read_text()
     missing = [k.name for k in KINDS if f"`{k.name}`" not in readme]
     assert not missing, f"kinds not listed in tests/data/bad_inputs/README.md: {missing}"
+
+
+def test_ingest_an_id_clash_takes_its_pair_with_it(tmp_path):
+    """Issue 15, point 4, as a property: 400 JSONL rows naming their own ids (--map query_id=id), ids
+    drawn from 120, so many come back with the same question (another pair of that query: kept) or
+    another question (a clash), read in several tasks. Every clashing row is refused with its pair,
+    its detail naming the line of the id's first row; no other row is; and the kept pairs are exactly
+    the (question, image) statements of the kept rows: nothing the input did not say."""
+    import random
+
+    from curation.dataset import Dataset
+    from curation.executor import LocalExecutor
+    from curation.ingest import ingest
+    from curation.quarantine import decode_record
+
+    rng = random.Random(15)
+    rows, first = [], {}
+    questions = ["a red square", "a blue circle", "a green triangle", "a orange square number 5"]
+    for line in range(1, 401):
+        row = {
+            "id": f"g{rng.randrange(120)}",
+            "question": rng.choice(questions),
+            "image": f"img/{rng.randrange(5)}.png",
+        }
+        rows.append(row)
+        first.setdefault(row["id"], (line, row["question"]))
+    path = tmp_path / "clash.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mapping = {"query_id": "id", "query_text": "question", "doc_image": "image"}
+    m = ingest(
+        path, tmp_path / "out", mapping=mapping, chunk_bytes=3000, executor=LocalExecutor(progress=False)
+    )
+    assert m.extra["read_tasks"] > 3
+
+    clashing = {n: r for n, r in enumerate(rows, 1) if r["question"] != first[r["id"]][1]}
+    assert 50 < len(clashing) < 350
+    refused = {}
+    for q in _quarantine_rows(tmp_path / "out"):
+        assert q["reason"] == "conflicting_id", q
+        refused[int(q["source"].rsplit(":", 1)[1])] = q
+    assert set(refused) == set(clashing)
+    for n, q in refused.items():
+        assert f"first row, clash.jsonl:{first[clashing[n]['id']][0]}" in q["detail"], q["detail"]
+    records = [decode_record(r) for p in sorted((tmp_path / "out" / "quarantine").glob("*.parquet"))
+               for r in pq.read_table(p, columns=["record"]).column("record").to_pylist()]  # fmt: skip
+    assert {(r["query_id"], r["query_text"], r["doc_image"]["path"]) for r in records} == {
+        (r["id"], r["question"], r["image"]) for r in clashing.values()
+    }
+
+    out = Dataset(tmp_path / "out")
+    read = lambda t: [r for b in out.iter_batches(t) for r in b.to_pylist()]  # noqa: E731
+    text = {r["query_id"]: r["text"] for r in read("queries")}
+    image = {r["doc_id"]: r["image"]["path"] for r in read("corpus")}
+    kept_pairs = {(p["query_id"], text[p["query_id"]], image[p["doc_id"]]) for p in read("pairs")}
+    stated = {(r["id"], r["question"], r["image"]) for n, r in enumerate(rows, 1) if n not in clashing}
+    assert kept_pairs == stated
+    assert len(text) == len(first) and m.extra["conflicting_id_rows"] == len(clashing)

@@ -172,6 +172,16 @@ def make_ingest() -> None:
     # a mapping naming a target assay does not have
     write("ingest/unknown_target.yaml", "query_text: question\nanswer_text: answer\n")
     write("ingest/question_answer.jsonl", jsonl([{"question": "why?", "answer": "because"}]))
+    # rows naming their own ids (--map query_id=id): g5 on line 2, and again on line 4 with other
+    # content and another image; line 5 repeats line 3 exactly (stored once, not refused)
+    clash = [
+        {"id": "g1", "question": "a blue circle", "image": "images/good1.png"},
+        {"id": "g5", "question": "a orange square number 5", "image": "images/good5.png"},
+        {"id": "g2", "question": "a green triangle", "image": "images/good2.png"},
+        {"id": "g5", "question": "a red square", "image": "images/good0.png"},
+        {"id": "g2", "question": "a green triangle", "image": "images/good2.png"},
+    ]
+    write("ingest/id_clash.jsonl", jsonl(clash))
     # an image folder whose captions CSV has no caption column
     write("ingest/images/a.png", png())
     write("ingest/captions_no_column.csv", "file,text\na.png,a blue square\n")
@@ -217,8 +227,27 @@ def make_datasets() -> None:
             )
         },
     )
-    # the same query_id twice (different content); the second is refused
-    good_dataset("duplicate_ids", query("q-good", "another question under the same id"))
+    # q-dup twice with the same content (the repeat is refused, both pairs stay: they state the same);
+    # q-clash twice with different content, each row with its own pair: which row a pair meant
+    # cannot be told, so both rows and both pairs are refused (issue 15)
+    dataset(
+        "duplicate_ids",
+        [
+            query("q-good", "a good question"),
+            query("q-dup", "the same question"),
+            query("q-clash", "a orange square number 5"),
+            query("q-dup", "the same question"),
+            query("q-clash", "a red square"),
+        ],
+        [doc("d-good", "a good answer"), doc("d-other", "another answer")],
+        [
+            pair("q-good", "d-good"),
+            pair("q-dup", "d-good"),
+            pair("q-clash", "d-good"),
+            pair("q-dup", "d-good"),
+            pair("q-clash", "d-other"),
+        ],
+    )
     # pairs naming a query and a document that do not exist
     good_dataset("dangling_pairs", extra_pairs=(pair("q-missing", "d-good"), pair("q-good", "d-missing")))
     # a NUL character in a text
