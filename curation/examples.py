@@ -1,16 +1,37 @@
 """Bundled examples: small public data turned into finished assay datasets with one call.
 
 ``easy-vqa`` (the ``easy-vqa`` package: 64x64 images of one coloured shape, with questions) becomes
-two datasets, ``OUT/train`` and ``OUT/test`` (the package's splits, kept apart), with three
-subsets, one per MMEB meta-task:
+two datasets, ``OUT/train`` and ``OUT/test`` (the package's splits, kept apart), with four
+subsets:
 
     vqa             query = image + question              -> doc = the answer text
     classification  query = the image                     -> doc = its shape label (3 docs)
     retrieval       query = a description ("a blue circle") -> doc = the image
+    captions        query = a caption ("a small red circle on the left") -> doc = ONE image
+                    (task retrieval)
 
 The retrieval subset has ONE query per distinct description (8 colours x 3 shapes at most) with a
 positive pair to EVERY image that matches it: the descriptions cannot be unique per image, and a
 query per image would give many queries with the same text and content-hash id.
+
+The captions subset has the shape of real data instead: each caption is labelled with ONE image,
+and other images of the subset match it too, unlabelled (what the judge is for). A caption names
+the colour and shape and one or two of: the size (small: the longer side of the shape's bounding
+box <= 15 px of 64; large: >= 24; medium between) and the position (the box centre's third of the
+image across and down: "on the left", "at the top", "in the top left corner", "in the middle").
+"a small red circle" therefore also matches the images labelled for "a small red circle on the
+left" and "a small red circle at the top". Each distinct caption of the split is one query; the
+captions, most specific first, each take the first matching image no caption has taken yet, and
+those images are the subset's corpus. On easy-vqa 1.0 this gives train 908 captions over 904
+images, 4.8 matching images per caption on average (median 4; 734 with more than one); test 784
+captions over 704 images, 4.0 matches on average (median 3; 601 with more than one).
+
+Beside the splits, ``OUT/truth/<split>.parquet`` holds the truth (``curation.truth``, a complete
+truth): every (query, doc) of the split that really matches, i.e. the gold positives of vqa,
+classification and retrieval (fully labelled) and, for each caption, every image of the captions
+corpus it describes (each split's manifest names its file: ``extra.truth``, relative to the split,
+beside ``extra.captions``, the subset's figures). It is not a dataset, so training never reads it;
+``assay eval --truth`` and ``assay judge --truth`` do.
 
 Images are copied once to ``OUT/images/{train,test}/<id>.png`` and referenced by path (the
 datasets' data root is ``OUT``). Each image's shape and colour come from its questions ("what
@@ -36,6 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.dataset import MANIFEST, TMP_PREFIX, Dataset, Manifest, remove_stale_tmp
+from curation.examples_captions import Caption, Look, caption_figures, caption_truth, label_captions
 from curation.executor import Executor, LocalExecutor
 from curation.ingest import (
     CLASS_LABEL_INSTRUCTION,
@@ -46,15 +68,22 @@ from curation.ingest import (
 )
 from curation.ingest_merge import run_ingest
 from curation.ingest_sources import parquet_tasks
+from curation.schema import CORPUS, PAIRS, QUERIES
+from curation.truth import write_truth
 
 EXAMPLES = ("easy-vqa",)
 SPLITS = ("train", "test")
+SUBSETS = ("vqa", "classification", "retrieval", "captions")
+#: The MMEB meta-task of each subset, where it is not the subset's own name.
+TASKS = {"captions": "retrieval"}
+TRUTH_DIR = "truth"
 
 #: Per-subset instructions (query side, document side), in the style of the paper's templates.
 INSTRUCTIONS = {
     "vqa": ("Represent the given image with the following question.", "Represent the given answer."),
     "classification": (CLASSIFY_QUERY_INSTRUCTION, CLASS_LABEL_INSTRUCTION),
     "retrieval": ("Find an image that matches the given description.", IMAGE_DOC_INSTRUCTION),
+    "captions": ("Find an image that matches the given caption.", IMAGE_DOC_INSTRUCTION),
 }
 SHAPES = ("circle", "rectangle", "triangle")
 #: The shapes are drawn in these exact colours (the CSS named colours).
@@ -109,7 +138,7 @@ def ingest_easy_vqa(
     if out.exists():
         if not out.is_dir():
             raise IngestError(f"{out} exists and is not a folder")
-        unexpected = sorted(p.name for p in out.iterdir() if p.name not in (*SPLITS, "images"))
+        unexpected = sorted(p.name for p in out.iterdir() if p.name not in (*SPLITS, "images", TRUTH_DIR))
         if overwrite:
             shutil.rmtree(out)
         elif unexpected:
@@ -135,16 +164,22 @@ def ingest_easy_vqa(
             "easy_vqa_version": version,
             "questions": len(questions[0]),
             "images": len(image_paths),
+            "subsets": list(SUBSETS),
             "rows_per_shard": rows_per_shard,
         }
-        if (out / split / MANIFEST).exists():  # finished by an earlier run: skip the image work too
+        truth_path = out / TRUTH_DIR / f"{split}.parquet"
+        if (out / split / MANIFEST).exists() and truth_path.exists():  # finished: skip the image work too
             manifest = Dataset(out / split).manifest
             if manifest.config == config:
                 manifests.append(manifest)
                 continue
         measured = _copy_images(image_paths, out, split, executor)
         labels, from_pixels = _shape_and_colour(questions, measured, split)
-        flat = _flat_rows(questions, labels, split)
+        looks = {i: Look.of(*labels[i], measured[i][2]) for i in labels if measured[i][2] is not None}
+        if len(looks) < len(labels):
+            raise IngestError(f"easy-vqa {split}: no shape found in the pixels of some images")
+        captions = label_captions(looks)
+        flat = _flat_rows(questions, labels, captions, split)
 
         def plan(progress: Path, flat=flat, split=split) -> list[dict[str, Any]]:
             path = progress / "example" / f"easy-vqa-{split}.parquet"
@@ -155,20 +190,26 @@ def ingest_easy_vqa(
                 os.replace(tmp, path)
             return parquet_tasks([path], [f"easy-vqa/{split}"])
 
-        extra = {"example": "easy-vqa", "split": split, "shape_colour_from_pixels": from_pixels}
-        manifests.append(
-            run_ingest(
-                out / split,
-                config=config,
-                spec={"mapping": {}, "defaults": {}, "data_root": str(out), "embed_images": False},
-                data_root=str(out),
-                plan_tasks=plan,
-                rows_per_shard=rows_per_shard,
-                executor=executor,
-                overwrite=overwrite,
-                extra=extra,
-            )
+        extra = {
+            "example": "easy-vqa",
+            "split": split,
+            "shape_colour_from_pixels": from_pixels,
+            "captions": caption_figures(captions, looks),
+            "truth": f"../{TRUTH_DIR}/{split}.parquet",
+        }
+        manifest = run_ingest(
+            out / split,
+            config=config,
+            spec={"mapping": {}, "defaults": {}, "data_root": str(out), "embed_images": False},
+            data_root=str(out),
+            plan_tasks=plan,
+            rows_per_shard=rows_per_shard,
+            executor=executor,
+            overwrite=overwrite,
+            extra=extra,
         )
+        _write_truth(out, split, captions, looks, truth_path)
+        manifests.append(manifest)
     return manifests[0], manifests[1]
 
 
@@ -182,7 +223,7 @@ def _package_version() -> str:
 
 
 def _copy_images(image_paths: dict[int, str], out: Path, split: str, executor: Executor) -> dict[int, list]:
-    """Copy the split's images to OUT/images/<split>/ and measure each: {id: [colour, fill]}."""
+    """Copy the split's images to OUT/images/<split>/ and measure each: {id: [colour, fill, box]}."""
     items = [[i, image_paths[i], str(out / "images" / split / f"{i}.png")] for i in sorted(image_paths)]
     tasks = [{"items": items[k : k + _IMAGES_PER_TASK]} for k in range(0, len(items), _IMAGES_PER_TASK)]
     measured: dict[int, list] = {}
@@ -192,7 +233,7 @@ def _copy_images(image_paths: dict[int, str], out: Path, split: str, executor: E
 
 
 def copy_and_measure(task: dict[str, Any]) -> dict[str, Any]:
-    """Copy images (skipping finished copies) and read each one's shape colour and fill ratio."""
+    """Copy images (skipping finished copies) and read each one's shape colour, fill ratio and box."""
     from PIL import Image
 
     images = []
@@ -210,10 +251,11 @@ def copy_and_measure(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure(images: list[tuple[str, Any]]) -> dict[str, list]:
-    """{id: [colour name or None, fill ratio or None]} of PIL images. The shape is drawn in the
-    palette colour with most pixels, the background is the commonest other colour; a pixel belongs
-    to the shape when it is nearer (L1) the shape's colour than the background's (anti-aliased
-    edges split halfway), and the fill ratio is its share of the shape's bounding box."""
+    """{id: [colour name or None, fill ratio or None, box or None]} of PIL images. The shape is drawn
+    in the palette colour with most pixels, the background is the commonest other colour; a pixel
+    belongs to the shape when it is nearer (L1) the shape's colour than the background's
+    (anti-aliased edges split halfway), the box is the shape's bounding box ``[top, left, height,
+    width, image height, image width]`` and the fill ratio is the shape's share of it."""
     out: dict[str, list] = {}
     by_size: dict[tuple, list] = defaultdict(list)
     for image_id, im in images:
@@ -221,7 +263,7 @@ def _measure(images: list[tuple[str, Any]]) -> dict[str, list]:
         fg = max(((n, c) for n, c in colours if c in PALETTE), default=None)
         bg = max(((n, c) for n, c in colours if c not in PALETTE), default=None)
         if fg is None or bg is None:
-            out[image_id] = [None, None]
+            out[image_id] = [None, None, None]
         else:
             by_size[im.size].append((image_id, im, fg[1], bg[1]))
     for group in by_size.values():  # one vectorised pass per image size
@@ -230,11 +272,13 @@ def _measure(images: list[tuple[str, Any]]) -> dict[str, list]:
         bg = np.array([g[3] for g in group], np.int16)[:, None, None, :]
         mask = np.abs(pixels - fg).sum(-1) < np.abs(pixels - bg).sum(-1)
         rows, cols = mask.any(2), mask.any(1)
-        height = rows.shape[1] - rows[:, ::-1].argmax(1) - rows.argmax(1)
-        width = cols.shape[1] - cols[:, ::-1].argmax(1) - cols.argmax(1)
+        top, left = rows.argmax(1), cols.argmax(1)
+        height = rows.shape[1] - rows[:, ::-1].argmax(1) - top
+        width = cols.shape[1] - cols[:, ::-1].argmax(1) - left
         fill = mask.sum((1, 2)) / np.maximum(height * width, 1)
-        for (image_id, _, colour, _), f, any_ in zip(group, fill, rows.any(1), strict=True):
-            out[image_id] = [PALETTE[colour], float(f)] if any_ else [PALETTE[colour], None]
+        for k, ((image_id, im, colour, _), any_) in enumerate(zip(group, rows.any(1), strict=True)):
+            box = [int(top[k]), int(left[k]), int(height[k]), int(width[k]), im.height, im.width]
+            out[image_id] = [PALETTE[colour], float(fill[k]), box] if any_ else [PALETTE[colour], None, None]
     return out
 
 
@@ -274,7 +318,7 @@ def _shape_and_colour(
             said["shape"][image] |= shapes  # is there a circle? yes / is there not a red shape? no
             said["colour"][image] |= colours
     labels, from_pixels, problems = {}, 0, []
-    for image, (p_colour, fill) in sorted(measured.items()):
+    for image, (p_colour, fill, _) in sorted(measured.items()):
         p_shape = _shape_from_fill(fill)
         q_shape, q_colour = said["shape"].get(image, set()), said["colour"].get(image, set())
         for what, q, p in (("shape", q_shape, p_shape), ("colour", q_colour, p_colour)):
@@ -306,16 +350,19 @@ def _shape_and_colour(
 
 
 def _flat_rows(
-    questions: tuple[list, list, list], labels: dict[int, tuple[str, str]], split: str
+    questions: tuple[list, list, list],
+    labels: dict[int, tuple[str, str]],
+    captions: dict[Caption, int],
+    split: str,
 ) -> pa.Table:
-    """One flat row per positive pair of the three subsets, in a fixed order."""
+    """One flat row per positive pair of the four subsets, in a fixed order."""
     rows: dict[str, list] = defaultdict(list)
 
     def add(subset: str, query_text, query_image, doc_text, doc_image) -> None:
         q_instr, d_instr = INSTRUCTIONS[subset]
         for key, value in (
             ("subset", subset),
-            ("task", subset),
+            ("task", TASKS.get(subset, subset)),
             ("query_text", query_text),
             ("query_image", query_image),
             ("query_instruction", q_instr),
@@ -334,4 +381,36 @@ def _flat_rows(
         add("classification", None, path(image), shape, None)
     for image, (colour, shape) in sorted(labels.items(), key=lambda kv: (kv[1], kv[0])):
         add("retrieval", f"a {colour} {shape}", None, None, path(image))
+    for caption in sorted(captions, key=Caption.text):
+        add("captions", caption.text(), None, None, path(captions[caption]))
     return pa.table({k: pa.array(v, pa.string()) for k, v in rows.items()})
+
+
+def _write_truth(
+    out: Path, split: str, captions: dict[Caption, int], looks: dict[Any, Look], path: Path
+) -> Path:
+    """Write the split's complete truth (see the module docstring), with the ids the ingest gave."""
+    ds = Dataset(out / split)
+    caption_query: dict[str, str] = {}  # caption text -> query id
+    for batch in ds.iter_batches(QUERIES, columns=["query_id", "subset", "text"]):
+        for qid, subset, text in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
+            if subset == "captions":
+                caption_query[text] = qid
+    doc_of: dict[int, str] = {}  # image id -> captions doc id
+    for batch in ds.iter_batches(CORPUS, columns=["doc_id", "subset", "image"]):
+        for did, subset, image in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
+            if subset == "captions":
+                doc_of[int(Path(image["path"]).stem)] = did
+    pairs: set[tuple[str, str]] = set()
+    labelled: set[tuple[str, str]] = set()
+    caption_queries = set(caption_query.values())
+    for batch in ds.iter_batches(PAIRS, columns=["query_id", "doc_id", "label"]):
+        for qid, did, label in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
+            if label == "positive":
+                (labelled if qid in caption_queries else pairs).add((qid, did))
+    for caption, images in caption_truth(captions, looks).items():
+        qid = caption_query[caption.text()]
+        pairs.update((qid, doc_of[i]) for i in images)
+    if not labelled <= pairs:  # the labelled image of a caption is one of its matches, by construction
+        raise IngestError(f"easy-vqa {split}: a caption's labelled image is not among its matches")
+    return write_truth(path, sorted(pairs))

@@ -134,23 +134,39 @@ def score_histograms(
     return svg(fig)
 
 
-def p_yes_histograms_chart(name: str, subsets: list[str], hist: dict[str, dict[str, list[int]]]) -> str:
-    """Per subset, the share of judged positives and of other candidates per p_yes bin; ``hist`` is
-    ``curation.judge.stage.p_yes_histograms``' (bin counts over [0, 1] per group)."""
-    fig, axes = _grid(len(subsets), f"{name}: judge p_yes, positives vs candidates", "judge p_yes")
+#: The groups of ``p_yes_histograms_chart``: (key in the histogram, colour, legend label, count word).
+GOLD_GROUPS = (
+    ("candidate", NEGATIVE, "candidates", "candidates"),
+    ("positive", POSITIVE, "positives", "positives"),
+)
+#: Candidates split by a truth (``curation.judge.quality``'s ``p_yes_hist``).
+TRUTH_GROUPS = (
+    ("no_match", NEGATIVE, "candidates that do not match", "no match"),
+    ("match", FALSE_NEGATIVE, "candidates that match (real false negatives)", "match"),
+)
+
+
+def p_yes_histograms_chart(
+    name: str,
+    subsets: list[str],
+    hist: dict[str, dict[str, list[int]]],
+    groups: tuple[tuple[str, str, str, str], ...] = GOLD_GROUPS,
+    title: str = "judge p_yes, positives vs candidates",
+) -> str:
+    """Per subset, the share of each group per p_yes bin; ``hist`` holds bin counts over [0, 1] per
+    group: ``curation.judge.stage.p_yes_histograms``' (positives vs candidates, ``GOLD_GROUPS``) or
+    the quality's ``p_yes_hist`` (candidates by the truth, ``TRUTH_GROUPS``)."""
+    fig, axes = _grid(len(subsets), f"{name}: {title}", "judge p_yes")
     for ax, sub in zip(axes, subsets, strict=True):
-        n = {}
-        for group, colour, label in (
-            ("candidate", NEGATIVE, "candidates"),
-            ("positive", POSITIVE, "positives"),
-        ):
+        n = []
+        for group, colour, label, word in groups:
             counts = np.asarray(hist.get(sub, {}).get(group) or [], dtype=np.float64)
-            n[group] = int(counts.sum())
+            n.append(f"{int(counts.sum())} {word}")
             if counts.sum():
                 edges = np.linspace(0.0, 1.0, len(counts) + 1)
                 ax.stairs(counts / counts.sum(), edges, fill=True, alpha=0.55, color=colour, label=label)
         ax.set_xlim(0, 1)
-        _panel_title(ax, sub, f"{n['positive']} positives · {n['candidate']} candidates")
+        _panel_title(ax, sub, " · ".join(reversed(n)))
     _grid_legend(fig)
     return svg(fig)
 

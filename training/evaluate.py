@@ -30,6 +30,13 @@ The protocol (MMEB, per subset):
 - **Ties** are broken deterministically by corpus order: of two docs with the same score, the one
   that comes first in the corpus (shard order, then row order) ranks higher. (A constant encoder
   therefore scores whatever the corpus order gives, not zero.)
+- **Truth** (``truth=``, ``assay eval --truth``; ``curation.truth``): real data labels one positive
+  per query and leaves other matching docs unlabelled, so a model that ranks an unlabelled match
+  first loses P@1 for being right. Given a truth, relevance comes from it wherever it knows the
+  pair: every matching doc counts as a positive (labelled or not), a doc it calls no match counts
+  as a negative (even one labelled positive or false_negative); where it is silent the labels
+  decide as above (``training.evaluate_index``). ``positives_per_query`` shows what was counted,
+  ``settings.truth`` which truth, and ``counts.truth_*`` what it changed.
 - Pairs with a label outside positive/negative/hard_negative/false_negative (or none) are ignored
   (counted in ``pairs_ignored``); pairs naming a doc absent from the corpus are counted in
   ``missing_docs``; pairs naming an unknown query in ``pairs_without_query``. A duplicated id keeps
@@ -39,17 +46,17 @@ Averages follow MMEB: P@1 per subset over its queries, per meta-task as the mean
 and ``overall.p_at_1`` as the mean over all subsets (``overall.p_at_1_micro`` is the mean over
 queries). Subsets with no scorable query report ``p_at_1: None`` and are left out of the averages.
 
-Memory: a first pass reads only the id, subset, task and label columns, keeping the query and doc ids
-(in dicts) and the pairs as flat integer arrays (about 9 bytes a pair); then, subset by subset, the docs that subset needs are encoded once in batches of ``batch_size``
-(only the Parquet row groups holding them are read) and cached by doc_id for that subset only, and
-its queries are streamed and scored in batches.
+Memory: a first pass (``training.evaluate_index``) reads only the id, subset, task and label
+columns, keeping the query and doc ids (in dicts) and the pairs as flat integer arrays (about 9
+bytes a pair); then, subset by subset, the docs that subset needs are encoded once in batches of
+``batch_size`` (only the Parquet row groups holding them are read) and cached by doc_id for that
+subset only, and its queries are streamed and scored in batches.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,14 +69,14 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from curation.dataset import Dataset, atomic_write_json
-from curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS, resolve_image_cell
+from curation.schema import CORPUS, QUERIES, SCHEMAS, resolve_image_cell
+from curation.truth import Truth, read_truth
+from training.evaluate_index import FN, NEG, NEGATIVE_LABELS, NULL_KEY, POS, Index, build_index, subset_key
 
-#: The key used for a missing (null) subset or task (the same as ``assay stats``).
-NULL_KEY = "(none)"
+__all__ = ["NEGATIVE_LABELS", "NULL_KEY", "RETRIEVAL_TASKS", "evaluate", "write_metrics"]
+
 #: Meta-tasks that also get Recall@k and nDCG@10 against the whole subset corpus.
 RETRIEVAL_TASKS = ("retrieval", "visdoc")
-#: Pair labels that make a doc a candidate for its query (positives aside).
-NEGATIVE_LABELS = ("negative", "hard_negative")
 NDCG_AT = 10
 #: Query-by-doc score blocks are cut so that one holds at most this many floats.
 _SCORE_BLOCK = 1 << 24
@@ -77,135 +84,6 @@ _SCORE_BLOCK = 1 << 24
 _GAINS = 1.0 / np.log2(np.arange(2, NDCG_AT + 2))
 
 Encoder = Callable[[list[dict[str, Any]]], Any]
-
-
-def _key(v: str | None) -> str:
-    return NULL_KEY if v is None else v
-
-
-#: Pair label codes in the compact pair index (other labels are ignored).
-_POS, _NEG, _FN = 0, 1, 2
-_LABEL_CODE = {"positive": _POS, "false_negative": _FN} | dict.fromkeys(NEGATIVE_LABELS, _NEG)
-
-
-@dataclass
-class _Units:
-    """Where one table's rows of each subset live: (shard, row group) units, by subset."""
-
-    units: list[tuple[str, int]] = field(default_factory=list)
-    by_subset: dict[str, list[int]] = field(default_factory=dict)
-
-    def of(self, subsets: Iterable[str]) -> list[tuple[str, int]]:
-        return [self.units[u] for u in sorted({u for s in subsets for u in self.by_subset.get(s, [])})]
-
-
-@dataclass
-class _Index:
-    """What pass 1 learns, as ids and integers only (no text, no images).
-
-    Docs are numbered in corpus order (first row of an id wins); pairs are held as three flat arrays
-    sorted by query number, ``pair_offsets[q]:pair_offsets[q + 1]`` being query ``q``'s pairs."""
-
-    queries: _Units
-    corpus: _Units
-    query_number: dict[str, int]
-    queries_of: dict[str, list[str]]
-    tasks: dict[str, Counter]
-    doc_number: dict[str, int]
-    doc_subset: np.ndarray  # subset code of each doc number
-    subset_code: dict[str, int]
-    pair_offsets: np.ndarray
-    pair_doc: np.ndarray
-    pair_label: np.ndarray
-    counts: Counter
-
-
-def _scan_ids(
-    ds: Dataset, table: str, columns: list[str], on_row: Callable[[str, list[Any]], None]
-) -> _Units:
-    """Read ``columns`` (the first is the subset) of ``table`` row group by row group, recording
-    which units hold which subsets; ``on_row(subset, other_values)`` for every row."""
-    info = _Units()
-    for name in ds.shards(table):
-        pf = pq.ParquetFile(ds.shard_path(table, name))
-        for rg in range(pf.num_row_groups):
-            unit = len(info.units)
-            info.units.append((name, rg))
-            for batch in pf.iter_batches(batch_size=65536, row_groups=[rg], columns=columns):
-                cols = [batch.column(i).to_pylist() for i in range(len(columns))]
-                for s, *rest in zip(*cols, strict=True):
-                    s = _key(s)
-                    units = info.by_subset.setdefault(s, [])
-                    if not units or units[-1] != unit:
-                        units.append(unit)
-                    on_row(s, rest)
-    return info
-
-
-def _index(ds: Dataset) -> _Index:
-    counts: Counter = Counter()
-    query_number: dict[str, int] = {}
-    queries_of: dict[str, list[str]] = {}
-    tasks: dict[str, Counter] = {}
-
-    def on_query(s: str, values: list[Any]) -> None:
-        qid, t = values
-        if qid is None:
-            counts["queries_without_id"] += 1
-        elif qid in query_number:
-            counts["duplicate_query_ids"] += 1
-        else:
-            query_number[qid] = len(query_number)
-            queries_of.setdefault(s, []).append(qid)
-            tasks.setdefault(s, Counter())[_key(t)] += 1
-
-    queries = _scan_ids(ds, QUERIES, ["subset", "query_id", "task"], on_query)
-
-    doc_number: dict[str, int] = {}
-    subset_code: dict[str, int] = {}
-    doc_subset: list[int] = []
-
-    def on_doc(s: str, values: list[Any]) -> None:
-        (did,) = values
-        if did is None:
-            counts["docs_without_id"] += 1
-        elif did in doc_number:
-            counts["duplicate_doc_ids"] += 1
-        else:
-            doc_number[did] = len(doc_number)
-            doc_subset.append(subset_code.setdefault(s, len(subset_code)))
-
-    corpus = _scan_ids(ds, CORPUS, ["subset", "doc_id"], on_doc)
-
-    qs, ds_, ls = [], [], []
-    for batch in ds.iter_batches(PAIRS, columns=["query_id", "doc_id", "label"], batch_size=65536):
-        n = len(batch)
-        q = np.fromiter((query_number.get(x, -1) for x in batch.column(0).to_pylist()), np.int64, n)
-        d = np.fromiter((doc_number.get(x, -1) for x in batch.column(1).to_pylist()), np.int64, n)
-        lab = np.fromiter((_LABEL_CODE.get(x, -1) for x in batch.column(2).to_pylist()), np.int8, n)
-        counts["pairs_without_query"] += int((q < 0).sum())
-        counts["missing_docs"] += int(((q >= 0) & (d < 0)).sum())
-        counts["pairs_ignored"] += int(((q >= 0) & (d >= 0) & (lab < 0)).sum())
-        keep = (q >= 0) & (d >= 0) & (lab >= 0)
-        qs.append(q[keep])
-        ds_.append(d[keep])
-        ls.append(lab[keep])
-    q = np.concatenate(qs) if qs else np.zeros(0, np.int64)
-    order = np.argsort(q, kind="stable")
-    return _Index(
-        queries=queries,
-        corpus=corpus,
-        query_number=query_number,
-        queries_of=queries_of,
-        tasks=tasks,
-        doc_number=doc_number,
-        doc_subset=np.array(doc_subset, dtype=np.int32),
-        subset_code=subset_code,
-        pair_offsets=np.searchsorted(q[order], np.arange(len(query_number) + 1)),
-        pair_doc=(np.concatenate(ds_) if ds_ else np.zeros(0, np.int64))[order],
-        pair_label=(np.concatenate(ls) if ls else np.zeros(0, np.int8))[order],
-        counts=counts,
-    )
 
 
 def _subset_mask(col: pa.Array, subset: str) -> pa.Array:
@@ -284,6 +162,7 @@ class _Acc:
     recall: dict[int, float] = field(default_factory=dict)
     ndcg: float = 0.0
     without_positive: int = 0
+    positives: int = 0  # relevant docs of the scored queries (labelled, or from the truth)
 
 
 def evaluate(
@@ -298,6 +177,7 @@ def evaluate(
     retrieval_tasks: Iterable[str] = RETRIEVAL_TASKS,
     progress: bool = False,
     max_queries_per_subset: int | None = None,
+    truth: Truth | str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """P@1 per subset and meta-task (MMEB), Recall@k and nDCG@10 for retrieval subsets.
 
@@ -308,7 +188,9 @@ def evaluate(
     ``ks``: the cut-offs of Recall@k. ``subsets`` restricts the evaluation to those subsets;
     ``retrieval_tasks`` names the tasks that get Recall@k and nDCG@10. ``max_queries_per_subset``
     scores only the first N queries of each subset (dataset order), against the full candidate
-    sets: a quicker, deterministic estimate. See the module docstring.
+    sets: a quicker, deterministic estimate. ``truth`` (a ``curation.truth.Truth`` or its file)
+    decides relevance where it knows it: every matching doc counts as relevant, labelled or not.
+    See the module docstring.
 
     Returns ``{"overall", "per_subset", "per_task", "chance_p_at_1", "counts", "settings"}``.
     """
@@ -321,9 +203,11 @@ def evaluate(
     if not ks or any(k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers, not {ks}")
     retrieval_tasks = set(retrieval_tasks)
-    only = None if subsets is None else {_key(s) for s in subsets}
+    only = None if subsets is None else {subset_key(s) for s in subsets}
+    if truth is not None and not isinstance(truth, Truth):
+        truth = read_truth(truth)
 
-    index = _index(ds)  # pass 1: ids, subsets and labels only
+    index = build_index(ds, truth)  # pass 1: ids, subsets and labels only (and the truth)
     names = sorted(s for s in index.queries_of if only is None or s in only)
     bar = tqdm(
         total=sum(len(index.queries_of[s][:max_queries_per_subset]) for s in names),
@@ -357,6 +241,7 @@ def evaluate(
             "p_at_1": acc.hits / n if n else None,
             "queries": n,
             "queries_without_positive": acc.without_positive,
+            "positives_per_query": acc.positives / n if n else None,
             "candidates_per_query": acc.candidates / n if n else None,
             "corpus": 0 if code is None else int((index.doc_subset == code).sum()),
         }
@@ -393,13 +278,14 @@ def evaluate(
             "subsets": None if only is None else sorted(only),
             "max_queries_per_subset": max_queries_per_subset,
             "ties": "corpus order",
+            "truth": None if truth is None else truth.describe(),
         },
     }
 
 
 def _evaluate_subset(
     ds: Dataset,
-    index: _Index,
+    index: Index,
     subset: str,
     encode_queries: Encoder,
     encode_candidates: Encoder,
@@ -426,12 +312,12 @@ def _evaluate_subset(
         qn = index.query_number[qid]
         a, b = index.pair_offsets[qn], index.pair_offsets[qn + 1]
         docs, labels = index.pair_doc[a:b], index.pair_label[a:b]
-        pos = np.unique(docs[labels == _POS])
+        pos = np.unique(docs[labels == POS])
         if not len(pos):
             acc.without_positive += 1
             continue
-        fn = np.setdiff1d(docs[labels == _FN], pos)  # positive wins over false_negative
-        cands = np.setdiff1d(np.union1d(pos, docs[labels == _NEG]), fn)
+        fn = np.setdiff1d(docs[labels == FN], pos)  # positive wins over false_negative
+        cands = np.setdiff1d(np.union1d(pos, docs[labels == NEG]), fn)
         # the pairs make a candidate set only if they name a negative: all-positive pairs would
         # make P@1 trivially 1 (a retrieval query with many gold images)
         use_pairs = candidate_set == "pairs" and len(cands) > len(pos)
@@ -521,6 +407,7 @@ def _evaluate_subset(
                 else:
                     top1 = ranked[:1]
                 acc.queries += 1
+                acc.positives += len(pcols)
                 acc.hits += int(len(top1) > 0 and bool(np.isin(top1[0], pcols)))
                 acc.candidates += n_cands
                 acc.chance += len(pcols) / n_cands

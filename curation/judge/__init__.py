@@ -7,7 +7,9 @@
 - ``verdicts``: the paper's rule, UniME-V2's, a threshold;
 - ``cache``: judgments keyed by (judge model and weights, prompt version, query id, doc id);
 - ``stage``: ``judge_dataset``, the stage that writes verdicts into a new dataset;
-- ``robustness``: gold agreement and the injection flip rate of a judge.
+- ``robustness``: gold agreement and the injection flip rate of a judge;
+- ``quality``: a judge run's verdicts measured against a truth (AUC of p_yes, false-negative
+  precision and recall, agreement with gold).
 """
 
 from curation.judge.prompts import (

@@ -8,7 +8,8 @@ changes. ``INJECTIONS`` is the test set of instructions; a pair is judged once p
 
 ``gold_agreement`` is the judge's accuracy against gold labels (positives should get "yes",
 negatives "no") under the verdict rule, and the ROC AUC of p_yes (gold vs not), which does not
-depend on where the rule puts its threshold.
+depend on where the rule puts its threshold (``quality.roc_auc``). It scores pairs given here;
+``quality`` measures the verdicts a judge run wrote, against a truth.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curation.judge.prompts import PromptTemplate, images_of, render
+from curation.judge.quality import roc_auc
 from curation.judge.scoring import JudgeItem, Scorer
 from curation.judge.verdicts import VerdictRule
 
@@ -106,17 +108,3 @@ def gold_agreement(
         "auc": roc_auc(p_by_gold[True], p_by_gold[False]),
         "pairs": total,
     }
-
-
-def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
-    """P(a gold pair's p_yes > a non-gold pair's), ties counting half: how well p_yes ranks, at any threshold."""
-    if not positives or not negatives:
-        return 0.0
-    import bisect
-
-    neg = sorted(negatives)
-    wins = 0.0
-    for p in positives:
-        lo, hi = bisect.bisect_left(neg, p), bisect.bisect_right(neg, p)
-        wins += lo + 0.5 * (hi - lo)
-    return wins / (len(positives) * len(negatives))

@@ -17,7 +17,10 @@ image, a timeout, a NaN) keeps empty judge columns and goes into ``judge_failure
 the tables with its error; the run never stops for one pair. Queries and corpus are linked, not copied.
 
 The manifest's ``extra.judge`` records the judge's model id, the prompt ids, the rule and the counts
-(judged, from cache, failed, yes/no, relabelled).
+(judged, from cache, failed, yes/no, relabelled). Given a truth (``truth=``, ``curation.truth``),
+pass 2 also measures the verdicts against it, over every judged pair before any is trimmed
+(``quality.JudgeQuality``: AUC of p_yes, precision and recall of the false negatives, agreement with
+gold), into ``extra.judge.quality``. The truth is only read to measure: it never changes a label.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ import pyarrow.parquet as pq
 from curation.dataset import AlreadyComplete, Dataset, DatasetWriter, Manifest, atomic_write_parquet
 from curation.judge.cache import JudgmentCache, Key, content_hash
 from curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render
+from curation.judge.quality import JudgeQuality
 from curation.judge.scoring import JudgeItem, Score, Scorer
 from curation.judge.verdicts import VerdictRule
 from curation.schema import CORPUS, ID_COLUMN, LABELS, PAIRS, QUERIES, ROW_COLUMNS, resolve_image_cell
+from curation.truth import Truth, read_truth
 
 FAILURES_FILE = "judge_failures.parquet"
 FAILURES_SCHEMA = pa.schema(
@@ -68,6 +73,7 @@ class JudgeReport:
     unime_fallbacks: int = 0
     seconds: float = 0.0
     p_yes: dict[str, list[float]] = field(default_factory=dict)  # subset -> scores (for histograms)
+    quality: dict[str, Any] | None = None  # against a truth (quality.JudgeQuality), when one was given
 
     @property
     def pairs_per_second(self) -> float:
@@ -163,6 +169,7 @@ def judge_dataset(
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    truth: Truth | str | Path | None = None,
 ) -> tuple[Manifest, JudgeReport]:
     """Judge the pairs of ``source`` whose label is in ``labels``; write the result to ``out``.
 
@@ -172,6 +179,8 @@ def judge_dataset(
     ``on_batch(done, total)`` after each batch is committed (tests kill runs there).
     ``keep_negatives``: keep at most that many judged hard negatives (verdict no) per query, the
     best-ranked first (the paper keeps up to n after judging the top-k); the rest are dropped.
+    ``truth``: a ``curation.truth.Truth`` (or its file) to measure the verdicts against
+    (``report.quality``, the manifest's ``extra.judge.quality``); it changes no label.
     """
     ds = source if isinstance(source, Dataset) else Dataset(source)
     rule = rule or VerdictRule()
@@ -194,6 +203,10 @@ def judge_dataset(
         "relabel": relabel,
         "keep_negatives": keep_negatives,
     }
+    if truth is not None:
+        truth = truth if isinstance(truth, Truth) else read_truth(truth)
+        config["truth"] = truth.source  # only when given: runs without one keep their config
+    quality = JudgeQuality(truth) if truth is not None else None
     report = JudgeReport(model_id=scorer.model_id, rule=str(rule))
     try:
         writer = DatasetWriter(
@@ -242,6 +255,10 @@ def judge_dataset(
             table, shard_failures = apply_verdicts(
                 pairs, rows, keys, subsets, found[name], positive_p, rule, relabel, report
             )
+            if quality is not None:  # every judged pair, before the keep limit trims any
+                judged = table.take(pa.array(rows, pa.int64()))
+                cols = [judged.column(c).to_pylist() for c in ("label", "judge_p_yes", "judge_verdict")]
+                quality.add(subsets, [k.query_id for k in keys], [k.doc_id for k in keys], *cols)
             if drop.get(name):
                 table = table.filter(pa.array([i not in drop[name] for i in range(table.num_rows)]))
                 report.trimmed += len(drop[name])
@@ -256,6 +273,8 @@ def judge_dataset(
             atomic_write_parquet(Path(out) / FAILURES_FILE, pa.Table.from_pylist(failures, FAILURES_SCHEMA))
         report.failed = len(failures)
         report.prompts = sorted({p for _, _, pids, _ in shard_keys.values() for p in pids})
+        if quality is not None:
+            report.quality = quality.result()
         manifest = writer.finish(extra={"judge": report.summary()})
     finally:
         if own_cache:

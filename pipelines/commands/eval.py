@@ -32,7 +32,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     task_w = max([len("task"), *(len(str(e["task"])) for e in per_subset.values())])
     rcols = [f"recall@{k}" for k in ks] + [ndcg]
     header = (
-        f"{'subset':<{name_w}}  {'task':<{task_w}}  {'queries':>7}  {'cand/q':>7}  {'P@1':>7}  {'chance':>7}"
+        f"{'subset':<{name_w}}  {'task':<{task_w}}  {'queries':>7}  {'pos/q':>7}  {'cand/q':>7}  {'P@1':>7}  {'chance':>7}"
         + "".join(f"  {c.replace('recall', 'R').replace('ndcg', 'nDCG'):>7}" for c in rcols)
     )
     lines = [header, "-" * len(header)]
@@ -40,7 +40,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         cand = e["candidates_per_query"]
         lines.append(
             f"{s:<{name_w}}  {str(e['task']):<{task_w}}  {_fmt(e['queries'])}  "
-            f"{_fmt(cand, digits=1)}  {_fmt(e['p_at_1'])}  {_fmt(chance.get(s))}"
+            f"{_fmt(e.get('positives_per_query'), digits=1)}  {_fmt(cand, digits=1)}  {_fmt(e['p_at_1'])}  {_fmt(chance.get(s))}"
             + "".join(f"  {_fmt(e.get(c))}" for c in rcols)
         )
     lines.append("")
@@ -57,6 +57,14 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     )
     if o["queries_without_positive"]:
         lines.append(f"skipped {o['queries_without_positive']} queries with no positive in the corpus")
+    truth = metrics["settings"].get("truth")
+    if truth:
+        c = metrics.get("counts", {})
+        lines.append(
+            f"relevance from the truth {truth['path']} ({truth['kind']}) for {c.get('truth_queries', 0)} "
+            f"queries: {c.get('truth_matches_unlabelled', 0)} unlabelled matches counted as relevant, "
+            f"{c.get('truth_labels_overruled', 0)} labels overruled"
+        )
     return "\n".join(lines)
 
 
@@ -133,6 +141,14 @@ def _dataset_subsets(ds: Any) -> set[str]:
     help="Where the model runs (default: cuda when available, else cpu).",
 )
 @click.option(
+    "--truth",
+    type=click.Path(exists=True),
+    default=None,
+    metavar="PATH",
+    help="A truth file (query_id, doc_id[, relevant]; curation/truth.py) that decides relevance where "
+    "it knows it: every matching doc counts, labelled or not.",
+)
+@click.option(
     "--max-queries",
     type=click.IntRange(min=1),
     default=None,
@@ -148,6 +164,7 @@ def command(
     subsets: tuple[str, ...],
     tokens_per_tile: int | None,
     device: str | None,
+    truth: str | None,
     max_queries: int | None,
 ) -> None:
     """Score the embedder CHECKPOINT on DATASET and write the metrics as JSON.
@@ -157,10 +174,17 @@ def command(
       P@1       the top candidate is a positive; per subset, per meta-task (mean over
                 its subsets) and overall (mean over subsets, and micro over queries)
       chance    the P@1 of a random ranking, to read P@1 against
+      pos/q     relevant docs per query (the labelled positives, or the truth's matches)
       R@k       Recall@1/5/10 and nDCG@10, for retrieval and visdoc subsets, ranking
                 the whole subset corpus
     False-negative pairs are left out of both the candidates and the ranking; queries
     with no positive are skipped and counted. See training/evaluate.py for details.
+
+    \b
+    With --truth, relevance comes from the truth wherever it knows the pair: a doc
+    that matches counts as a positive even when no pair labels it (real data labels
+    one positive per query), one that does not match counts as a negative. The
+    bundled example writes its truth to OUT/truth/<split>.parquet.
 
     \b
     CHECKPOINT is a directory written by MMEmbedder.save_pretrained (or a
@@ -176,6 +200,14 @@ def command(
     with writing(out_path, "eval", kind="file"):
         ref = _checkpoint_ref(checkpoint)
         ds = open_dataset(dataset)
+        truth_table = None
+        if truth is not None:
+            from curation.truth import TruthError, read_truth
+
+            try:
+                truth_table = read_truth(truth)
+            except TruthError as e:
+                raise click.ClickException(str(e)) from e
         if subsets:
             missing = sorted(set(subsets) - _dataset_subsets(ds))
             if missing:
@@ -222,6 +254,7 @@ def command(
             subsets=list(subsets) or None,
             progress=True,
             max_queries_per_subset=max_queries,
+            truth=truth_table,
         )
         metrics["checkpoint"] = ref
         metrics["dataset"] = str(Path(dataset).resolve())

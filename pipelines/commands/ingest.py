@@ -48,8 +48,8 @@ Formats (inferred from the extension, or from what a folder holds, when --format
   imagefolder          one subfolder per class (task classification), or a flat folder with
                        --labels FILE.csv (file,label) or --captions FILE.csv (file,caption:
                        task retrieval, caption -> image)
-  example              a bundled example: easy-vqa -> OUT/train and OUT/test, three subsets
-                       (vqa, classification, retrieval)
+  example              a bundled example: easy-vqa -> OUT/train and OUT/test, four subsets
+                       (vqa, classification, retrieval, captions), and OUT/truth
 
 Rows that cannot be read (bad JSON or UTF-8, a number where text belongs, no text and no image
 on a side) go to OUT/quarantine with their file:line and a reason; they never stop the run. A

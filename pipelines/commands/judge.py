@@ -145,6 +145,14 @@ def format_histograms(hists: dict[str, dict[str, list[int]]]) -> str:
     help="Keep up to N judged hard negatives (verdict no) per query, best-ranked first; drop the rest "
     "(the paper keeps up to 12 of the top 20).",
 )
+@click.option(
+    "--truth",
+    type=click.Path(exists=True),
+    default=None,
+    metavar="PATH",
+    help="Measure the verdicts against this truth (query_id, doc_id[, relevant]; curation/truth.py): "
+    "AUC of p_yes, precision and recall of false_negative, agreement with gold, per subset.",
+)
 @click.option("--no-progress", is_flag=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds a dataset or another run.")
 @friendly_errors
@@ -168,6 +176,7 @@ def command(
     max_chars,
     trust_remote_code,
     keep,
+    truth,
     no_progress,
     overwrite,
 ):
@@ -180,6 +189,16 @@ def command(
     Judgments are cached by (judge model and weights hash, prompt version, query_id, doc_id): a
     rerun, or a later dataset holding the same pairs, judges only what is new. Pairs the judge
     cannot score (bad image, timeout, NaN) are listed in OUT/judge_failures.parquet.
+
+    \b
+    With --truth (the bundled example writes OUT/truth/<split>.parquet; a labelled
+    sample works too) the verdicts are measured, per subset, before --keep trims any:
+      AUC        of p_yes, real matches vs non-matches (threshold-free)
+      FN prec.   share of the candidates judged yes (false_negative) that really match
+      FN recall  share of the candidates that really match that were judged yes
+      gold yes   share of the gold positives judged yes
+    The numbers go to OUT's manifest (extra.judge.quality) and the run report. The
+    truth only measures: it never changes a label.
     """
     with writing(out, "judge"):
         quiet_transformers()
@@ -191,6 +210,14 @@ def command(
 
         src = open_dataset(dataset)
         verdict_rule = parse_rule(rule)
+        truth_table = None
+        if truth is not None:
+            from curation.truth import TruthError, read_truth
+
+            try:
+                truth_table = read_truth(truth)
+            except TruthError as e:
+                raise click.ClickException(str(e)) from e
         chosen = [s.strip() for s in labels.split(",") if s.strip()]
         factory = scorer_factory(
             backend,
@@ -227,6 +254,7 @@ def command(
                 keep_negatives=keep,
                 overwrite=overwrite,
                 progress=bar.update,
+                truth=truth_table,
             )
         finally:
             bar.close()
@@ -244,9 +272,37 @@ def command(
         if report.failed:
             click.echo(f"failures: {Path(out) / 'judge_failures.parquet'}")
         click.echo(format_histograms(p_yes_histograms(out)))
+        if report.quality:
+            click.echo(format_quality(report.quality))
         warning = constant_judge_warning(out)
         if warning:
             click.echo(warning, err=True)
+
+
+def format_quality(quality: dict) -> str:
+    """The judge's quality against a truth (``curation.judge.quality``) as a table, one row per subset."""
+
+    def f(v) -> str:
+        return f"{v:>9.3f}" if isinstance(v, float) else f"{'-':>9}"
+
+    truth = quality.get("truth") or {}
+    lines = [
+        f"judge quality against the truth {truth.get('path', '?')} ({truth.get('kind', '?')}):",
+        f"  {'subset':<16} {'pairs':>7} {'AUC':>9} {'FN prec.':>9} {'FN recall':>9} {'gold yes':>9}"
+        f"  (judged yes / real FN / candidates)",
+    ]
+    rows = [*quality["per_subset"].items(), ("all", quality["overall"])]
+    for subset, q in rows:
+        lines.append(
+            f"  {subset or '(none)':<16} {q['pairs']:>7} {f(q['auc'])} {f(q['fn_precision'])} "
+            f"{f(q['fn_recall'])} {f(q['gold_agreement'])}"
+            f"  ({q['judged_yes']} / {q['relevant_candidates']} / {q['candidates']})"
+        )
+    lines.append("  (all: the counts pooled; its AUC is the mean over subsets)")
+    unknown = quality["overall"]["unknown"]
+    if unknown:
+        lines.append(f"  {unknown} judged pairs the truth does not cover were left out")
+    return "\n".join(lines)
 
 
 #: Below this spread of p_yes over the judged pairs the verdicts say nothing about the pairs.

@@ -125,6 +125,35 @@ def test_eval_subset_and_out(checkpoint, dataset, tmp_path):
     assert list(m["per_subset"]) == ["animals"] and m["settings"]["candidate_set"] == "subset"
 
 
+def test_eval_with_a_truth_counts_every_matching_doc(checkpoint, dataset, tmp_path):
+    from curation.truth import write_truth
+
+    # the truth: every passage answers every animal question (the labels name one each)
+    docs = ["ret-cats", "ret-dogs", "ret-birds"]
+    truth = write_truth(tmp_path / "truth.parquet", [(f"rq{i}", d) for i in range(3) for d in docs])
+    out = tmp_path / "m.json"
+    args = [
+        "eval",
+        str(checkpoint),
+        str(dataset),
+        "--subset",
+        "animals",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    res = CliRunner().invoke(cli, [*args, "--truth", str(truth)])
+    assert res.exit_code == 0, res.output
+    assert "6 unlabelled matches counted as relevant" in res.output
+    m = json.loads(out.read_text())
+    animals = m["per_subset"]["animals"]
+    assert animals["p_at_1"] == 1.0 and animals["positives_per_query"] == 3.0
+    assert m["settings"]["truth"]["path"] == str(truth)
+    res = CliRunner().invoke(cli, [*args, "--truth", str(tmp_path / "nope.parquet")])
+    assert res.exit_code != 0 and "nope.parquet" in res.output
+
+
 def test_eval_unknown_subset_is_refused(checkpoint, dataset, tmp_path):
     res = CliRunner().invoke(cli, ["eval", str(checkpoint), str(dataset), "--subset", "nope"])
     assert res.exit_code != 0 and "nope" in res.output and "animals" in res.output

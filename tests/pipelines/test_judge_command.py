@@ -55,6 +55,31 @@ def test_judge_command_writes_verdicts_and_reuses_its_cache(reranker, tmp_path):
     assert _judged(tmp_path / "out2") == judged
 
 
+def test_judge_command_measures_its_verdicts_against_a_truth(reranker, tmp_path):
+    from curation.judge.quality import judge_quality
+    from curation.truth import read_truth, write_truth
+
+    data = colour_dataset(tmp_path / "data", extra_pairs=EXTRA)
+    gold = [k for k, (label, _, _) in _judged(data).items() if label == "positive"]
+    truth = write_truth(tmp_path / "truth.parquet", [*gold, ("q-red-0", "ans-green")])  # 1 real FN
+    args = ["judge", str(data), str(tmp_path / "out"), "--model", str(reranker), "--no-progress"]
+    result = CliRunner().invoke(cli, [*args, "--cache", str(tmp_path / "c.sqlite"), "--truth", str(truth)])
+    assert result.exit_code == 0, result.output
+    assert f"judge quality against the truth {truth} (complete)" in result.output
+    quality = Dataset(tmp_path / "out").manifest.extra["judge"]["quality"]
+    # the numbers the command stored are those of the verdicts it wrote (no --keep: nothing trimmed)
+    assert quality == judge_quality(tmp_path / "out", read_truth(truth))
+    vqa = quality["per_subset"]["vqa"]
+    assert vqa["candidates"] == 3 and vqa["relevant_candidates"] == 1 and vqa["positives"] == 16
+    assert vqa["pairs"] == 19 and vqa["auc"] is not None
+    # a truth file without the id columns is refused before anything is judged
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"q": "q-red-0"}\n')
+    result = CliRunner().invoke(cli, [*args[:2], str(tmp_path / "out2"), *args[3:], "--truth", str(bad)])
+    assert result.exit_code != 0 and "no column query_id, doc_id" in result.output
+    assert not (tmp_path / "out2" / "manifest.json").exists()
+
+
 def test_judge_command_refuses_bad_settings(reranker, tmp_path):
     data = colour_dataset(tmp_path / "data")
     base = ["judge", str(data), str(tmp_path / "out"), "--cache", str(tmp_path / "c.sqlite")]

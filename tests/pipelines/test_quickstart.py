@@ -77,7 +77,7 @@ def test_the_quickstart_curation_steps_run_and_a_rerun_runs_nothing(tmp_path):
 
     train, test = Dataset(run / "train-clean"), Dataset(run / "test-clean")
     stats = dataset_stats(train)
-    assert set(stats["queries"]["by_subset"]) == {"vqa", "classification", "retrieval"}
+    assert set(stats["queries"]["by_subset"]) == {"vqa", "classification", "retrieval", "captions"}
     assert [step["stage"] for step in train.manifest.lineage] == ["ingest", "validate", "dedup"]
 
     def images(ds):
@@ -112,9 +112,10 @@ def test_the_whole_quickstart_loop_and_its_report(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for arm in ("eval-stage3", "eval-stage3-percent", "eval-stage3-none", "eval-warmup", "eval-stage2"):
         metrics = json.loads((run / "metrics" / f"{arm}.json").read_text())
-        assert set(metrics["per_subset"]) == {"vqa", "classification", "retrieval"}
+        assert set(metrics["per_subset"]) == {"vqa", "classification", "retrieval", "captions"}
+        assert metrics["settings"]["truth"]["kind"] == "complete"  # scored against the example's truth
     judged = Dataset(run / "judged")
-    assert judged.manifest.extra["judge"]
+    assert judged.manifest.extra["judge"]["quality"]["per_subset"]["captions"]["candidates"]
     html = (run / "report.html").read_text()
     assert "no hard negatives" in html and html.count("<svg") >= 6
     first = json.loads((run / "export" / "train-judged.jsonl").open().readline())

@@ -17,7 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from curation.dataset import DatasetWriter, shard_name
+from curation.judge.quality import JudgeQuality
 from curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS
+from curation.truth import Truth
 from pipelines.commands import report as report_command
 from pipelines.report import build_report
 
@@ -25,8 +27,8 @@ HOSTILE = "<script>alert(1)</script>"
 SUBSETS = {"colours": "vqa", HOSTILE: "retrieval"}
 MATH = "_cost $\\undefinedcommand{x}$ & co"
 ORIGIN = "mined:tiny-encoder:ranks:50-100,sample:random:2"
-#: Charts: time per step, eval P@1, ablation, 2 loss curves (complete + failed), mine, judge x2
-EXPECTED_SVGS = 8
+#: Charts: time per step, eval P@1, ablation, 2 loss curves (complete + failed), mine, judge x3
+EXPECTED_SVGS = 9
 #: Measured on this page: ~73,000 clearly coloured pixels in the first 5000 px with its plots, ~4,000
 #: (the status badges) with every <svg> removed.
 COLOURED_PIXELS = 30_000
@@ -84,7 +86,15 @@ def _judged(root: Path) -> str:
         n_candidates = 4 if s == "colours" else 2
         for i in range(10):
             q = f"{s}-q{i}"
-            pairs.append({"query_id": q, "doc_id": f"{s}-d{i}-0", "label": "positive", "judge_p_yes": 0.9})
+            pairs.append(
+                {
+                    "query_id": q,
+                    "doc_id": f"{s}-d{i}-0",
+                    "label": "positive",
+                    "judge_p_yes": 0.9,
+                    "judge_verdict": "yes",
+                }
+            )
             for k in range(1, n_candidates + 1):
                 fn = k == 1 and (s == "colours" or i == 0)
                 pairs.append(
@@ -98,7 +108,28 @@ def _judged(root: Path) -> str:
                 )
         # pairs the judge did not see count in no rate
         pairs += [{"query_id": f"{s}-q0", "doc_id": f"{s}-d9-{k}", "label": "negative"} for k in range(3)]
-    extra = {"judge": {"model_id": "judge-model-x", "rule": "paper", "scored": 80, "relabelled": 11}}
+    # the truth knows the colours queries: d0, d1 match, and d2 too for half of them (missed by the judge)
+    matches = [(f"colours-q{i}", f"colours-d{i}-{k}") for i in range(10) for k in (0, 1, 2) if k < 2 or i < 5]
+    quality = JudgeQuality(
+        Truth("truth.parquet", True, {q: frozenset(d for qq, d in matches if qq == q) for q, _ in matches})
+    )
+    judged = [r for r in pairs if "judge_p_yes" in r]
+    quality.add(
+        [r["query_id"].rsplit("-q", 1)[0] for r in judged],
+        *(
+            [r.get(c) for r in judged]
+            for c in ("query_id", "doc_id", "label", "judge_p_yes", "judge_verdict")
+        ),
+    )
+    extra = {
+        "judge": {
+            "model_id": "judge-model-x",
+            "rule": "paper",
+            "scored": 80,
+            "relabelled": 11,
+            "quality": quality.result(),
+        }
+    }
     return _dataset(root, pairs, "judge", extra)
 
 
@@ -122,7 +153,7 @@ def _metrics(path: Path, colours: float, hostile: float, extra_subset: bool = Fa
         "chance_p_at_1": {"colours": 0.2, HOSTILE: 0.05},
         "per_task": {"vqa": {"p_at_1": colours, "subsets": 1}},
         "checkpoint": "/runs/x/step-000040",
-        "settings": {"ks": [1, 5], "ndcg_at": 10},
+        "settings": {"ks": [1, 5], "ndcg_at": 10, "truth": {"path": "raw/truth/test.parquet"}},
     }
     if extra_subset:  # matplotlib would read it as mathtext, and fail on the unknown command
         metrics["per_subset"][MATH] = {"p_at_1": 0.777, "queries": 5, "task": "vqa"}
@@ -241,6 +272,7 @@ def test_report_shows_every_section_with_the_numbers_of_its_inputs(run_dir, repo
     assert "<th class=chance>chance</th>" in page
     assert ">0.777<" in page and "_cost $\\undefinedcommand{x}$ &amp; co" in page
     assert "judge-filtered</code><br><span class=note>not run yet</span>" in page
+    assert "Scored against the truth <code>raw/truth/test.parquet</code>" in page
     # training: the complete and the failed step's partial log (the half-written line skipped)
     assert "40 logged steps up to step 40" in page and "6 logged steps up to step 6" in page
     # mining: scores from the pairs (colours) and from the manifest (hostile subset has no pair scores)
@@ -248,6 +280,12 @@ def test_report_shows_every_section_with_the_numbers_of_its_inputs(run_dir, repo
     # judge: false-negative rate per subset, unjudged pairs left out
     assert ">25.0%<" in page and ">5.0%<" in page and ">18.3%<" in page
     assert "judge-model-x" in page
+    # judge quality against the truth, beside the histograms: colours has 15 real false negatives
+    # among 40 candidates; the judge claimed 10, all right (precision 1, recall 10/15); AUC of p_yes
+    # (0.9, 0.8 x 10, 0.1 x 5 vs 0.1 x 5, 0.15 x 10, 0.2 x 10) = (500 + 5 x 2.5) / 625
+    assert "Judge quality against the truth <code>truth.parquet</code>" in page
+    assert ">0.820<" in page and ">0.667<" in page and ">1.000 (10/10)<" in page
+    assert "candidates that match (real false negatives)" in page
     # user text never becomes markup
     assert "<script" not in page.lower()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page

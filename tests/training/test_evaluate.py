@@ -249,6 +249,56 @@ def test_false_negative_is_left_out_of_the_candidates(tmp_path):
     assert m["per_subset"]["s"]["candidates_per_query"] == 2.0
 
 
+def test_truth_counts_an_unlabelled_match_as_relevant(tmp_path):
+    """Real data labels one positive per query: an encoder that ranks another true match first is
+    wrong by the labels and right by the truth."""
+    from curation.truth import write_truth
+
+    queries = [q("cap1", "captions", "retrieval"), q("cap2", "captions", "retrieval")]
+    corpus = [d(f"img{j}", "captions") for j in range(6)]
+    pairs = [p("cap1", "img0"), p("cap2", "img3")]  # one labelled image each
+    ds = write_dataset(tmp_path / "ds", {"queries": queries, "corpus": corpus, "pairs": pairs})
+    dvec = {f"img{j}": unit(j) for j in range(6)}
+    qvec = {"cap1": unit(1), "cap2": unit(3)}  # cap1 ranks img1 first: it matches, unlabelled
+    truth = write_truth(tmp_path / "truth.parquet", [("cap1", "img0"), ("cap1", "img1"), ("cap2", "img3")])
+
+    without = evaluate(ds, *encoders(qvec, dvec))["per_subset"]["captions"]
+    m = evaluate(ds, *encoders(qvec, dvec), truth=truth)
+    with_truth = m["per_subset"]["captions"]
+    assert without["p_at_1"] == 0.5 and with_truth["p_at_1"] == 1.0
+    assert without["positives_per_query"] == 1.0 and with_truth["positives_per_query"] == 1.5
+    # cap1 ranks img1 (a match), then img0, img2, ... (equal scores: corpus order)
+    assert without["recall@1"] == 0.5 and with_truth["recall@1"] == 0.75 and with_truth["recall@5"] == 1.0
+    assert m["counts"]["truth_matches_unlabelled"] == 1 and m["counts"]["truth_queries"] == 2
+    assert m["settings"]["truth"]["kind"] == "complete"
+
+
+def test_truth_decides_where_it_speaks_and_labels_where_it_is_silent(tmp_path):
+    from curation.truth import write_truth
+
+    corpus = [d("pos", "s"), d("neg", "s"), d("fn", "s")]
+    pairs = [p("q", "pos"), p("q", "neg", "hard_negative"), p("q", "fn", "false_negative")]
+    ds = write_dataset(tmp_path / "ds", {"queries": [q("q", "s")], "corpus": corpus, "pairs": pairs})
+    dvec = {"pos": unit(0) * 0.8 + unit(3) * 0.6, "neg": unit(1), "fn": unit(0)}
+    qvec = {"q": unit(0)}  # ranks fn, then pos, then neg
+
+    def p1(truth=None):
+        return evaluate(ds, *encoders(qvec, dvec), truth=truth)["per_subset"]["s"]["p_at_1"]
+
+    assert p1() == 1.0  # the judged false negative is left out: pos is first
+    # a complete truth naming q knows fn is no match: it is a negative now, and ranks first
+    assert p1(write_truth(tmp_path / "complete.parquet", [("q", "pos")])) == 0.0
+    # a labelled sample that says so too
+    assert p1(write_truth(tmp_path / "no.parquet", [("q", "fn")], relevant=[False])) == 0.0
+    # a labelled sample silent on fn leaves its label alone
+    assert p1(write_truth(tmp_path / "other.parquet", [("q", "neg")], relevant=[False])) == 1.0
+    # a truth naming docs or queries the dataset does not hold is counted, not an error
+    m = evaluate(
+        ds, *encoders(qvec, dvec), truth=write_truth(tmp_path / "x.parquet", [("q", "gone"), ("z", "pos")])
+    )
+    assert m["counts"]["truth_pairs_not_in_dataset"] == 2
+
+
 def test_queries_without_positive_are_skipped(tmp_path):
     queries = [q("q0", "s"), q("q1", "s"), q("q2", "s"), q("q3", "s")]
     corpus = [d("d0", "s"), d("d1", "s")]
