@@ -10,6 +10,7 @@ A config names the stage, the datasets, where the checkpoints go, and the model 
     lr: 2.0e-4
     batch_size: 64                # the contrastive batch (GradCache makes it independent of memory)
     mini_batch: 8                 # rows encoded at a time
+    input_cache: auto             # prepared inputs in OUTPUT/../cache/inputs; off, or a directory
 
 With no ``init``, ``tiny`` builds a small randomly initialised InternVL of the real architecture,
 with a tokenizer trained on the datasets' texts (tests and the quickstart; stage 1 from scratch).
@@ -36,7 +37,9 @@ BATCHING = ("subset", "mixed")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 #: Settings that change how a run executes but not what it computes: a resumed run may change them.
-RUNTIME_KEYS = frozenset({"device", "save_every", "keep_checkpoints", "progress", "output", "log_every"})
+RUNTIME_KEYS = frozenset(
+    {"device", "save_every", "keep_checkpoints", "progress", "output", "log_every", "input_cache"}
+)
 #: The language model's linear layers (Qwen2 names): LoRA's default targets. The vision tower stays
 #: frozen, as in the paper's LoRA stages.
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
@@ -99,6 +102,10 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     trust_remote_code: bool = False
+    #: Where prepared model inputs (image tiles, token ids) are kept between steps, stages and runs:
+    #: ``auto`` is ``OUTPUT/../cache/inputs`` (beside the run's other steps), ``off`` runs the
+    #: processor on every batch, anything else is a directory (training/input_cache.py).
+    input_cache: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into the manifest
 
     # -- derived
@@ -197,6 +204,7 @@ def _check_values(c: TrainConfig, where: str) -> None:
     need(c.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}")
     need(c.save_every >= 1 and c.keep_checkpoints >= 1, "save_every and keep_checkpoints must be >= 1")
     need(not c.trust_remote_code, "trust_remote_code: assay loads transformers-native models only")
+    need(bool(c.input_cache), "input_cache must be auto, off, or a directory")
     if c.lora is not None:
         need(c.lora.rank >= 1 and c.lora.alpha > 0, "lora rank and alpha must be positive")
     if c.init is None:

@@ -1,9 +1,12 @@
 """What a stage trains on: the rows of one or more assay datasets, turned into training units.
 
-``TrainingData`` reads the queries, corpus and pairs of the datasets named by a config (image paths
-made absolute under each dataset's data root, and refused if they leave it) and indexes them by id.
-Images stay on disk (or inline, as the dataset has them) until a batch needs them. Each stage asks
-for its own units:
+``TrainingData`` reads the queries, corpus and pairs of the datasets named by a config and indexes
+them by id. Images stay on disk (or inline, as the dataset has them) until a batch needs them, and
+an image path may never lead out of its dataset's data root. That rule is kept in two cheap halves
+instead of one ``realpath`` per row up front (4.7 s for the 34k paths of easy-vqa): loading checks
+each path lexically against the data root (resolved once per dataset), so ``../`` and absolute
+paths elsewhere are refused before training starts; ``read_image_bytes`` resolves symlinks when a
+file is first read and refuses one that leads out. Each stage asks for its own units:
 
 - stage 1 and the reranker: ``generative_units`` / ``reranker_units``, (image, prompt) -> text
   samples for next-token training (``generative_sample`` says which side is the input);
@@ -18,6 +21,7 @@ step s sees exactly the batches an uninterrupted run would have: no sampler stat
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -27,7 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 from curation.dataset import Dataset
-from curation.schema import resolve_image_cell
+from curation.schema import resolve_image_path
 
 QUERY_COLUMNS = ["query_id", "subset", "task", "instruction", "text", "image"]
 DOC_COLUMNS = ["doc_id", "subset", "instruction", "text", "image"]
@@ -71,7 +75,7 @@ class TrainingData:
         pairs: list[tuple[int, int, str, Any, Any]] = []
         for path in data.sources:
             ds = Dataset(path)
-            root = str(ds.data_root)
+            root = os.path.realpath(ds.data_root)  # once per dataset; each path is checked against it
             for row in _rows(ds, "queries", QUERY_COLUMNS, root):
                 if (keep is None or row["subset"] in keep) and row["query_id"] not in data.query_index:
                     data.query_index[row["query_id"]] = len(data.queries)
@@ -173,14 +177,73 @@ class TrainingData:
 
 
 def _rows(ds: Dataset, table: str, columns: list[str], root: str) -> Iterable[dict[str, Any]]:
+    checked: dict[str, dict[str, Any] | None] = {}  # path -> its cell: rows sharing a file share it
     for name in ds.shards(table):
         t: pa.Table = ds.read_shard(table, name, columns=columns)
         for row in t.to_pylist():
+            image = row["image"]
+            path = image.get("path") if image and not image.get("bytes") else None
             try:
-                row["image"] = resolve_image_cell(row["image"], root)
+                if path is None:
+                    row["image"] = confine_image_cell(image, root)
+                elif path in checked:
+                    row["image"] = checked[path]
+                else:
+                    row["image"] = checked[path] = confine_image_cell(image, root)
             except ValueError as e:
                 raise TrainingDataError(f"{ds.root / table / name}: {e}") from None
             yield row
+
+
+def confine_image_cell(image: dict[str, Any] | None, root: str) -> dict[str, Any] | None:
+    """An ``image`` cell whose path is made absolute under ``root`` (a real path), checked lexically.
+
+    ``../`` or an absolute path that leaves the root is refused here with ``ValueError``, as
+    ``curation.schema.resolve_image_cell`` refuses it. A path that stays inside the root on paper
+    may still be a symlink that leads out, and resolving symlinks costs a ``realpath`` (an
+    ``lstat`` per path component): that check is left to ``read_image_bytes``, when the file is
+    first read. The cell keeps ``root`` for it. A path that looks outside only lexically (an
+    absolute path through a symlinked alias of the root) gets the full ``realpath`` check at once.
+    """
+    if not image:
+        return None
+    path = image.get("path")
+    if path is None:
+        return {"bytes": image.get("bytes"), "path": None}
+    full = os.path.join(root, path)  # not normalised: "a/../b" must resolve as the file system does
+    if not os.path.normpath(full).startswith(root.rstrip(os.sep) + os.sep):
+        resolved = resolve_image_path(root, path)
+        if not resolved.inside:
+            raise ValueError(
+                f"image path {path!r} resolves to {resolved.full}, outside the data root {resolved.root}"
+            )
+        full = resolved.full
+    return {"bytes": image.get("bytes"), "path": full, "root": root}
+
+
+def read_image_bytes(image: dict[str, Any]) -> bytes:
+    """The encoded bytes of an image cell: inline bytes, or the file read after its symlinks are
+    resolved and found inside the cell's data root (``confine_image_cell`` set ``root``).
+
+    Raises ``TrainingDataError`` for a path that leads out of the root, or a file that cannot be read.
+    """
+    if image.get("bytes"):
+        return image["bytes"]
+    path, root = image.get("path"), image.get("root")
+    if path is None:
+        raise TrainingDataError("image cell has neither bytes nor path")
+    if root is not None:
+        resolved = resolve_image_path(root, path)
+        if not resolved.inside:
+            raise TrainingDataError(
+                f"image path {path!r} resolves to {resolved.full}, outside the data root {resolved.root}"
+            )
+        path = resolved.full
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TrainingDataError(f"cannot read image {path}: {e.strerror or e}") from None
 
 
 def generative_sample(query: dict[str, Any], doc: dict[str, Any]) -> tuple[dict[str, Any], str] | None:

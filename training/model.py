@@ -322,12 +322,23 @@ class MMEmbedder(nn.Module):
 
     def prepare(self, rows: Sequence[Mapping[str, Any]], side: Side) -> BatchFeature:
         """Tokenise a batch: ``input_ids``, ``attention_mask`` and, if any row has one, ``pixel_values``."""
-        proc = self._processor
         images = [load_image(r["image"], self.image_root) for r in rows if r.get("image") is not None]
-        kwargs: dict[str, Any] = {"padding": True, "padding_side": self.padding_side, "return_tensors": "pt"}
+        return self.process(self.prompts(rows, side), images)
+
+    def process(
+        self, texts: Sequence[str], images: Sequence[Image.Image], padding_side: str | None = None
+    ) -> BatchFeature:
+        """The processor on prompts and their images (in prompt order), padded to the longest prompt
+        on ``padding_side`` (default: the embedder's), images tiled as ``image_kwargs`` says."""
+        side = padding_side or self.padding_side
+        kwargs: dict[str, Any] = {"padding": True, "padding_side": side, "return_tensors": "pt"}
         if images:
-            kwargs.update(images=images, crop_to_patches=self.max_tiles > 1, max_patches=self.max_tiles)
-        return proc(text=self.prompts(rows, side), **kwargs)
+            kwargs.update(images=list(images), **self.image_kwargs())
+        return self._processor(text=list(texts), **kwargs)
+
+    def image_kwargs(self) -> dict[str, Any]:
+        """How the processor cuts an image into tiles here: one tile, or InternVL's dynamic tiling."""
+        return {"crop_to_patches": self.max_tiles > 1, "max_patches": self.max_tiles}
 
     def embed(self, rows: Sequence[Mapping[str, Any]], side: Side) -> torch.Tensor:
         """``forward`` on rows, with grad: what a training step calls."""

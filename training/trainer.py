@@ -13,7 +13,16 @@ reranker   (query, candidate) under the judge prompt -> yes / no  next-token cro
 
 In the contrastive stages a doc is never pushed away from a query it belongs to: the query's other
 positives and its false negatives (pairs labelled ``false_negative`` or judged ``yes``) are masked
-out of its softmax wherever they turn up in the batch.
+out of its softmax wherever they turn up in the batch. (``training.steps`` holds what one step of
+each stage does.)
+
+A step only computes. Its inputs (image tiles, token ids, labels, masks) are made on a background
+thread while the steps before it run (``training.inputs.Prefetcher``), from the input cache
+(``input_cache``, by default ``OUTPUT/../cache/inputs``: beside the run's other steps, which share
+it), so the processor runs once per image and prompt, not once per batch, epoch and stage. The
+tensors are the processor's, bit for bit; ``input_cache: off`` runs the processor on every batch
+instead. Each line of ``train_log.jsonl`` says how long its step took (``seconds``) and how much of
+that it waited for its inputs (``input_wait_seconds``).
 
 Every ``save_every`` steps and at the end, a checkpoint ``step-NNNNNN`` (see ``training.checkpoint``)
 holds the weights, optimizer, scheduler and RNG state. A rerun of the same config resumes from the
@@ -33,7 +42,6 @@ need no special casing. In-batch negatives are the worker's own. Rank 0 writes t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -42,7 +50,6 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,28 +69,18 @@ from training.checkpoint import (
     weights_hash,
 )
 from training.config import TrainConfig
-from training.data import (
-    CAPTION_PROMPT,
-    LABEL_PROMPT,
-    ContrastiveUnit,
-    TrainingData,
-    epoch_batches,
-    generative_sample,
-    steps_per_epoch,
-)
-from training.generative import build_batch, next_token_loss, reranker_sample, sample_from_input
-from training.losses import GradCache, InfoNCELoss
+from training.data import CAPTION_PROMPT, LABEL_PROMPT, TrainingData, epoch_batches, steps_per_epoch
+from training.inputs import Prefetcher, model_inputs
 from training.model import MMEmbedder, load_embedder
+from training.steps import Prepared, StageSteps, TrainingError, autocast
+
+__all__ = ["COMPLETE_FILE", "LOG_FILE", "TrainingError", "final_checkpoint", "resolve_device", "train"]
 
 log = logging.getLogger(__name__)
 
 COMPLETE_FILE = "complete.json"
 LOG_FILE = "train_log.jsonl"
 MAX_GRAD_NORM = 1.0
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or continue as configured."""
 
 
 # ---------------------------------------------------------------- environment
@@ -101,14 +98,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device cuda was asked for, but torch sees no CUDA GPU")
     return torch.device(name)
-
-
-def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU (fp32 master weights and optimizer), full fp32 on the CPU by default."""
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def final_checkpoint(output: str | os.PathLike) -> Path | None:
@@ -175,135 +164,6 @@ def _resume_lora(embedder: MMEmbedder, checkpoint: Path) -> None:
         raise TrainingError(f"{file}: adapter keys this model does not have: {result.unexpected_keys[:3]}")
 
 
-# ---------------------------------------------------------------- steps
-
-
-class _Stage:
-    """Units of one stage and how a step turns a list of them into gradients."""
-
-    def __init__(self, config: TrainConfig, data: TrainingData, embedder: MMEmbedder, device: torch.device):
-        self.config, self.data, self.embedder, self.device = config, data, embedder, device
-        stage = config.stage
-        if stage == "1":
-            self.units: Sequence[Any] = data.generative_units()
-            subsets = [data.subset_of(q) for q, _ in self.units]
-        elif stage == "reranker":
-            self.units = data.reranker_units(config.negatives_per_positive, config.seed)
-            subsets = [data.subset_of(q) for q, _, _ in self.units]
-        else:
-            mode = config.negatives
-            if mode == "auto":
-                mode = "mined" if data.has_hard_negatives() else "none"
-            self.negatives = mode
-            self.units = data.contrastive_units(mode, config.num_negatives)
-            subsets = [data.subset_of(u.query) for u in self.units]
-            self.loss = InfoNCELoss(temperature=config.temperature)
-        if not self.units:
-            raise TrainingError(f"stage {stage}: the datasets give no training units")
-        self.unit_subsets = subsets
-
-    def describe(self) -> str:
-        extra = f", negatives: {self.negatives}" if self.config.contrastive else ""
-        negs = sum(len(u.negatives) for u in self.units) if self.config.contrastive else 0
-        return f"{len(self.units)} units{extra}" + (f" ({negs} hard negatives)" if negs else "")
-
-    def step(self, units: Sequence[Any], world: int = 1) -> tuple[float, str]:
-        """Forward and backward over this worker's ``units`` (gradients land in ``.grad``).
-
-        Returns the loss and how workers combine it (and their gradients): ``"sum"`` for the
-        next-token stages, whose loss is already divided by the token count of the whole global
-        batch (so W workers give exactly one process's gradient), ``"mean"`` for the contrastive
-        stages (each worker's InfoNCE is a mean over its own queries, as under DDP).
-        """
-        if self.config.contrastive:
-            return (self._contrastive(units) if units else 0.0), "mean"
-        return self._generative(units, world), "sum"
-
-    # -- next-token stages
-
-    def _samples(self, units: Sequence[Any]) -> list:
-        d = self.data
-        if self.config.stage == "reranker":
-            return [
-                reranker_sample(
-                    None, d.queries[q], d.corpus[doc], answer, max_chars=self.config.max_text_chars
-                )
-                for q, doc, answer in units
-            ]
-        out = []
-        for q, doc in units:
-            inp, target = generative_sample(d.queries[q], d.corpus[doc])
-            out.append(sample_from_input(inp, target[: self.config.max_text_chars]))
-        return out
-
-    def _generative(self, units: Sequence[Any], world: int) -> float:
-        samples = self._samples(units)
-        end_of_turn = self.config.stage == "1"
-        mb = self.config.mini_batch
-        batches = [
-            build_batch(self.embedder, samples[i : i + mb], end_of_turn=end_of_turn)
-            for i in range(0, len(samples), mb)
-        ]
-        total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        if world > 1:  # normalise by the global batch's target tokens
-            count = torch.tensor([total], dtype=torch.float64, device=self.device)
-            dist.all_reduce(count)
-            total = int(count.item())
-        loss_sum = 0.0
-        for batch in batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with _autocast(self.config, self.device):
-                loss, _ = next_token_loss(self.embedder, batch)
-            (loss / max(total, 1)).backward()
-            loss_sum += float(loss.detach())
-        return loss_sum / max(total, 1)
-
-    # -- contrastive stages
-
-    def _contrastive(self, units: Sequence[ContrastiveUnit]) -> float:
-        d = self.data
-        queries = [d.queries[u.query] for u in units]
-        positives = [d.corpus[u.positive] for u in units]
-        k = max((len(u.negatives) for u in units), default=0)
-        columns = [u.positive for u in units]
-        inputs: list[Any] = [queries, positives]
-        fns: list[Callable] = [self._encoder("query"), self._encoder("candidate")]
-        kwargs: dict[str, Any] = {}
-        if k:
-            slots = [(list(u.negatives) + [None] * k)[:k] for u in units]
-            # padding slots re-encode the positive (any real row works): masked out of the loss
-            negs = [
-                d.corpus[n if n is not None else u.positive]
-                for u, row in zip(units, slots, strict=True)
-                for n in row
-            ]
-            inputs.append(negs)
-            fns.append(self._encoder("candidate"))
-            kwargs["neg_mask"] = torch.tensor([[n is not None for n in row] for row in slots])
-            columns += [n if n is not None else -1 for row in slots for n in row]
-        kwargs["exclude"] = self._exclude(units, columns)
-        gc = GradCache(fns, self.loss, self.config.mini_batch)
-        with _autocast(self.config, self.device):
-            loss = gc(*inputs, **kwargs)
-        return float(loss)
-
-    def _encoder(self, side: str) -> Callable:
-        def encode(rows: list[dict[str, Any]]) -> torch.Tensor:
-            return self.embedder.embed(rows, side)
-
-        return encode
-
-    def _exclude(self, units: Sequence[ContrastiveUnit], columns: list[int]) -> torch.Tensor:
-        """(B, columns) True where column j is a doc query i must not be pushed from (not its own)."""
-        mask = torch.zeros(len(units), len(columns), dtype=torch.bool)
-        for i, u in enumerate(units):
-            banned = self.data.excluded(u.query)
-            for j, doc in enumerate(columns):
-                if j != i and doc in banned:
-                    mask[i, j] = True
-        return mask
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -359,6 +219,42 @@ def _rewrite_log(output: Path, upto: int) -> None:
     atomic_write_bytes(file, "".join(ln + "\n" for ln in lines).encode())
 
 
+class _BatchSchedule:
+    """Which units each step trains on, and their tensors: what the input thread runs ahead.
+
+    Batches are ``epoch_batches`` of (seed, epoch), computed once per epoch, so the steps from
+    ``start`` on are the ones an uninterrupted run has; worker ``rank`` of ``world`` takes every
+    W-th unit of each global batch.
+    """
+
+    def __init__(
+        self, config: TrainConfig, stage: StageSteps, per_epoch: int, rank: int, world: int, pin: bool
+    ):
+        self.config, self.stage, self.per_epoch = config, stage, per_epoch
+        self.rank, self.world, self.pin = rank, world, pin
+        self._epoch, self._batches = -1, []
+
+    def prepare(self, step: int) -> tuple[int, int, Prepared | None]:
+        """(epoch, units in the global batch, this worker's prepared inputs) of ``step``."""
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            c = self.config
+            self._batches = epoch_batches(
+                self.stage.unit_subsets,
+                c.batch_size,
+                seed=c.seed,
+                epoch=epoch,
+                batching=c.batching,
+                max_units_per_subset=c.max_units_per_subset,
+            )
+            self._epoch = epoch
+        batch = self._batches[index]
+        prepared = self.stage.prepare([self.stage.units[i] for i in batch[self.rank :: self.world]])
+        if prepared is not None and self.pin:
+            prepared.pin_memory()
+        return epoch, len(batch), prepared
+
+
 def train(config: TrainConfig, *, device: str | torch.device | None = None) -> Path:
     """Run (or resume, or return the result of) one stage; returns the final checkpoint's path."""
     output = Path(config.output)
@@ -408,7 +304,8 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None) -> P
             _wrap_lora(embedder, config)
     embedder.to(device).train()
     params = [p for p in embedder.parameters() if p.requires_grad]
-    stage = _Stage(config, data, embedder, device)
+    inputs = model_inputs(embedder, config.input_cache, output)
+    stage = StageSteps(config, data, embedder, device, inputs)
 
     per_epoch = steps_per_epoch(
         stage.unit_subsets, config.batch_size, config.batching, config.max_units_per_subset
@@ -426,7 +323,7 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None) -> P
         start = state.step
         if rank == 0:
             _rewrite_log(output, start)
-    precision = "bf16" if isinstance(_autocast(config, device), torch.autocast) else "fp32"
+    precision = "bf16" if isinstance(autocast(config, device), torch.autocast) else "fp32"
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in params)
@@ -436,72 +333,70 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None) -> P
             + (f" x {world} workers" if world > 1 else "")
             + (f", resuming at step {start} from {resume.name}" if resume is not None else "")
         )
+        if inputs.cache is not None:
+            print(f"input cache: {inputs.cache.directory} ({len(inputs.cache)} entries)")
 
     saved = resume
-    batches, batches_epoch = None, -1
+    schedule = _BatchSchedule(config, stage, per_epoch, rank, world, pin=device.type == "cuda")
     bar = tqdm(
         total=total, initial=start, desc=f"stage {config.stage}", disable=not config.progress or rank != 0
     )
-    for step in range(start, total):
-        epoch, index = divmod(step, per_epoch)
-        if epoch != batches_epoch:
-            batches = epoch_batches(
-                stage.unit_subsets,
-                config.batch_size,
-                seed=config.seed,
-                epoch=epoch,
-                batching=config.batching,
-                max_units_per_subset=config.max_units_per_subset,
-            )
-            batches_epoch = epoch
-        local = [stage.units[i] for i in batches[index][rank::world]]
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss, combine = stage.step(local, world)
-        if world > 1:
-            divide = world if combine == "mean" else 1
-            _all_reduce_grads(params, divide)
-            reduced = torch.tensor([loss], dtype=torch.float64, device=device)
-            dist.all_reduce(reduced)
-            loss = float(reduced) / divide
-        if not math.isfinite(loss):  # before the step: a NaN never reaches the weights or a checkpoint
-            raise TrainingError(f"stage {config.stage}: loss is {loss} at step {step + 1}; lower lr?")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
-        optimizer.step()
-        scheduler.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if rank == 0 and ((step + 1) % config.log_every == 0 or step + 1 == total):
-            entry = {
-                "step": step + 1,
-                "epoch": epoch,
-                "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "seconds": round(time.perf_counter() - t0, 4),
-                "units": len(batches[index]),
-                "precision": precision,
-            }
-            with open(output / LOG_FILE, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        if (step + 1) % config.save_every == 0 or step + 1 == total:
-            if rank == 0:
-                saved = output / checkpoint_name(step + 1)
-                save_checkpoint(
-                    saved,
-                    embedder,
-                    stage=config.stage,
-                    step=step + 1,
-                    training_config=config.to_dict(),
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    parent=parent,
-                    overwrite=True,
-                    resume_key=config.resume_key(),
-                )
-                _prune(output, config.keep_checkpoints)
+    prefetch = Prefetcher(schedule.prepare, range(start, total))  # the next steps' inputs, meanwhile
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            epoch, units, prepared = prefetch.get(step)
+            waited = time.perf_counter() - t0
+            optimizer.zero_grad(set_to_none=True)
+            loss, combine = stage.step(prepared, world)
             if world > 1:
-                dist.barrier()
+                divide = world if combine == "mean" else 1
+                _all_reduce_grads(params, divide)
+                reduced = torch.tensor([loss], dtype=torch.float64, device=device)
+                dist.all_reduce(reduced)
+                loss = float(reduced) / divide
+            if not math.isfinite(loss):  # before the step: a NaN never reaches the weights or a checkpoint
+                raise TrainingError(f"stage {config.stage}: loss is {loss} at step {step + 1}; lower lr?")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if rank == 0 and ((step + 1) % config.log_every == 0 or step + 1 == total):
+                entry = {
+                    "step": step + 1,
+                    "epoch": epoch,
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "seconds": round(time.perf_counter() - t0, 4),  # the whole step, waiting included
+                    "input_wait_seconds": round(waited, 4),  # of which waiting for its inputs
+                    "units": units,
+                    "precision": precision,
+                }
+                with open(output / LOG_FILE, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            if (step + 1) % config.save_every == 0 or step + 1 == total:
+                if rank == 0:
+                    saved = output / checkpoint_name(step + 1)
+                    save_checkpoint(
+                        saved,
+                        embedder,
+                        stage=config.stage,
+                        step=step + 1,
+                        training_config=config.to_dict(),
+                        optimizer=optimizer,
+                        scheduler=scheduler,
+                        parent=parent,
+                        overwrite=True,
+                        resume_key=config.resume_key(),
+                    )
+                    _prune(output, config.keep_checkpoints)
+                if world > 1:
+                    dist.barrier()
+    finally:
+        prefetch.close()
+        inputs.close()  # the cache's pending entries become a shard, for the next run
     bar.close()
     final = output / checkpoint_name(total)
     if rank == 0:

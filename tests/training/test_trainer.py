@@ -15,8 +15,10 @@ from training.config import ConfigError, config_from_dict, load_config
 from training.data import TrainingData, epoch_batches, generative_sample
 from training.evaluate import evaluate
 from training.generative import Reranker
+from training.inputs import ProcessorInputs
 from training.losses import InfoNCELoss
 from training.model import load_embedder
+from training.steps import StageSteps
 from training.trainer import COMPLETE_FILE, LOG_FILE, TrainingError, final_checkpoint, train
 
 QUIET = {"progress": False, "save_every": 100}
@@ -244,6 +246,77 @@ def test_resume_mid_stage_ends_where_an_uninterrupted_run_ends(colours, stage1, 
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(cut) == losses(whole.parent)  # the log is rewritten from the resumed step
+
+
+@pytest.mark.parametrize(
+    "stage, extra",
+    [
+        ("1", {"tiny": TINY, "tokens_per_tile": 16, "lr": 3e-3, "mini_batch": 4}),
+        ("2", {"lora": None, "lr": 1e-3, "mini_batch": 8}),  # one mini-batch: a single pass
+        ("2", {"lora": None, "lr": 1e-3, "mini_batch": 3}),  # GradCache over three mini-batches
+        ("reranker", {"lora": None, "lr": 1e-3, "mini_batch": 8}),
+    ],
+    ids=["stage1", "stage2-one-pass", "stage2-gradcache", "reranker"],
+)
+def test_cached_inputs_train_exactly_as_the_processor_on_every_batch(colours, stage1, tmp_path, stage, extra):
+    """The same losses and weights, bit for bit, whether a step's inputs come from the processor
+    (input_cache: off), from a cache being filled, or from a cache filled by an earlier run."""
+    base = {"stage": stage, "data": [str(colours)], "batch_size": 8, "max_steps": 3, **QUIET, **extra}
+    if stage != "1":
+        base["init"] = str(stage1)
+    cache = tmp_path / "inputs"
+    plain = train(config_from_dict({**base, "output": str(tmp_path / "plain"), "input_cache": "off"}))
+    cold = train(config_from_dict({**base, "output": str(tmp_path / "cold"), "input_cache": str(cache)}))
+    assert list(cache.glob("*/shard-*.safetensors"))
+    warm = train(config_from_dict({**base, "output": str(tmp_path / "warm"), "input_cache": str(cache)}))
+    for run in (cold, warm):
+        a, b = weights(plain), weights(run)
+        assert all(torch.equal(a[k], b[k]) for k in a), run
+        assert losses(run.parent) == losses(plain.parent)
+
+
+def test_one_pass_gives_gradcaches_gradients_bit_for_bit(colours, stage1, tmp_path):
+    """A batch in one mini-batch skips GradCache's first pass: the same loss and gradients."""
+    config = config_from_dict(
+        {"stage": "3", "data": [str(colours)], "init": str(stage1), "output": str(tmp_path), "lora": None}
+        | {"mini_batch": 16, "negatives": "mined", "num_negatives": 1}
+    )
+    extra = [{"query_id": f"q-red-{k}", "doc_id": "ans-blue", "label": "hard_negative"} for k in range(4)]
+    data = TrainingData.load([str(colour_dataset(tmp_path / "ds", extra_pairs=extra))])
+    embedder = load_embedder(stage1).train()
+    stage = StageSteps(config, data, embedder, torch.device("cpu"), ProcessorInputs(embedder))
+    prepared = stage.prepare(stage.units[:12])
+    assert [len(g) for g in prepared.groups] == [1, 1, 1]  # queries, positives, negatives
+    grads = []
+    for gradcache in (False, True):
+        embedder.zero_grad(set_to_none=True)
+        loss = stage._contrastive(prepared, gradcache=gradcache)
+        grads.append(
+            (loss, {n: p.grad.clone() for n, p in embedder.named_parameters() if p.grad is not None})
+        )
+    (loss_a, a), (loss_b, b) = grads
+    assert loss_a == loss_b and a.keys() == b.keys() and len(a) > 10
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradcache_over_several_mini_batches_stays_close_to_one_pass(colours, stage1, tmp_path):
+    base = {"stage": "2", "data": [str(colours)], "init": str(stage1), "lora": None, "lr": 1e-3}
+    base |= {"batch_size": 8, "max_steps": 2, "num_negatives": 0, **QUIET}
+    one = train(config_from_dict({**base, "output": str(tmp_path / "one"), "mini_batch": 8}))
+    split = train(config_from_dict({**base, "output": str(tmp_path / "split"), "mini_batch": 2}))
+    a, b = weights(one), weights(split)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6  # other paddings, other roundings
+    assert losses(one.parent) == pytest.approx(losses(split.parent), rel=1e-6)
+
+
+def test_the_input_cache_lives_beside_the_run_and_the_log_says_what_a_step_waited(colours, stage1, tmp_path):
+    out = tmp_path / "run" / "stage2"
+    config = {"stage": "2", "data": [str(colours)], "init": str(stage1), "output": str(out)}
+    train(config_from_dict({**config, "batch_size": 8, "max_steps": 2, "lora": None, **QUIET}))
+    (key_dir,) = (tmp_path / "run" / "cache" / "inputs").iterdir()
+    assert (key_dir / "key.json").is_file() and list(key_dir.glob("shard-*.safetensors"))
+    entry = json.loads((out / LOG_FILE).read_text().splitlines()[-1])
+    assert 0 <= entry["input_wait_seconds"] <= entry["seconds"]
 
 
 def test_resume_refuses_a_different_config(colours, stage1, tmp_path):
