@@ -187,6 +187,19 @@ def build_executor(executor: str, ray_address: str | None, num_cpus: int | None)
     return make_executor(executor, address=ray_address, num_cpus=num_cpus)
 
 
+def open_truth(path: str | None):
+    """The ``--truth`` file (curation.truth) of ``assay eval`` and ``assay judge``, or None; a file
+    that cannot be read is a clean error naming it."""
+    if path is None:
+        return None
+    from curation.truth import TruthError, read_truth
+
+    try:
+        return read_truth(path)
+    except TruthError as e:
+        raise click.ClickException(str(e)) from e
+
+
 def open_dataset(path: str) -> Dataset:
     """Open a dataset or exit with a clear message."""
     try:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from pipelines.commands.common import friendly_errors, open_dataset, quiet_transformers, writing
+from pipelines.commands.common import friendly_errors, open_dataset, open_truth, quiet_transformers, writing
 
 #: "org/name": what a Hugging Face hub id looks like (a path that does not exist may still be one).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -200,14 +200,7 @@ def command(
     with writing(out_path, "eval", kind="file"):
         ref = _checkpoint_ref(checkpoint)
         ds = open_dataset(dataset)
-        truth_table = None
-        if truth is not None:
-            from curation.truth import TruthError, read_truth
-
-            try:
-                truth_table = read_truth(truth)
-            except TruthError as e:
-                raise click.ClickException(str(e)) from e
+        truth_table = open_truth(truth)
         if subsets:
             missing = sorted(set(subsets) - _dataset_subsets(ds))
             if missing:

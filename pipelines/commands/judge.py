@@ -11,6 +11,7 @@ from pipelines.commands.common import (
     friendly_errors,
     judge_scoring_options,
     open_dataset,
+    open_truth,
     print_counts,
     quiet_transformers,
     writing,
@@ -210,14 +211,7 @@ def command(
 
         src = open_dataset(dataset)
         verdict_rule = parse_rule(rule)
-        truth_table = None
-        if truth is not None:
-            from curation.truth import TruthError, read_truth
-
-            try:
-                truth_table = read_truth(truth)
-            except TruthError as e:
-                raise click.ClickException(str(e)) from e
+        truth_table = open_truth(truth)
         chosen = [s.strip() for s in labels.split(",") if s.strip()]
         factory = scorer_factory(
             backend,

@@ -11,21 +11,12 @@ pytest.importorskip("sentence_transformers")
 
 from click.testing import CliRunner  # noqa: E402
 from helpers.colours import TINY, colour_dataset  # noqa: E402
+from helpers.stdlib_docs import MODULES  # noqa: E402
 
 from curation.dataset import Dataset, write_dataset  # noqa: E402
 from mining.encoders import EncoderError, load_encoder  # noqa: E402
 from mining.stage import MiningError, mine_dataset  # noqa: E402
 from pipelines.cli import cli  # noqa: E402
-
-MODULES = [
-    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "colorsys", "contextlib",
-    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum", "fnmatch", "fractions",
-    "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "inspect",
-    "ipaddress", "json", "logging", "mimetypes", "numbers", "operator", "optparse", "pathlib", "pickle",
-    "pprint", "queue", "random", "re", "sched", "secrets", "shlex", "shutil", "socket", "sqlite3",
-    "statistics", "string", "struct", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
-    "typing", "uuid", "warnings", "weakref", "zipfile",
-]  # fmt: skip
 
 
 def _docstring_pairs():

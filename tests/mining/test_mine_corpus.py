@@ -15,6 +15,7 @@ pytest.importorskip("sentence_transformers")
 
 from click.testing import CliRunner  # noqa: E402
 from helpers.colours import png  # noqa: E402
+from helpers.stdlib_docs import MODULES  # noqa: E402
 
 import mining.pools as pools  # noqa: E402
 import mining.stage as stage  # noqa: E402
@@ -25,15 +26,6 @@ from mining.pools import PoolError  # noqa: E402
 from mining.stage import mine_dataset  # noqa: E402
 from pipelines.cli import cli  # noqa: E402
 
-MODULES = [
-    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "colorsys", "contextlib",
-    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "enum", "fnmatch", "fractions",
-    "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac", "html", "inspect",
-    "ipaddress", "json", "logging", "mimetypes", "numbers", "operator", "optparse", "pathlib", "pickle",
-    "pprint", "queue", "random", "re", "sched", "secrets", "shlex", "shutil", "socket", "sqlite3",
-    "statistics", "string", "struct", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
-    "typing", "uuid", "warnings", "weakref", "zipfile",
-]  # fmt: skip
 RULES = "top:5"
 COPIED = (0, 3, 6)  # queries whose positive has a content duplicate (another id) in the pool
 SHARED = 9  # d9 is in the pool too: the same id, the same document
