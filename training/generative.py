@@ -66,7 +66,7 @@ def _encode_prompts(embedder: MMEmbedder, samples: Sequence[Sample], padding_sid
     images = [load_image(img, embedder.image_root) for s in samples for img in s.images]
     kwargs: dict[str, Any] = {"padding": True, "padding_side": padding_side, "return_tensors": "pt"}
     if images:
-        kwargs.update(images=images, crop_to_patches=embedder.max_tiles > 1, max_patches=embedder.max_tiles)
+        kwargs.update(images=images, **embedder.image_kwargs())
     return proc(text=_prompt_texts(embedder, samples), **kwargs)
 
 
