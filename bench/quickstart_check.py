@@ -10,6 +10,7 @@ Reads ``metrics/eval-*.json`` (written by the loop's eval steps) and the judge s
 - the ablation arms, each the mean over subsets of P@1 (``overall.p_at_1``), averaged over the
   arm's seeds: ``eval-stage3[-seedN]`` (judged), ``eval-stage3-percent[-seedN]`` (rule-based),
   ``eval-stage3-none[-seedN]`` (no hard negatives). A run without seed variants has one seed each.
+  The same on the captions subset alone (the one with unlabelled matches), with the order of each.
 
 The last line is ``warmup_classification=A warmup_vqa=B warmup_retrieval_ndcg10=C judge_auc=D
 judged=E rule=F none=G`` (a figure the run does not have prints as ``nan``). Exit status 0 whatever
@@ -33,6 +34,8 @@ TARGETS = {
     "warmup_retrieval_ndcg10": 0.30,
     "judge_auc": 0.90,
 }
+#: The example's subset with unlabelled matches (false negatives), where judging should matter most.
+FALSE_NEGATIVE_SUBSET = "captions"
 ARMS = {
     "judged": re.compile(r"^eval-stage3(-seed\d+)?$"),
     "rule": re.compile(r"^eval-stage3-percent(-seed\d+)?$"),
@@ -66,13 +69,29 @@ def judge_auc(run: Path) -> float:
     return math.nan
 
 
-def arm_figures(run: Path) -> dict[str, list[float]]:
+def arm_figures(run: Path, subset: str | None = None) -> dict[str, list[float]]:
+    """Each arm's P@1 per seed: the mean over subsets, or one ``subset``'s."""
     found: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for path in sorted((run / "metrics").glob("eval-*.json")):
         for arm, pattern in ARMS.items():
             if pattern.match(path.stem):
-                found[arm].append(float(json.loads(path.read_text())["overall"]["p_at_1"]))
+                m = json.loads(path.read_text())
+                value = m["overall"]["p_at_1"] if subset is None else _subset_metric(m, subset, "p_at_1")
+                if not math.isnan(value):  # a run without the subset
+                    found[arm].append(float(value))
     return found
+
+
+def _arms_line(label: str, arms: dict[str, list[float]]) -> dict[str, float]:
+    """Print each arm's mean +- spread over seeds and whether the paper's order holds; the means."""
+    means = {}
+    for arm, values in arms.items():
+        means[arm] = statistics.fmean(values) if values else math.nan
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"ablation {label:9s} {arm:7s} {means[arm]:7.3f} +- {spread:.3f} ({len(values)} seed(s))")
+    order = means["judged"] >= means["rule"] >= means["none"]
+    print(f"ablation {label:9s} order judged >= rule-based >= none: {'yes' if order else 'no'}")
+    return means
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,16 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         value = figures[name]
         verdict = "no figure" if math.isnan(value) else ("met" if value >= target else "missed")
         print(f"{name:26s} {value:7.3f}   target >= {target:.2f}: {verdict}")
-    arms = arm_figures(run)
-    means = {}
-    for arm, values in arms.items():
-        means[arm] = statistics.fmean(values) if values else math.nan
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(
-            f"ablation {arm:17s} {means[arm]:7.3f} +- {spread:.3f} (mean P@1 over subsets, {len(values)} seed(s))"
-        )
-    order = means["judged"] >= means["rule"] >= means["none"]
-    print(f"ablation order judged >= rule-based >= none: {'yes' if order else 'no'}")
+    means = _arms_line("mean", arm_figures(run))  # mean P@1 over subsets
+    _arms_line(FALSE_NEGATIVE_SUBSET, arm_figures(run, FALSE_NEGATIVE_SUBSET))
     print(
         " ".join(f"{k}={v:.3f}" for k, v in figures.items())
         + f" judged={means['judged']:.3f} rule={means['rule']:.3f} none={means['none']:.3f}"

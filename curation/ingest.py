@@ -16,6 +16,7 @@ Example::
                       subset="my-vqa", task="vqa")
     pool = ingest("docs.jsonl", "data/pool", mapping={"doc_text": "passage"}, subset="my-vqa",
                   documents_only=True)  # a corpus alone, e.g. a mining pool
+    splits = ingest_split_folders("shapes/", "data/shapes")  # shapes/{train,test}/<class>/*.png
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ __all__ = [
     "IngestError",
     "infer_format",
     "ingest",
+    "ingest_split_folders",
+    "split_folders",
     "load_mapping",
     "parse_map_flags",
     "run_ingest",
@@ -85,6 +88,9 @@ FOREIGN_BOMS = (
 DEFAULT_ROWS_PER_SHARD = 50_000
 DEFAULT_CHUNK_BYTES = 64 << 20
 DEFAULT_TASK = "retrieval"
+#: Folder names that make an image folder's top level a set of splits (Hugging Face's imagefolder).
+SPLIT_NAMES = ("train", "validation", "val", "dev", "test")
+TRUTH_DIR = "truth"
 
 #: Instructions of the image-folder subsets, in the style of the paper's per-sub-dataset templates
 #: (query: ``Instruct: {instruction} <image> Query: {text}``).
@@ -346,6 +352,11 @@ def ingest(
     if documents_only:
         _check_documents_only(mapping, task, labels, captions)
     if fmt == "imagefolder":
+        if split_folders(src) and not (labels or captions or documents_only):
+            raise IngestError(
+                f"{src} holds split folders ({', '.join(split_folders(src))}), not classes: "
+                "ingest_split_folders writes one dataset per split (the CLI does this by itself)"
+            )
         if mapping or task or data_root:
             raise IngestError(
                 "--map/--mapping, --task and --data-root do not apply to image folders "
@@ -429,6 +440,74 @@ def ingest(
     )
 
 
+def split_folders(source: str | os.PathLike) -> list[str]:
+    """The split folders of an image folder laid out ``split/class/image`` (every top-level folder
+    a split name of ``SPLIT_NAMES``, each holding class folders); ``[]`` for any other layout."""
+    src = Path(source)
+    if not src.is_dir():
+        return []
+    subs = [p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not subs or any(p.name not in SPLIT_NAMES for p in subs):
+        return []
+    if not any(q.is_dir() for p in subs for q in p.iterdir()):
+        return []
+    return sorted((p.name for p in subs), key=SPLIT_NAMES.index)
+
+
+def ingest_split_folders(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    subset: str | None = None,
+    embed_images: bool = False,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    executor: Executor | None = None,
+    overwrite: bool = False,
+) -> dict[str, Manifest]:
+    """A class-per-folder image dataset with split folders (``SOURCE/train/<class>/*.png``,
+    ``SOURCE/test/<class>/*.png``, ...) -> one dataset per split, ``OUT/<split>``, the layout the
+    bundled example writes. Each image is one classification query whose positive is its class
+    name; the class documents get the same ids in every split.
+
+    Beside the splits, ``OUT/truth/<split>.parquet`` holds each split's truth (``curation.truth``,
+    complete): an image matches its own class and no other, so the labels are the whole truth and
+    ``assay eval --truth`` / ``assay judge --truth`` work on this data as on the example. Each split
+    resumes as ``ingest`` does; the truth is rewritten from the finished split (same bytes)."""
+    src = Path(source)
+    splits = split_folders(src)
+    if not splits:
+        raise IngestError(
+            f"{src}: not an image folder of splits; expected only folders named "
+            f"{', '.join(SPLIT_NAMES)}, each holding one folder per class"
+        )
+    from curation.dataset import Dataset
+    from curation.schema import PAIRS
+    from curation.truth import write_truth
+
+    out = Path(out)
+    manifests = {}
+    for split in splits:
+        manifests[split] = _ingest_imagefolder(
+            src / split,
+            out / split,
+            labels=None,
+            captions=None,
+            subset=subset,
+            embed_images=embed_images,
+            rows_per_shard=rows_per_shard,
+            executor=executor or LocalExecutor(),
+            overwrite=overwrite,
+            extra={"truth": f"../{TRUTH_DIR}/{split}.parquet"},
+        )
+        pairs = [
+            pair
+            for batch in Dataset(out / split).iter_batches(PAIRS, columns=["query_id", "doc_id"])
+            for pair in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
+        ]
+        write_truth(out / TRUTH_DIR / f"{split}.parquet", pairs)
+    return manifests
+
+
 def _check_documents_only(mapping, task, labels, captions) -> None:
     """A documents-only ingest reads the document side alone; anything about queries or pairs is
     refused, so a mapping meant for pairs is not half applied."""
@@ -460,6 +539,7 @@ def _ingest_imagefolder(
     executor: Executor,
     overwrite: bool,
     documents_only: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """One subfolder per class, a flat folder plus a labels/captions CSV, or every image as one
     document (``documents_only``); see ``ingest``. The class name, label or caption is content (a
@@ -552,4 +632,5 @@ def _ingest_imagefolder(
         rows_per_shard=rows_per_shard,
         executor=executor,
         overwrite=overwrite,
+        extra=extra,
     )

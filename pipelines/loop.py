@@ -19,6 +19,8 @@ config inline (``config:``, written to ``RUN/steps/NAME.train.yaml``) or as a pa
       - {name: eval-s1, run: eval, args: ["{stage1}", "{test-valid}"]}
     ablation:                         # optional: eval steps to put side by side in the report
       - {arm: "no hard negatives", eval: eval-s1}
+      # or one eval per seed: the report shows each subset's mean and spread over them
+      # - {arm: "no hard negatives", evals: [eval-s1, eval-s1-seed1, eval-s1-seed2]}
 
 Each step leaves ``RUN/steps/NAME.json``: its command line, a fingerprint (the command line, the
 train config and the fingerprints of the steps it reads), status, start, end and seconds, and
@@ -83,7 +85,7 @@ class LoopSpec:
     run_dir: Path
     steps: list[Step]
     settings: dict[str, Any]
-    ablation: list[dict[str, str]]
+    ablation: list[dict[str, Any]]  # {arm, evals: [eval step per seed]}
     source: Path
 
     def step(self, name: str) -> Step:
@@ -161,11 +163,21 @@ def load_loop(path: str | Path, run_dir: str | Path | None = None) -> LoopSpec:
     ablation = raw.get("ablation") or []
     if not isinstance(ablation, list):
         raise LoopError(f"{path}: `ablation` must be a list of {{arm, eval}}")
+    arms = []
     for a in ablation:
-        if not isinstance(a, dict) or set(a) != {"arm", "eval"}:
-            raise LoopError(f"{path}: each ablation entry is {{arm: TEXT, eval: STEP}}, got {a!r}")
-        if a["eval"] not in seen or next(s for s in steps if s.name == a["eval"]).run != "eval":
-            raise LoopError(f"{path}: ablation arm {a['arm']!r}: {a['eval']!r} is not an eval step")
+        if not isinstance(a, dict) or len(a) != 2 or "arm" not in a or not {"eval", "evals"} & set(a):
+            raise LoopError(
+                f"{path}: each ablation entry is {{arm: TEXT, eval: STEP}} or {{arm: TEXT, evals: [STEP, ...]}} "
+                f"(one eval per seed), got {a!r}"
+            )
+        evals = a["evals"] if "evals" in a else [a["eval"]]
+        if not isinstance(evals, list) or not evals:
+            raise LoopError(f"{path}: ablation arm {a['arm']!r}: `evals` must be a list of eval steps")
+        for ev in evals:
+            if ev not in seen or next(s for s in steps if s.name == ev).run != "eval":
+                raise LoopError(f"{path}: ablation arm {a['arm']!r}: {ev!r} is not an eval step")
+        arms.append({"arm": str(a["arm"]), "evals": [str(ev) for ev in evals]})
+    ablation = arms
     settings = {k: raw[k] for k in SHARED_SETTINGS if raw.get(k) is not None}
     return LoopSpec(str(raw.get("name") or path.stem), Path(run_dir), steps, settings, ablation, path)
 

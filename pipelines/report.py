@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -291,21 +292,98 @@ def _metrics_section(run_dir: Path, steps: list[Step]) -> str:
 
 
 def _ablation_section(run_dir: Path, loop: dict[str, Any], steps: list[Step]) -> str:
+    """Each arm's P@1 per subset: with one eval per seed, the mean over seeds and its spread (sample
+    standard deviation), a seed's figures one under the other in the arm's cell."""
     arms = [a for a in loop.get("ablation") or [] if isinstance(a, dict)]
     if not arms:
         return ""
     by_name = {s.name: s for s in steps}
-    rows = []
+    rows, spreads = [], []
     for a in arms:
-        arm, ev = str(a.get("arm", "?")), str(a.get("eval", ""))
-        step = by_name.get(ev)
-        if step is None:
-            rows.append((arm, None, f"eval step {ev!r} is not in this run"))
+        arm = str(a.get("arm", "?"))
+        evals = [str(e) for e in (a.get("evals") or [a.get("eval", "")])]  # runs before seeds: `eval`
+        found, notes = [], []
+        for ev in evals:
+            step = by_name.get(ev)
+            metrics, note = (
+                (None, f"eval step {ev!r} is not in this run")
+                if step is None
+                else _try_metrics(run_dir, step)
+            )
+            if metrics is None:
+                notes.append((ev, note))
+            else:
+                found.append(metrics)
+        if len(evals) == 1:
+            label, note = arm, notes[0][1] if notes else ""
         else:
-            metrics, note = _try_metrics(run_dir, step)
-            rows.append((arm, metrics, note))
-    intro = "<p>P@1 per subset of each arm (the eval step each arm names).</p>"
-    return intro + _p_at_1_table("arm", rows) + _p_at_1_chart(rows, "P@1 per subset, per ablation arm")
+            missing = f"; without {', '.join(ev for ev, _ in notes)}" if found and notes else ""
+            label = f"{arm} ({len(found)} of {len(evals)} seeds{missing})"
+            note = "; ".join(f"{ev}: {n}" for ev, n in notes)
+        rows.append((label, _mean_metrics(found) if found else None, note))
+        spreads.append((label, found))
+    seeded = any(len(found) > 1 for _, found in spreads)
+    intro = (
+        "<p>P@1 per subset of each arm: the mean over the arm's seeds (one eval step per seed); "
+        "the spread over seeds is the table below.</p>"
+        if seeded
+        else "<p>P@1 per subset of each arm (the eval step each arm names).</p>"
+    )
+    return (
+        intro
+        + _p_at_1_table("arm", rows)
+        + (_spread_table(spreads) if seeded else "")
+        + _p_at_1_chart(rows, "P@1 per subset, per ablation arm")
+    )
+
+
+def _mean_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One eval's shape from several seeds' evals: per subset and overall, P@1 averaged."""
+    first = runs[0]
+    per_subset = {
+        subset: {**entry, "p_at_1": statistics.fmean(m["per_subset"][subset]["p_at_1"] for m in runs)}
+        for subset, entry in first["per_subset"].items()
+        if all(subset in m["per_subset"] for m in runs)
+    }
+    overall = {
+        key: statistics.fmean(m["overall"][key] for m in runs)
+        for key in ("p_at_1", "p_at_1_micro")
+        if all(m.get("overall", {}).get(key) is not None for m in runs)
+    }
+    return {**first, "per_subset": per_subset, "overall": {**first.get("overall", {}), **overall}}
+
+
+def _spread_table(arms: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    """Per subset and arm: mean +- sample standard deviation of P@1 over the seeds, and each seed's."""
+    subsets = _subsets_of([(label, m, "") for label, runs in arms for m in runs])
+    head = "<tr><th>subset \\ arm</th>" + "".join(f"<th>{esc(label)}</th>" for label, _ in arms) + "</tr>"
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "<td class=num>–</td>"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        each = ", ".join(num(v) for v in values)
+        return f"<td class=num>{num(statistics.fmean(values))} ± {num(sd)}<br><span class=note>{each}</span></td>"
+
+    body = "".join(
+        f"<tr><td>{esc(s)}</td>"
+        + "".join(
+            cell([m["per_subset"][s]["p_at_1"] for m in runs if s in m["per_subset"]]) for _, runs in arms
+        )
+        + "</tr>"
+        for s in subsets
+    )
+    body += (
+        "<tr class=total><td>overall (mean over subsets)</td>"
+        + "".join(
+            cell([m["overall"]["p_at_1"] for m in runs if "p_at_1" in m.get("overall", {})])
+            for _, runs in arms
+        )
+        + "</tr>"
+    )
+    return (
+        f"<p>Spread over seeds: mean ± standard deviation, then each seed.</p><table>{head}{body}</table>\n"
+    )
 
 
 def _try_metrics(run_dir: Path, step: Step) -> tuple[dict[str, Any] | None, str]:

@@ -13,7 +13,8 @@ A config names the stage, the datasets, where the checkpoints go, and the model 
     input_cache: auto             # prepared inputs in OUTPUT/../cache/inputs; off, or a directory
 
 With no ``init``, ``tiny`` builds a small randomly initialised InternVL of the real architecture,
-with a tokenizer trained on the datasets' texts (tests and the quickstart; stage 1 from scratch).
+with a tokenizer trained on the datasets' texts (tests and the quickstart: any stage from scratch;
+the same data gives the same tokenizer, so a stage-1 and a stage-2 run of the same data agree).
 
 Unknown keys, wrong types and impossible values are refused with the file and key named; nothing is
 guessed. Defaults follow PAPER.md per stage (``STAGE_DEFAULTS``): stage 1 full parameters at lr 1e-5;
@@ -207,8 +208,6 @@ def _check_values(c: TrainConfig, where: str) -> None:
     need(bool(c.input_cache), "input_cache must be auto, off, or a directory")
     if c.lora is not None:
         need(c.lora.rank >= 1 and c.lora.alpha > 0, "lora rank and alpha must be positive")
-    if c.init is None:
-        need(c.stage == "1", f"stage {c.stage} trains from a checkpoint: give init (tiny is for stage 1)")
 
 
 def load_config(path: str | os.PathLike, **overrides: Any) -> TrainConfig:

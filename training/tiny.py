@@ -185,6 +185,21 @@ def build_processor(
     )
 
 
+def template_texts() -> list[str]:
+    """The words of every prompt the model will read besides the data: the embedder's templates,
+    the chat roles and the shipped judge prompts (the reranker's input). In the tokenizer's training
+    texts they become a few tokens each instead of one per character: the judge prompt of a short
+    pair is ~50 tokens instead of ~80, which is what lets a 2-layer reranker find the words it must
+    compare (docs/BENCHMARKS.md)."""
+    from curation.judge.prompts import FAMILIES, load_prompt
+
+    texts = ["Instruct: Query: Text:", "user", "assistant"]
+    for family in FAMILIES:
+        prompt = load_prompt(family)
+        texts += [prompt.instruction, prompt.template, *prompt.subsets.values(), *prompt.labels]
+    return texts
+
+
 def build_tiny(
     texts: Iterable[str],
     tokens_per_tile: int = 64,
@@ -202,8 +217,7 @@ def build_tiny(
     ``texts`` trains the tokenizer (the dataset's instructions and texts; the templates' own words are
     added). The language model's vocabulary is the tokenizer's size rounded up to a multiple of 64.
     """
-    template_words = ["Instruct: Query: Text:"]
-    tokenizer = train_tokenizer([*template_words, *texts], vocab_size=vocab_size)
+    tokenizer = train_tokenizer([*template_texts(), *texts], vocab_size=vocab_size)
     tokenizer.add_tokens(list(LABEL_WORDS))  # one token each, as in real vocabularies: the judge reads them
     config = tiny_config(
         vocab_size=-(-len(tokenizer) // 64) * 64,

@@ -10,8 +10,10 @@ from curation.ingest import (
     TARGETS,
     infer_format,
     ingest,
+    ingest_split_folders,
     load_mapping,
     parse_map_flags,
+    split_folders,
 )
 from pipelines.commands.common import (
     build_executor,
@@ -47,7 +49,9 @@ Formats (inferred from the extension, or from what a folder holds, when --format
   hf                   a folder written by datasets.Dataset.save_to_disk (one split)
   imagefolder          one subfolder per class (task classification), or a flat folder with
                        --labels FILE.csv (file,label) or --captions FILE.csv (file,caption:
-                       task retrieval, caption -> image)
+                       task retrieval, caption -> image); a folder of split folders
+                       (train/, test/, ... each one folder per class) -> OUT/<split> and
+                       OUT/truth, as the example writes
   example              a bundled example: easy-vqa -> OUT/train and OUT/test, four subsets
                        (vqa, classification, retrieval, captions), and OUT/truth
 
@@ -176,6 +180,29 @@ def command(
                 executor=build_executor(executor, ray_address, num_cpus),
                 overwrite=overwrite,
             )
+            return
+        if (
+            fmt in (None, "imagefolder")
+            and not (labels or captions or documents_only)
+            and split_folders(source)
+        ):
+            given = (("--map", maps), ("--mapping", mapping), ("--data-root", data_root), ("--task", task))
+            unused = [flag for flag, value in given if value]
+            if unused:
+                raise click.UsageError(f"{', '.join(unused)} do not apply to an image folder of splits")
+            manifests = ingest_split_folders(
+                source,
+                out,
+                subset=subset,
+                embed_images=embed_images,
+                rows_per_shard=rows_per_shard,
+                executor=build_executor(executor, ray_address, num_cpus),
+                overwrite=overwrite,
+            )
+            for split, manifest in manifests.items():
+                click.echo(f"{split}:")
+                print_counts(manifest, "ingest")
+            click.echo(f"wrote {', '.join(f'{out}/{s}' for s in manifests)} and {out}/truth")
             return
         columns = load_mapping(mapping) if mapping else {}
         columns.update(parse_map_flags(maps))

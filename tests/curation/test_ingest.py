@@ -15,8 +15,9 @@ from click.testing import CliRunner
 
 from curation.dataset import Dataset, DatasetError
 from curation.executor import LocalExecutor
-from curation.ingest import IngestError, ingest
+from curation.ingest import IngestError, ingest, ingest_split_folders, split_folders
 from curation.quarantine import decode_record
+from curation.truth import read_truth
 from pipelines.commands.ingest import command
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -223,6 +224,38 @@ def test_imagefolder_one_folder_per_class(tmp_path, make_png):
     assert [label_of[p["doc_id"]] for p in pairs] == ["cat"] * 3 + ["dog"] * 3
     assert {p["label"] for p in pairs} == {"positive"}  # the class is the doc, not the pair's label
     assert ds.manifest.data_root == str((tmp_path / "photos").resolve())
+
+
+def test_an_image_folder_of_splits_becomes_one_dataset_per_split_and_its_truth(tmp_path, make_png):
+    """SOURCE/{train,test}/<class>/ (Hugging Face's imagefolder layout) -> OUT/train, OUT/test and
+    OUT/truth/<split>.parquet, the layout the bundled example writes (so its loop runs on it)."""
+    for split, n in (("train", 3), ("test", 2)):
+        for label, colour in (("cat", (1, 2, 3)), ("dog", (4, 5, 6))):
+            (tmp_path / "photos" / split / label).mkdir(parents=True)
+            for i in range(n):
+                (tmp_path / "photos" / split / label / f"{i}.png").write_bytes(
+                    make_png(colour, size=(8 + i, 8))
+                )
+    assert split_folders(tmp_path / "photos") == ["train", "test"]
+    assert split_folders(tmp_path / "photos" / "train") == []  # class folders, not splits
+    with pytest.raises(IngestError, match="split folders"):  # not silently two classes
+        ingest(tmp_path / "photos", tmp_path / "wrong")
+    manifests = ingest_split_folders(tmp_path / "photos", tmp_path / "out")
+    assert {s: m.counts["queries"] for s, m in manifests.items()} == {"train": 6, "test": 4}
+    train, test = Dataset(tmp_path / "out" / "train"), Dataset(tmp_path / "out" / "test")
+    assert {c["doc_id"] for c in rows(train, "corpus")} == {c["doc_id"] for c in rows(test, "corpus")}
+    truth = read_truth(tmp_path / "out" / "truth" / "test.parquet")
+    assert truth.complete and test.manifest.extra["truth"] == "../truth/test.parquet"
+    for pair in rows(test, "pairs"):  # each image matches its own class and no other
+        assert truth.relevant(pair["query_id"], pair["doc_id"]) is True
+        other = next(c["doc_id"] for c in rows(test, "corpus") if c["doc_id"] != pair["doc_id"])
+        assert truth.relevant(pair["query_id"], other) is False
+    # the CLI finds the layout by itself
+    res = CliRunner().invoke(
+        command, [str(tmp_path / "photos"), str(tmp_path / "cli"), "--executor", "local"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli" / "truth" / "train.parquet").is_file() and "train:" in res.output
 
 
 def test_imagefolder_with_labels_and_captions_csv(tmp_path, make_png):

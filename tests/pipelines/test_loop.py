@@ -89,6 +89,13 @@ def colours(tmp_path_factory) -> Path:
             {"ablation": [{"arm": "x", "eval": "a"}]},
             "is not an eval step",
         ),
+        (
+            [{"name": "a", "run": "validate"}],
+            {"ablation": [{"arm": "x", "evals": ["a"]}]},
+            "'a' is not an eval step",
+        ),
+        ([{"name": "a", "run": "validate"}], {"ablation": [{"arm": "x", "evals": []}]}, "must be a list"),
+        ([{"name": "a", "run": "validate"}], {"ablation": [{"arm": "x"}]}, "one eval per seed"),
         ([{"name": "a", "run": "validate"}], {"nope": 1}, "unknown key"),
     ],
 )

@@ -44,9 +44,9 @@ def test_every_quickstart_step_names_real_options_and_a_valid_training_config(tm
         "raw",
         "train-clean",
         "stage1",
-        "reranker",
         "stage2-warmup",
         "eval-warmup",
+        "reranker",
         "mine-ranks",
         "stage2",
         "eval-stage2",
@@ -68,10 +68,12 @@ def test_every_quickstart_step_names_real_options_and_a_valid_training_config(tm
             config = config_from_dict(raw, where=f"{QUICKSTART} step {step.name}")
             assert config.max_steps, f"step {step.name}: a CPU budget needs max_steps"
             steps += config.max_steps
-    # the whole loop fits the 15 minutes of a 2-core CPU (docs/BENCHMARKS.md: ~0.1 s a step here)
-    assert steps <= 2500, f"{steps} training steps in all: over the quickstart's CPU budget"
-    arms = {a["eval"] for a in spec.ablation}
-    assert arms == {"eval-stage3-none", "eval-stage3-percent", "eval-stage3"}
+    # the whole loop fits the 15 minutes of a 2-core CPU (docs/BENCHMARKS.md: ~0.1-0.15 s a step
+    # here, ~2 min of curation, mining, judging and evals besides)
+    assert steps <= 3500, f"{steps} training steps in all: over the quickstart's CPU budget"
+    # the paper's three arms, each on 3 seeds (issue 16: mean and spread in the report)
+    arms = {a["evals"][0]: len(a["evals"]) for a in spec.ablation}
+    assert arms == {"eval-stage3-none": 3, "eval-stage3-percent": 3, "eval-stage3": 3}
 
 
 def test_the_quickstart_curation_steps_run_and_a_rerun_runs_nothing(tmp_path):

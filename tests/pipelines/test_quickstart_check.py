@@ -59,8 +59,8 @@ def test_reads_warmup_judge_and_arms_over_seeds(tmp_path, capsys):
         "judged=0.450 rule=0.300 none=0.350"
     )
     text = "\n".join(lines)
-    assert "warmup_vqa" in text and "missed" in text and "2 seed(s)" in text
-    assert "judged >= rule-based >= none: no" in text  # 0.45 >= 0.30 but 0.30 < 0.35
+    assert "warmup_vqa" in text and "missed" in text and "2 seed(s)" in text and "captions  judged" in text
+    assert "ablation mean      order judged >= rule-based >= none: no" in text  # 0.45 >= 0.30 but 0.30 < 0.35
 
 
 def test_a_run_without_a_judge_or_arms_prints_nan(tmp_path, capsys):

@@ -389,3 +389,27 @@ def test_report_renders_with_its_plots_in_chromium(chromium, report, tmp_path):
     # clearly coloured pixels (not grey text or borders): the bars and histograms of the plots
     coloured = int(((rgb.max(axis=2) - rgb.min(axis=2)) > 80).sum())
     assert coloured > COLOURED_PIXELS, coloured
+
+
+def test_an_arm_run_on_several_seeds_shows_its_mean_and_spread(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    names = ["eval-a", "eval-a-seed1", "eval-a-seed2", "eval-b", "eval-b-seed1"]
+    values = {"eval-a": 0.4, "eval-a-seed1": 0.5, "eval-a-seed2": 0.6, "eval-b": 0.1, "eval-b-seed1": 0.3}
+    for i, name in enumerate(names):
+        metrics = _metrics(tmp_path / f"{name}.json", colours=values[name], hostile=0.2)
+        _step(run, name, i, "eval", "complete", 1.0, {"metrics": metrics})
+    ablation = [
+        {"arm": "judged", "evals": ["eval-a", "eval-a-seed1", "eval-a-seed2"]},
+        {"arm": "none", "evals": ["eval-b", "eval-b-seed1", "eval-missing"]},
+    ]
+    (run / "loop.json").write_text(json.dumps({"name": "seeds", "steps": names, "ablation": ablation}))
+    page = build_report(run).read_text()
+    section = page[page.index('<section id="ablation">') :]
+    section = section[: section.index("</section>")]
+    # the arm's column holds the mean over its seeds: colours 0.5 (0.4, 0.5, 0.6), 0.2 for b
+    assert "judged (3 of 3 seeds)" in section and "none (2 of 3 seeds; without eval-missing)" in section
+    assert ">0.500<" in section and ">0.200<" in section
+    # and the spread table: mean +- sample standard deviation, then each seed's figure
+    assert "0.500 ± 0.100<br><span class=note>0.400, 0.500, 0.600</span>" in section
+    assert "0.200 ± 0.141<br><span class=note>0.100, 0.300</span>" in section

@@ -78,7 +78,6 @@ def test_config_defaults_follow_the_paper(tmp_path):
         ("stage: '4'\ndata: [d]\noutput: o\ninit: m\n", "stage must be one of"),
         ("stage: '2'\ndata: [d]\noutput: o\ninit: m\nbatch_size: many\n", "batch_size must be int"),
         ("stage: '2'\ndata: [d]\noutput: o\ninit: m\nepochs: true\n", "epochs must be float"),
-        ("stage: '2'\ndata: [d]\noutput: o\ntiny: {}\n", "tiny is for stage 1"),
         ("stage: '2'\ndata: [d]\noutput: o\n", "give init"),
         ("stage: '2'\ndata: [d]\noutput: o\ninit: m\ntrust_remote_code: true\n", "trust_remote_code"),
         ("!!python/object/apply:os.system ['echo hi']\n", "not valid YAML"),
