@@ -69,14 +69,13 @@ from curation.ingest import (
 from curation.ingest_merge import run_ingest
 from curation.ingest_sources import parquet_tasks
 from curation.schema import CORPUS, PAIRS, QUERIES
-from curation.truth import write_truth
+from curation.truth import TRUTH_DIR, split_truth_path, split_truth_ref, write_truth
 
 EXAMPLES = ("easy-vqa",)
 SPLITS = ("train", "test")
 SUBSETS = ("vqa", "classification", "retrieval", "captions")
 #: The MMEB meta-task of each subset, where it is not the subset's own name.
 TASKS = {"captions": "retrieval"}
-TRUTH_DIR = "truth"
 
 #: Per-subset instructions (query side, document side), in the style of the paper's templates.
 INSTRUCTIONS = {
@@ -167,7 +166,7 @@ def ingest_easy_vqa(
             "subsets": list(SUBSETS),
             "rows_per_shard": rows_per_shard,
         }
-        truth_path = out / TRUTH_DIR / f"{split}.parquet"
+        truth_path = split_truth_path(out, split)
         if (out / split / MANIFEST).exists() and truth_path.exists():  # finished: skip the image work too
             manifest = Dataset(out / split).manifest
             if manifest.config == config:
@@ -195,7 +194,7 @@ def ingest_easy_vqa(
             "split": split,
             "shape_colour_from_pixels": from_pixels,
             "captions": caption_figures(captions, looks),
-            "truth": f"../{TRUTH_DIR}/{split}.parquet",
+            "truth": split_truth_ref(split),
         }
         manifest = run_ingest(
             out / split,

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from curation.dataset import (
+    Dataset,
     Manifest,
     fingerprint,
 )
@@ -49,6 +50,8 @@ from curation.ingest_sources import (
     parquet_tasks,
     read_file_csv,
 )
+from curation.schema import PAIRS
+from curation.truth import split_truth_path, split_truth_ref, write_truth
 
 __all__ = [
     "DOC_TARGETS",
@@ -90,7 +93,6 @@ DEFAULT_CHUNK_BYTES = 64 << 20
 DEFAULT_TASK = "retrieval"
 #: Folder names that make an image folder's top level a set of splits (Hugging Face's imagefolder).
 SPLIT_NAMES = ("train", "validation", "val", "dev", "test")
-TRUTH_DIR = "truth"
 
 #: Instructions of the image-folder subsets, in the style of the paper's per-sub-dataset templates
 #: (query: ``Instruct: {instruction} <image> Query: {text}``).
@@ -352,9 +354,10 @@ def ingest(
     if documents_only:
         _check_documents_only(mapping, task, labels, captions)
     if fmt == "imagefolder":
-        if split_folders(src) and not (labels or captions or documents_only):
+        splits = [] if labels or captions or documents_only else split_folders(src)
+        if splits:
             raise IngestError(
-                f"{src} holds split folders ({', '.join(split_folders(src))}), not classes: "
+                f"{src} holds split folders ({', '.join(splits)}), not classes: "
                 "ingest_split_folders writes one dataset per split (the CLI does this by itself)"
             )
         if mapping or task or data_root:
@@ -480,10 +483,6 @@ def ingest_split_folders(
             f"{src}: not an image folder of splits; expected only folders named "
             f"{', '.join(SPLIT_NAMES)}, each holding one folder per class"
         )
-    from curation.dataset import Dataset
-    from curation.schema import PAIRS
-    from curation.truth import write_truth
-
     out = Path(out)
     manifests = {}
     for split in splits:
@@ -497,14 +496,14 @@ def ingest_split_folders(
             rows_per_shard=rows_per_shard,
             executor=executor or LocalExecutor(),
             overwrite=overwrite,
-            extra={"truth": f"../{TRUTH_DIR}/{split}.parquet"},
+            extra={"truth": split_truth_ref(split)},
         )
         pairs = [
             pair
             for batch in Dataset(out / split).iter_batches(PAIRS, columns=["query_id", "doc_id"])
             for pair in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
         ]
-        write_truth(out / TRUTH_DIR / f"{split}.parquet", pairs)
+        write_truth(split_truth_path(out, split), pairs)
     return manifests
 
 

@@ -51,6 +51,18 @@ from curation.dataset import atomic_write_parquet
 
 TRUTH_COLUMNS = ("query_id", "doc_id")
 RELEVANT = "relevant"
+#: Where an ingest that writes splits (``OUT/train``, ``OUT/test``) puts their truth: ``OUT/truth/<split>.parquet``.
+TRUTH_DIR = "truth"
+
+
+def split_truth_path(out: str | os.PathLike, split: str) -> Path:
+    """``OUT/truth/<split>.parquet``: the truth of the split dataset ``OUT/<split>``."""
+    return Path(out) / TRUTH_DIR / f"{split}.parquet"
+
+
+def split_truth_ref(split: str) -> str:
+    """The same file as the split's manifest names it (``extra.truth``, relative to the split)."""
+    return f"../{TRUTH_DIR}/{split}.parquet"
 
 
 class TruthError(ValueError):

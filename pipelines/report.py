@@ -292,8 +292,8 @@ def _metrics_section(run_dir: Path, steps: list[Step]) -> str:
 
 
 def _ablation_section(run_dir: Path, loop: dict[str, Any], steps: list[Step]) -> str:
-    """Each arm's P@1 per subset: with one eval per seed, the mean over seeds and its spread (sample
-    standard deviation), a seed's figures one under the other in the arm's cell."""
+    """Each arm's P@1 per subset; an arm with one eval per seed shows the mean over its seeds, and a
+    second table the spread (sample standard deviation) with each seed's figure."""
     arms = [a for a in loop.get("ablation") or [] if isinstance(a, dict)]
     if not arms:
         return ""

@@ -186,10 +186,10 @@ def command(
             and not (labels or captions or documents_only)
             and split_folders(source)
         ):
-            given = (("--map", maps), ("--mapping", mapping), ("--data-root", data_root), ("--task", task))
-            unused = [flag for flag, value in given if value]
-            if unused:
-                raise click.UsageError(f"{', '.join(unused)} do not apply to an image folder of splits")
+            _refuse_flags(
+                "an image folder of splits",
+                {"--map": maps, "--mapping": mapping, "--data-root": data_root, "--task": task},
+            )
             manifests = ingest_split_folders(
                 source,
                 out,
@@ -199,9 +199,7 @@ def command(
                 executor=build_executor(executor, ray_address, num_cpus),
                 overwrite=overwrite,
             )
-            for split, manifest in manifests.items():
-                click.echo(f"{split}:")
-                print_counts(manifest, "ingest")
+            _print_splits(manifests)
             click.echo(f"wrote {', '.join(f'{out}/{s}' for s in manifests)} and {out}/truth")
             return
         columns = load_mapping(mapping) if mapping else {}
@@ -249,27 +247,35 @@ def _ingest_example(
         raise click.BadParameter(
             f"unknown example {name!r}; the bundled examples are {', '.join(EXAMPLES)}", param_hint="SOURCE"
         )
-    unused = [
-        flag
-        for flag, value in (
-            ("--map", maps),
-            ("--mapping", mapping),
-            ("--data-root", data_root),
-            ("--subset", subset),
-            ("--task", task),
-            ("--labels", labels),
-            ("--captions", captions),
-            ("--embed-images", embed_images),
-            ("--documents", documents_only),
-        )
-        if value
-    ]
-    if unused:
-        raise click.UsageError(f"{', '.join(unused)} do not apply to a bundled example")
+    _refuse_flags(
+        "a bundled example",
+        {
+            "--map": maps,
+            "--mapping": mapping,
+            "--data-root": data_root,
+            "--subset": subset,
+            "--task": task,
+            "--labels": labels,
+            "--captions": captions,
+            "--embed-images": embed_images,
+            "--documents": documents_only,
+        },
+    )
     manifests = ingest_example(
         name, out, executor=executor, overwrite=overwrite, rows_per_shard=rows_per_shard
     )
+    _print_splits(manifests)
+    click.echo(f"wrote {out}/train and {out}/test (images in {out}/images)")
+
+
+def _refuse_flags(what: str, flags: dict[str, object]) -> None:
+    """A usage error naming every flag given (truthy) that does not apply to ``what``."""
+    unused = [flag for flag, value in flags.items() if value]
+    if unused:
+        raise click.UsageError(f"{', '.join(unused)} do not apply to {what}")
+
+
+def _print_splits(manifests: dict) -> None:
     for split, manifest in manifests.items():
         click.echo(f"[{split}]")
         print_counts(manifest, "ingest")
-    click.echo(f"wrote {out}/train and {out}/test (images in {out}/images)")

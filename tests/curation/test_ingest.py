@@ -255,7 +255,7 @@ def test_an_image_folder_of_splits_becomes_one_dataset_per_split_and_its_truth(t
         command, [str(tmp_path / "photos"), str(tmp_path / "cli"), "--executor", "local"]
     )
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "cli" / "truth" / "train.parquet").is_file() and "train:" in res.output
+    assert (tmp_path / "cli" / "truth" / "train.parquet").is_file() and "[train]" in res.output
 
 
 def test_imagefolder_with_labels_and_captions_csv(tmp_path, make_png):

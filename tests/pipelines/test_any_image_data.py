@@ -8,13 +8,11 @@ of this CPU); the rest of the loop (mining, judging, stage 3) is the same code o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.cli import run_assay
 from helpers.glyphs import CLASSES, glyph_folders
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,15 +34,7 @@ def loop_with_ingest(source: Path, run_dir: Path, path: Path) -> Path:
 def test_the_quickstart_loop_learns_a_class_per_folder_dataset_it_has_never_seen(tmp_path):
     source = glyph_folders(tmp_path / "glyphs", train=150, test=30)
     loop_file = loop_with_ingest(source, tmp_path / "run", tmp_path / "glyphs.yaml")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    res = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "loop", str(loop_file), "--to", "eval-warmup", "--no-report"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    res = run_assay("loop", str(loop_file), "--to", "eval-warmup", "--no-report")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
     raw = tmp_path / "run" / "raw"

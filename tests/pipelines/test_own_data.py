@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers.cli import run_assay
 
 from pipelines.loop import load_loop
 
@@ -22,16 +21,8 @@ EXAMPLE = ROOT / "examples" / "own-data"
 LOOP_FILE = ROOT / "examples" / "own-data.yaml"
 
 
-def assay(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def assay(*args: str, timeout: float = 600):
+    return run_assay(*args, timeout=timeout)
 
 
 def counts(dataset: Path) -> dict[str, int]:

@@ -7,13 +7,11 @@ for real; the slow test runs all of it and reads the report."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.cli import run_assay
 
 from curation.dataset import Dataset
 from curation.stats import dataset_stats
@@ -24,16 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 
-def assay(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def assay(*args: str, timeout: float = 900):
+    return run_assay(*args, timeout=timeout)
 
 
 def test_every_quickstart_step_names_real_options_and_a_valid_training_config(tmp_path):

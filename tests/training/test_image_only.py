@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers.glyphs import draw_glyph
 
-from curation.dataset import write_dataset
+from curation.dataset import Dataset, write_dataset
 from training.config import config_from_dict
 from training.model import load_embedder
 from training.trainer import train
@@ -89,8 +89,6 @@ def trained(tmp_path_factory):
 def _cosines(embedder, test_ds) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosines between image-only queries: of one class (each pair once), and of different classes.
     (That the classes are then found is tests/pipelines/test_any_image_data.py: 0.72 P@1 on ten.)"""
-    from curation.dataset import Dataset
-
     rows = [row for batch in Dataset(test_ds).iter_batches("queries") for row in batch.to_pylist()]
     emb = embedder.encode_queries(rows)
     classes = [r["query_id"].split("-")[0] for r in rows]
