@@ -8,7 +8,8 @@ A config names the stage, the datasets, where the checkpoints go, and the model 
     init: runs/easy/stage1/step-000400   # a checkpoint or a pretrained InternVL -hf directory
     lora: {rank: 16}              # or null for full parameters
     lr: 2.0e-4
-    batch_size: 64                # the contrastive batch (GradCache makes it independent of memory)
+    batch_size: 64                # queries per step (GradCache makes it independent of memory);
+                                  # the reranker: gold pairs per step, each with its negatives
     mini_batch: 8                 # rows encoded at a time
     input_cache: auto             # prepared inputs in OUTPUT/../cache/inputs; off, or a directory
 
@@ -90,7 +91,7 @@ class TrainConfig:
     temperature: float = 0.03
     negatives: str = "auto"
     num_negatives: int = 2
-    negatives_per_positive: int = 1  # reranker: sampled "no" examples per gold "yes"
+    negatives_per_positive: int = 1  # reranker: "no" examples per gold "yes", in the same step
     batching: str = "subset"
     max_units_per_subset: int | None = None
     subsets: list[str] | None = None

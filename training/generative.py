@@ -11,7 +11,12 @@ instead of full ``(B, T, vocab)`` logits, which for a 150k vocabulary would be m
 The reranker (PAPER.md's pointwise judge) is the same model trained on samples whose target is one
 word, "yes" or "no", under the judge prompt of ``curation.judge.prompts``. Scoring reads the two
 label tokens' logits at the answer position in one forward pass:
-``p_yes = e^yes / (e^yes + e^no)``; no generation, no softmax over the vocabulary.
+``p_yes = e^yes / (e^yes + e^no)``; no generation, no softmax over the vocabulary. Training
+(``label_loss``) minimises ``-log`` of exactly that probability, the binary cross-entropy of the
+verdict the judge will read, not the next-token loss over the whole vocabulary: with the vocabulary
+loss a tiny model spends its budget learning to say "yes" or "no" at all, and the large early
+gradients wreck the image path it starts from (classification AUC 0.50 after 300 steps, against
+0.95 with this loss from the same checkpoint; docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -128,6 +133,32 @@ def next_token_loss(embedder: MMEmbedder, batch: Mapping[str, torch.Tensor]) -> 
 # ---------------------------------------------------------------- the reranker
 
 
+def label_loss(embedder: MMEmbedder, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum over rows of -log p(verdict), number of rows): the reranker's loss.
+
+    Each row has one labelled token, its verdict; ``batch["label_ids"]`` (rows, 2) holds the row's
+    two label tokens (the template's "yes" and "no"), and the loss is the cross-entropy over those
+    two logits alone at the answer position: ``-log p_yes`` for a "yes" row, ``-log (1 - p_yes)``
+    for a "no" row, with ``p_yes`` as ``Reranker.score`` computes it.
+    """
+    hidden = _hidden(embedder, batch)
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    if not bool((keep.sum(1) == 1).all()):
+        raise ValueError("a reranker sample must have exactly one target token (its verdict)")
+    pair = batch["label_ids"].to(labels.device)
+    weight = lm_head(embedder).weight  # (vocab, hidden): only the two label rows are read
+    rows = hidden[:, :-1][keep]  # (rows, hidden), in row order
+    logits = torch.einsum("rh,rkh->rk", rows.float(), weight[pair].float())
+    bias = getattr(lm_head(embedder), "bias", None)
+    if bias is not None:
+        logits = logits + bias[pair].float()
+    target = (labels[keep] == pair[:, 1]).long()  # 0: the first label ("yes"), 1: the second
+    if not bool(((labels[keep] == pair[:, 0]) | (labels[keep] == pair[:, 1])).all()):
+        raise ValueError("a reranker sample's target is neither of its two label tokens")
+    return F.cross_entropy(logits, target, reduction="sum"), int(keep.sum())
+
+
 @functools.cache
 def default_template(task: str | None) -> PromptTemplate:
     """The shipped judge template of a task's family, read once per process."""
@@ -135,11 +166,18 @@ def default_template(task: str | None) -> PromptTemplate:
 
 
 def reranker_sample(
-    template: PromptTemplate | None, query: Mapping[str, Any], doc: Mapping[str, Any], answer: str, **kw: Any
+    template: PromptTemplate | None, query: Mapping[str, Any], doc: Mapping[str, Any], match: bool, **kw: Any
 ) -> Sample:
-    """The judge prompt for (query, doc) with target ``answer`` (a label word)."""
+    """The judge prompt for (query, doc), its target the template's first label ("yes") when
+    ``match``, else its second ("no")."""
     template = template or default_template(query.get("task"))
+    answer = template.labels[0] if match else template.labels[1]
     return Sample(render(template, dict(query), dict(doc), **kw), images_of(dict(query), dict(doc)), answer)
+
+
+def reranker_labels(query: Mapping[str, Any], template: PromptTemplate | None = None) -> tuple[str, str]:
+    """The two label words the judge reads for ``query`` (its task family's template)."""
+    return tuple((template or default_template(query.get("task"))).labels)  # type: ignore[return-value]
 
 
 class Reranker:

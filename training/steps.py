@@ -8,8 +8,9 @@ into gradients. The work is split where the model begins:
   trainer runs it on a background thread for the coming steps (``training.inputs.Prefetcher``);
 - ``step(prepared)`` moves the tensors to the device and runs forward and backward, nothing else.
 
-Stage 1 and the reranker: next-token loss over the target tokens, summed over the step's
-mini-batches and divided by the step's target-token count. Stages 2 and 3: InfoNCE over the step's
+Stage 1: next-token loss over the target tokens, summed over the step's mini-batches and divided
+by the step's target-token count. The reranker: the same, over its one target token per sample (the
+verdict) and only that token's two label logits (``training.generative.label_loss``). Stages 2 and 3: InfoNCE over the step's
 queries, positives and hard negatives, with GradCache when the step's rows take more than one
 mini-batch. When every group (queries, positives, negatives) fits one mini-batch, the step encodes
 each once, with grad: GradCache's first pass (an encoding without grad, to learn the loss's
@@ -30,9 +31,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from curation.judge.scoring import label_token_ids
 from training.config import TrainConfig
 from training.data import ContrastiveUnit, TrainingData, generative_sample
-from training.generative import next_token_loss, reranker_sample, sample_from_input
+from training.generative import (
+    label_loss,
+    next_token_loss,
+    reranker_labels,
+    reranker_sample,
+    sample_from_input,
+)
 from training.inputs import Batch, CachedInputs, ProcessorInputs
 from training.losses import GradCache, InfoNCELoss
 from training.model import MMEmbedder
@@ -94,6 +102,8 @@ class StageSteps:
         elif stage == "reranker":
             self.units = data.reranker_units(config.negatives_per_positive, config.seed)
             subsets = [data.subset_of(q) for q, _, _ in self.units]
+            if not any(negs for _, _, negs in self.units):
+                raise TrainingError("reranker: no negative to answer 'no' to (one doc per subset?)")
         else:
             mode = config.negatives
             if mode == "auto":
@@ -107,6 +117,9 @@ class StageSteps:
         self.unit_subsets = subsets
 
     def describe(self) -> str:
+        if self.config.stage == "reranker":
+            negs = sum(len(n) for _, _, n in self.units)
+            return f"{len(self.units)} gold pairs, each with its negatives in its step ({negs} negatives)"
         extra = f", negatives: {self.negatives}" if self.config.contrastive else ""
         negs = sum(len(u.negatives) for u in self.units) if self.config.contrastive else 0
         return f"{len(self.units)} units{extra}" + (f" ({negs} hard negatives)" if negs else "")
@@ -125,6 +138,10 @@ class StageSteps:
         batches = [
             self.inputs.generative(samples[i : i + mb], end_of_turn) for i in range(0, len(samples), mb)
         ]
+        if self.config.stage == "reranker":  # each row's two label tokens, which its loss reads
+            pairs = self._label_pairs(units)
+            for i, batch in enumerate(batches):
+                batch["label_ids"] = pairs[i * mb : (i + 1) * mb]
         targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         return Prepared([batches], targets=targets)
 
@@ -133,15 +150,34 @@ class StageSteps:
         if self.config.stage == "reranker":
             return [
                 reranker_sample(
-                    None, d.queries[q], d.corpus[doc], answer, max_chars=self.config.max_text_chars
+                    None, d.queries[q], d.corpus[doc], match, max_chars=self.config.max_text_chars
                 )
-                for q, doc, answer in units
+                for q, doc, match in self._verdicts(units)
             ]
         out = []
         for q, doc in units:
             inp, target = generative_sample(d.queries[q], d.corpus[doc])
             out.append(sample_from_input(inp, target[: self.config.max_text_chars]))
         return out
+
+    @staticmethod
+    def _verdicts(units: Sequence[Any]) -> list[tuple[int, int, bool]]:
+        """A reranker step's samples: (query, doc, match), each group's gold pair then its negatives."""
+        return [
+            (q, d, match) for q, pos, negs in units for d, match in [(pos, True), *((n, False) for n in negs)]
+        ]
+
+    def _label_pairs(self, units: Sequence[Any]) -> torch.Tensor:
+        """(samples, 2): the token ids of each reranker sample's two label words ("yes", "no")."""
+        tok = self.embedder._processor.tokenizer
+        cache: dict[tuple[str, str], tuple[int, int]] = {}
+        ids = []
+        for q, _, _ in self._verdicts(units):
+            labels = reranker_labels(self.data.queries[q])
+            if labels not in cache:
+                cache[labels] = label_token_ids(tok, labels)
+            ids.append(cache[labels])
+        return torch.tensor(ids, dtype=torch.long)
 
     def _prepare_contrastive(self, units: Sequence[ContrastiveUnit]) -> Prepared:
         d = self.data
@@ -205,10 +241,11 @@ class StageSteps:
             count = torch.tensor([total], dtype=torch.float64, device=self.device)
             dist.all_reduce(count)
             total = int(count.item())
+        loss_fn = label_loss if self.config.stage == "reranker" else next_token_loss
         loss_sum = 0.0
         for batch in batches:
             with autocast(self.config, self.device):
-                loss, _ = next_token_loss(self.embedder, self._to_device(batch))
+                loss, _ = loss_fn(self.embedder, self._to_device(batch))
             (loss / max(total, 1)).backward()
             loss_sum += float(loss.detach())
         return loss_sum / max(total, 1)

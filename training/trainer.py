@@ -6,7 +6,7 @@
 stage      what it learns from                                    loss
 =========  =====================================================  ===================================
 1          gold pairs as (image, question) -> answer samples      next-token cross-entropy
-reranker   (query, candidate) under the judge prompt -> yes / no  next-token cross-entropy (one token)
+reranker   (query, candidate) under the judge prompt -> yes / no  cross-entropy of the two label logits
 2          gold pairs, in-batch negatives (+ mined hard ones)     InfoNCE, GradCache
 3          gold pairs + judged hard negatives (<= 12 per query)   InfoNCE, GradCache
 =========  =====================================================  ===================================

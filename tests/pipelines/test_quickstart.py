@@ -33,11 +33,10 @@ def test_every_quickstart_step_names_real_options_and_a_valid_training_config(tm
     order = [
         "raw",
         "train-clean",
-        "stage1",
         "stage2-warmup",
         "eval-warmup",
-        "reranker",
         "mine-ranks",
+        "reranker",
         "stage2",
         "eval-stage2",
         "mine-top20",

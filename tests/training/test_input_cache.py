@@ -130,8 +130,8 @@ def test_cached_next_token_batches_equal_build_batch(tiny, image_dir, tmp_path):
     samples = [
         sample_from_input({"image": image_dir["a"], "text": "what colour is it?"}, "red"),
         sample_from_input({"image": None, "text": "a red square"}, "a blue circle"),
-        reranker_sample(None, q_img, doc_img, "yes"),
-        reranker_sample(None, q_img, doc_txt, "no"),
+        reranker_sample(None, q_img, doc_img, True),
+        reranker_sample(None, q_img, doc_txt, False),
     ]
     readable = [type(s)(s.parts, [_bytes_cell(i) for i in s.images], s.target) for s in samples]
     assert len(readable[2].images) == 2
