@@ -407,7 +407,9 @@ def test_reranker_trains_the_verdict_the_judge_reads(colours, stage1, tmp_path):
     batch["label_ids"] = torch.tensor([[yes, no]] * 4)
     with torch.no_grad():
         loss, rows = label_loss(embedder, batch)
-    want = -sum(float(torch.log(torch.tensor(p if m else 1 - p))) for p, m in zip(p_yes, matches, strict=True))
+    want = -sum(
+        float(torch.log(torch.tensor(p if m else 1 - p))) for p, m in zip(p_yes, matches, strict=True)
+    )
     assert rows == 4 and float(loss) == pytest.approx(want, rel=1e-4)
     # the same number as a forward pass over the whole vocabulary would give, renormalised to the labels
     batch = _encode_prompts(embedder, [reranker_sample(None, queries[0], docs[0], True)], "left")
