@@ -36,6 +36,7 @@ def test_every_quickstart_step_names_real_options_and_a_valid_training_config(tm
         "stage2-warmup",
         "eval-warmup",
         "mine-ranks",
+        "mine-judge",
         "reranker",
         "stage2",
         "eval-stage2",
