@@ -81,6 +81,9 @@ class TrainConfig:
     tiny: TinySettings | None = None
     tokens_per_tile: int | None = None
     lora: LoraSettings | None = None
+    #: Train everything but the vision tower (its weights stay the init's). For a judge started from
+    #: an embedder that already sees the images: it learns to compare, and cannot unlearn to see.
+    freeze_vision: bool = False
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05

@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -150,6 +151,21 @@ def _wrap_lora(embedder: MMEmbedder, config: TrainConfig) -> None:
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
     )
     embedder.model = get_peft_model(embedder.model, peft_config)
+
+
+#: Parameter names of a vision tower: InternVL's ``vision_tower``, Qwen2-VL's ``visual``.
+VISION_PARAMETERS = re.compile(r"(^|\.)(vision_tower|visual)\.")
+
+
+def _freeze_vision(embedder: MMEmbedder) -> None:
+    """``freeze_vision``: the vision tower's parameters take no gradient (and no optimizer state)."""
+    frozen = [p for name, p in embedder.model.named_parameters() if VISION_PARAMETERS.search(name)]
+    if not frozen:
+        raise TrainingError(
+            "freeze_vision: this model has no vision tower (no vision_tower. / visual. parameters)"
+        )
+    for p in frozen:
+        p.requires_grad_(False)
 
 
 def _resume_lora(embedder: MMEmbedder, checkpoint: Path) -> None:
@@ -302,6 +318,8 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None) -> P
         embedder, parent = _initial_embedder(config, data)
         if config.lora is not None:
             _wrap_lora(embedder, config)
+    if config.freeze_vision:
+        _freeze_vision(embedder)
     embedder.to(device).train()
     params = [p for p in embedder.parameters() if p.requires_grad]
     inputs = model_inputs(embedder, config.input_cache, output)

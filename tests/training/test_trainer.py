@@ -416,3 +416,29 @@ def test_reranker_trains_the_verdict_the_judge_reads(colours, stage1, tmp_path):
     with torch.no_grad():
         logits = embedder.model(**batch).logits[0, -1]
     assert p_yes[0] == pytest.approx(float(torch.softmax(logits[[yes, no]], 0)[0]), abs=1e-5)
+
+
+def test_freeze_vision_keeps_the_vision_tower_and_trains_the_rest(colours, stage1, tmp_path):
+    """``freeze_vision``: the judge trains its comparison on top of the init's eyes; the vision
+    tower's weights come out bit for bit the init's, the language model's do not."""
+    config = config_from_dict(
+        {
+            "stage": "reranker",
+            "data": [str(colours)],
+            "output": str(tmp_path),
+            "init": str(stage1),
+            "freeze_vision": True,
+            "lr": 1e-2,
+            "batch_size": 8,
+            "mini_batch": 8,
+            "max_steps": 4,
+            "subsets": ["vqa"],
+            **QUIET,
+        }
+    )
+    before = load_embedder(stage1).model.state_dict()
+    after = load_embedder(train(config)).model.state_dict()
+    vision = [k for k in before if ".vision_tower." in f".{k}"]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    language = [k for k in before if "language_model" in k and k.endswith("weight")]
+    assert any(not torch.equal(before[k], after[k]) for k in language)
