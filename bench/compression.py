@@ -67,10 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(shape: str, tokens: int, vanilla: bool, device: str, dtype):
     """Random-weight model of the shape; transformers' class for vanilla, assay's for compressed."""
     import torch
+    from assay.training.model import CompressedInternVLForConditionalGeneration
+    from assay.training.tiny import internvl3_2b_config, tiny_config
     from transformers import InternVLForConditionalGeneration
-
-    from training.model import CompressedInternVLForConditionalGeneration
-    from training.tiny import internvl3_2b_config, tiny_config
 
     if shape == "tiny":
         config = tiny_config(TINY_VOCAB, TINY_IMAGE_IDS[2], tokens_per_tile=tokens)
@@ -111,8 +110,7 @@ def make_batch(args: argparse.Namespace, tokens: int, config, device: str, dtype
 def worker(args: argparse.Namespace) -> dict:
     """One setting, this process: build, warm up, time ``--iters`` batches, read the peaks."""
     import torch
-
-    from training.model import MMEmbedder
+    from assay.training.model import MMEmbedder
 
     tokens = args.worker
     dtype = getattr(torch, args.dtype)

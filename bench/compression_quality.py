@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def recipe(args: argparse.Namespace, tokens: int, out: Path) -> dict:
-    from training.config import config_from_dict
-    from training.evaluate import evaluate
-    from training.model import load_embedder
-    from training.trainer import train
+    from assay.training.config import config_from_dict
+    from assay.training.evaluate import evaluate
+    from assay.training.model import load_embedder
+    from assay.training.trainer import train
 
     common = {
         "data": [str(Path(args.data) / "train")],

@@ -29,9 +29,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from curation.dataset import Dataset, write_dataset  # noqa: E402
-from curation.schema import LABELS  # noqa: E402
-from curation.validate import ValidateConfig  # noqa: E402
+from assay.curation.dataset import Dataset, write_dataset  # noqa: E402
+from assay.curation.schema import LABELS  # noqa: E402
+from assay.curation.validate import ValidateConfig  # noqa: E402
 
 MAX_TEXT = 2000
 
@@ -93,7 +93,7 @@ def make_data(n: int, root: Path, rows_per_shard: int, seed: int = 0) -> Dataset
         ),
     }
     full = {}
-    from curation.schema import SCHEMAS
+    from assay.curation.schema import SCHEMAS
 
     for name, t in tables.items():
         cols = {
@@ -241,10 +241,9 @@ def main() -> None:
     print(f"polars (1 process):  {t_polars:7.2f}s  {n_rows / t_polars:>12,.0f} rows/s")
 
     import ray
-
-    from curation.dedup import dedup
-    from curation.validate import validate
-    from pipelines.executors import RayExecutor
+    from assay.curation.dedup import dedup
+    from assay.curation.validate import validate
+    from assay.pipelines.executors import RayExecutor
 
     t0 = time.perf_counter()
     executor = RayExecutor(num_cpus=args.num_cpus)

@@ -87,7 +87,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from training.losses import GradCache, InfoNCELoss
+    from assay.training.losses import GradCache, InfoNCELoss
 
     mode, batch = args.worker.split(":")
     batch = int(batch)

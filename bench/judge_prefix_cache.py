@@ -34,10 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
 
+from assay.curation.judge.prompts import images_of, load_prompt, render  # noqa: E402
+from assay.curation.judge.scoring import JudgeItem  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-
-from curation.judge.prompts import images_of, load_prompt, render  # noqa: E402
-from curation.judge.scoring import JudgeItem  # noqa: E402
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30)}
 WORDS = [
@@ -94,7 +93,7 @@ def make_items(n: int, template: str, images: bool, candidates: int = 1, seed: i
 
 def time_scoring(model: str, runs: list[list[JudgeItem]], prefix_caching: bool, engine: dict) -> float:
     """Median pairs/s of one engine's ``score`` over each item list of ``runs`` (after a warm-up)."""
-    from curation.judge.vllm_backend import VLLMScorer
+    from assay.curation.judge.vllm_backend import VLLMScorer
 
     warmup = [JudgeItem([{"type": "text", "text": f"warm up {i}"}]) for i in range(8)]
     rates = []
@@ -138,7 +137,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from training.tiny_qwen2vl import build_tiny_qwen2vl
+            from assay.training.tiny_qwen2vl import build_tiny_qwen2vl
 
             instruction = load_prompt(args.template).instruction
             model = str(build_tiny_qwen2vl(Path(tmp) / "tiny-qwen2vl", texts=[instruction, *WORDS]))

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 def held_out_pairs(dataset: str, n: int, subset: str = "vqa", seed: int = 0):
     """(query, doc, gold) triples: each of n queries with its gold doc and with another doc."""
-    from curation.dataset import Dataset
-    from curation.schema import resolve_image_cell
+    from assay.curation.dataset import Dataset
+    from assay.curation.schema import resolve_image_cell
 
     ds = Dataset(dataset)
 
@@ -66,10 +66,10 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from curation.judge.prompts import load_prompt
-    from curation.judge.robustness import INJECTIONS, gold_agreement, injection_flip_rate
-    from training.generative import Reranker
-    from training.model import load_embedder
+    from assay.curation.judge.prompts import load_prompt
+    from assay.curation.judge.robustness import INJECTIONS, gold_agreement, injection_flip_rate
+    from assay.training.generative import Reranker
+    from assay.training.model import load_embedder
 
     template = load_prompt("vqa")
     scorer = Reranker(load_embedder(args.reranker).eval(), batch_size=args.batch).scorer

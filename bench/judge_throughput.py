@@ -86,10 +86,10 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from curation.judge.hf import TransformersScorer, load_pil, prompt_text
-    from curation.judge.prompts import images_of, load_prompt, render
-    from curation.judge.scoring import JudgeItem, label_token_ids
-    from training.tiny import build_tiny
+    from assay.curation.judge.hf import TransformersScorer, load_pil, prompt_text
+    from assay.curation.judge.prompts import images_of, load_prompt, render
+    from assay.curation.judge.scoring import JudgeItem, label_token_ids
+    from assay.training.tiny import build_tiny
 
     pairs, labels, per_query = _pairs(args.pairs, args.per_query)
     texts = [q["text"] for q, _ in pairs] + labels

@@ -94,8 +94,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import faiss
-
-    from mining.knn import search
+    from assay.mining.knn import search
 
     q = make_queries(args)
     if args.worker == "streamed":

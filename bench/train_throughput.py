@@ -109,14 +109,13 @@ class Clock:
             self.torch.cuda.synchronize()
 
     def install(self) -> None:
+        import assay.training.generative as generative
+        import assay.training.steps as steps
         import torch
-
-        import training.generative
-        import training.steps
-        from training.model import MMEmbedder
+        from assay.training.model import MMEmbedder
 
         MMEmbedder.forward = self.wrap(MMEmbedder.forward, "fwd")
-        for module in (training.generative, training.steps):
+        for module in (generative, steps):
             module.next_token_loss = self.wrap(module.next_token_loss, "fwd")
         torch.autograd.backward = self.wrap(torch.autograd.backward, "bwd")
         clip = torch.nn.utils.clip_grad_norm_
@@ -151,8 +150,8 @@ def summary(step_seconds: list[float], model_seconds: list[float], warmup: int, 
 
 
 def run_assay(config: dict, clock: Clock, warmup: int) -> dict:
-    from training.config import config_from_dict
-    from training.trainer import LOG_FILE, train
+    from assay.training.config import config_from_dict
+    from assay.training.trainer import LOG_FILE, train
 
     first = len(clock.marks)
     t0 = time.perf_counter()
@@ -171,11 +170,10 @@ def run_assay(config: dict, clock: Clock, warmup: int) -> dict:
 def run_plain(config: dict, init: str | None, clock: Clock, warmup: int, device: str) -> dict:
     """The plain loop: the processor on every batch, then forward, backward, clip, AdamW."""
     import torch
-
-    from training.data import TrainingData, epoch_batches, generative_sample
-    from training.generative import build_batch, next_token_loss, sample_from_input
-    from training.losses import InfoNCELoss
-    from training.model import load_embedder
+    from assay.training.data import TrainingData, epoch_batches, generative_sample
+    from assay.training.generative import build_batch, next_token_loss, sample_from_input
+    from assay.training.losses import InfoNCELoss
+    from assay.training.model import load_embedder
 
     t0 = time.perf_counter()
     data = TrainingData.load(config["data"])
@@ -244,7 +242,7 @@ def easy_vqa(args: argparse.Namespace) -> Path:
         return Path(args.data)
     out = Path(args.work) / "easy-vqa"
     if not (out / "train" / "manifest.json").is_file():
-        from curation.examples import ingest_example
+        from assay.curation.examples import ingest_example
 
         print(f"building the easy-vqa example in {out} (once)", flush=True)
         ingest_example("easy-vqa", out)
@@ -254,10 +252,9 @@ def easy_vqa(args: argparse.Namespace) -> Path:
 def internvl3_2b_init(work: Path, texts_from: Path, device: str) -> Path:
     """A random-weight InternVL3-2B-shaped assay checkpoint (fp32), with a tokenizer trained here."""
     import torch
-
-    from training.data import TrainingData
-    from training.model import CompressedInternVLForConditionalGeneration, MMEmbedder
-    from training.tiny import LABEL_WORDS, build_processor, internvl3_2b_config, train_tokenizer
+    from assay.training.data import TrainingData
+    from assay.training.model import CompressedInternVLForConditionalGeneration, MMEmbedder
+    from assay.training.tiny import LABEL_WORDS, build_processor, internvl3_2b_config, train_tokenizer
 
     path = work / "init-internvl3-2b"
     if (path / "config.json").is_file():
@@ -311,8 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     import platform
 
     import torch
-
-    from pipelines.commands.common import quiet_transformers
+    from assay.pipelines.commands.common import quiet_transformers
 
     quiet_transformers()
     work = Path(args.work)

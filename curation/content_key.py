@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from curation.schema import resolve_image_path
+from assay.curation.schema import resolve_image_path
 
 #: Bump when the normalisation or the key layout changes: a stage's config records it, so a resumed
 #: run never mixes keys of two versions.
@@ -152,7 +151,7 @@ def content_key(
 
 def iter_content_keys(dataset: Any, table: str, batch_size: int = 1024) -> Iterator[tuple[str, ContentKey]]:
     """Stream ``(id, ContentKey)`` for every row of ``table`` (queries or corpus) of a Dataset."""
-    from curation.schema import ID_COLUMN
+    from assay.curation.schema import ID_COLUMN
 
     id_col = ID_COLUMN[table]
     root = dataset.data_root

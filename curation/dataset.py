@@ -21,8 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from curation.schema import DATA_TABLES, QUARANTINE, SCHEMA_VERSION, SCHEMAS
+from assay.curation.schema import DATA_TABLES, QUARANTINE, SCHEMA_VERSION, SCHEMAS
 
 MANIFEST = "manifest.json"
 PROGRESS = "_progress"
@@ -43,7 +42,7 @@ class AlreadyComplete(DatasetError):
 
 def code_version() -> str:
     """The assay version, plus the git commit when running from a checkout."""
-    from curation import __version__
+    from assay.curation import __version__
 
     try:
         here = Path(__file__).resolve().parent.parent

@@ -37,8 +37,8 @@ How it runs
 
 Example::
 
-    from curation.dataset import Dataset
-    from curation.dedup import dedup
+    from assay.curation.dataset import Dataset
+    from assay.curation.dedup import dedup
 
     manifest = dedup(Dataset("data/train"), "data/train-dedup", against=[Dataset("data/eval")])
     print(manifest.quarantine_reasons)
@@ -54,16 +54,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from curation.content_key import CONTENT_KEY_VERSION
-from curation.dataset import PROGRESS, Dataset, Manifest
-from curation.dedup_scan import ROW_SCAN_SCHEMA, eval_scan_task, scan_shard
-from curation.dedup_targets import Contradictions, attach_targets, empty_lists, item_keys, pair_targets
-from curation.executor import Executor, LocalExecutor
-from curation.hamming import MAX_DISTANCE, first_occurrence, greedy_near_duplicates, near_pairs, popcount
-from curation.near_image import COLOUR_DISTANCE, GRID, THUMB_BYTES, colour_distance, fitting_grid
-from curation.schema import CORPUS, PAIRS, QUERIES
-from curation.shardstage import PLAN_SCHEMA, read_scans, run_shard_stage, split_by_shard
+from assay.curation.content_key import CONTENT_KEY_VERSION
+from assay.curation.dataset import PROGRESS, Dataset, Manifest
+from assay.curation.dedup_scan import ROW_SCAN_SCHEMA, eval_scan_task, scan_shard
+from assay.curation.dedup_targets import Contradictions, attach_targets, empty_lists, item_keys, pair_targets
+from assay.curation.executor import Executor, LocalExecutor
+from assay.curation.hamming import (
+    MAX_DISTANCE,
+    first_occurrence,
+    greedy_near_duplicates,
+    near_pairs,
+    popcount,
+)
+from assay.curation.near_image import COLOUR_DISTANCE, GRID, THUMB_BYTES, colour_distance, fitting_grid
+from assay.curation.schema import CORPUS, PAIRS, QUERIES
+from assay.curation.shardstage import PLAN_SCHEMA, read_scans, run_shard_stage, split_by_shard
 
 STAGE = "dedup"
 EXACT = "exact_duplicate"

@@ -11,11 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from curation.content_key import image_data, image_sha256, key_from_sha, text_key, text_only_keys
-from curation.dataset import atomic_write_parquet
-from curation.near_image import THUMB_BYTES, image_signature
-from curation.schema import ID_COLUMN, PAIRS
+from assay.curation.content_key import image_data, image_sha256, key_from_sha, text_key, text_only_keys
+from assay.curation.dataset import atomic_write_parquet
+from assay.curation.near_image import THUMB_BYTES, image_signature
+from assay.curation.schema import ID_COLUMN, PAIRS
 
 #: What the scan keeps of a query or corpus row: ids and hashes, never content.
 ROW_SCAN_SCHEMA = pa.schema(

@@ -55,21 +55,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from curation.dataset import MANIFEST, TMP_PREFIX, Dataset, Manifest, remove_stale_tmp
-from curation.examples_captions import Caption, Look, caption_figures, caption_truth, label_captions
-from curation.executor import Executor, LocalExecutor
-from curation.ingest import (
+from assay.curation.dataset import MANIFEST, TMP_PREFIX, Dataset, Manifest, remove_stale_tmp
+from assay.curation.examples_captions import Caption, Look, caption_figures, caption_truth, label_captions
+from assay.curation.executor import Executor, LocalExecutor
+from assay.curation.ingest import (
     CLASS_LABEL_INSTRUCTION,
     CLASSIFY_QUERY_INSTRUCTION,
     DEFAULT_ROWS_PER_SHARD,
     IMAGE_DOC_INSTRUCTION,
     IngestError,
 )
-from curation.ingest_merge import run_ingest
-from curation.ingest_sources import parquet_tasks
-from curation.schema import CORPUS, PAIRS, QUERIES
-from curation.truth import TRUTH_DIR, split_truth_path, split_truth_ref, write_truth
+from assay.curation.ingest_merge import run_ingest
+from assay.curation.ingest_sources import parquet_tasks
+from assay.curation.schema import CORPUS, PAIRS, QUERIES
+from assay.curation.truth import TRUTH_DIR, split_truth_path, split_truth_ref, write_truth
 
 EXAMPLES = ("easy-vqa",)
 SPLITS = ("train", "test")

@@ -17,10 +17,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from assay.curation.dataset import TMP_PREFIX, Dataset
+from assay.curation.schema import QUERIES, resolve_image_path
 from tqdm.auto import tqdm
-
-from curation.dataset import TMP_PREFIX, Dataset
-from curation.schema import QUERIES, resolve_image_path
 
 IMAGES_DIR = "images"
 

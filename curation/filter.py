@@ -28,12 +28,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from curation.dataset import Dataset, DatasetError, Manifest
-from curation.executor import Executor
-from curation.filter_expr import Filter, FilterError, parse_filter
-from curation.schema import CORPUS, DATA_TABLES, PAIRS, QUERIES, SCHEMAS
-from curation.shardstage import PLAN_SCHEMA, read_scans, run_shard_stage, split_by_shard
+from assay.curation.dataset import Dataset, DatasetError, Manifest
+from assay.curation.executor import Executor
+from assay.curation.filter_expr import Filter, FilterError, parse_filter
+from assay.curation.schema import CORPUS, DATA_TABLES, PAIRS, QUERIES, SCHEMAS
+from assay.curation.shardstage import PLAN_SCHEMA, read_scans, run_shard_stage, split_by_shard
 
 STAGE = "filter"
 

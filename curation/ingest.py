@@ -11,7 +11,7 @@ the tasks. The bundled examples live in ``curation.examples``.
 
 Example::
 
-    from curation.ingest import ingest
+    from assay.curation.ingest import ingest
     manifest = ingest("pairs.jsonl", "data/pairs", mapping={"query_text": "question", "doc_image": "img"},
                       subset="my-vqa", task="vqa")
     pool = ingest("docs.jsonl", "data/pool", mapping={"doc_text": "passage"}, subset="my-vqa",
@@ -29,16 +29,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-
-from curation.dataset import (
+from assay.curation.dataset import (
     Dataset,
     Manifest,
     fingerprint,
 )
-from curation.executor import Executor, LocalExecutor
-from curation.ingest_merge import run_ingest
-from curation.ingest_rows import DOC_TARGETS, TARGETS
-from curation.ingest_sources import (
+from assay.curation.executor import Executor, LocalExecutor
+from assay.curation.ingest_merge import run_ingest
+from assay.curation.ingest_rows import DOC_TARGETS, TARGETS
+from assay.curation.ingest_sources import (
     IMAGE_EXTENSIONS,
     csv_header,
     csv_tasks,
@@ -50,8 +49,8 @@ from curation.ingest_sources import (
     parquet_tasks,
     read_file_csv,
 )
-from curation.schema import PAIRS
-from curation.truth import split_truth_path, split_truth_ref, write_truth
+from assay.curation.schema import PAIRS
+from assay.curation.truth import split_truth_path, split_truth_ref, write_truth
 
 __all__ = [
     "DOC_TARGETS",
@@ -161,7 +160,7 @@ def _resolve_mapping(mapping: Mapping[str, str] | str | os.PathLike | None) -> d
 
 def infer_format(source: str | os.PathLike) -> str:
     """The format of ``source`` from its extension, or from what a folder holds."""
-    from curation.examples import EXAMPLES
+    from assay.curation.examples import EXAMPLES
 
     path = Path(source)
     if not path.exists():
@@ -344,7 +343,7 @@ def ingest(
     if fmt == "example":
         raise IngestError(
             "bundled examples write two datasets (train, test): use "
-            "curation.examples.ingest_example(name, out)"
+            "assay.curation.examples.ingest_example(name, out)"
         )
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or folder")

@@ -35,8 +35,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from curation.dataset import (
+from assay.curation.dataset import (
     AlreadyComplete,
     DatasetWriter,
     Manifest,
@@ -44,11 +43,11 @@ from curation.dataset import (
     atomic_write_parquet,
     shard_name,
 )
-from curation.executor import Executor
-from curation.ingest_rows import DONE, INPUT_ROWS, INPUT_TABLE, KEY, LINE, PART_SCHEMAS, STAGE, plain
-from curation.ingest_sources import run_parse_task
-from curation.quarantine import QuarantineBuilder
-from curation.schema import CORPUS, ID_COLUMN, PAIRS, QUARANTINE, QUERIES
+from assay.curation.executor import Executor
+from assay.curation.ingest_rows import DONE, INPUT_ROWS, INPUT_TABLE, KEY, LINE, PART_SCHEMAS, STAGE, plain
+from assay.curation.ingest_sources import run_parse_task
+from assay.curation.quarantine import QuarantineBuilder
+from assay.curation.schema import CORPUS, ID_COLUMN, PAIRS, QUARANTINE, QUERIES
 
 CONFLICTING_ID = "conflicting_id"
 

@@ -33,10 +33,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from curation.dataset import TMP_PREFIX, atomic_write_json
-from curation.quarantine import QuarantineBuilder
-from curation.schema import CORPUS, LABELS, PAIRS, QUARANTINE, QUERIES, SCHEMAS, resolve_image_path
+from assay.curation.dataset import TMP_PREFIX, atomic_write_json
+from assay.curation.quarantine import QuarantineBuilder
+from assay.curation.schema import CORPUS, LABELS, PAIRS, QUARANTINE, QUERIES, SCHEMAS, resolve_image_path
 
 TARGETS = (
     "query_id",

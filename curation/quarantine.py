@@ -13,8 +13,7 @@ import math
 from typing import Any
 
 import pyarrow as pa
-
-from curation.schema import QUARANTINE_SCHEMA
+from assay.curation.schema import QUARANTINE_SCHEMA
 
 
 def _jsonable(value: Any) -> Any:

@@ -26,8 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from curation.dataset import (
+from assay.curation.dataset import (
     AlreadyComplete,
     Dataset,
     DatasetWriter,
@@ -35,9 +34,9 @@ from curation.dataset import (
     ShardSink,
     atomic_write_parquet,
 )
-from curation.executor import Executor, LocalExecutor
-from curation.quarantine import QuarantineBuilder
-from curation.schema import DATA_TABLES, ID_COLUMN
+from assay.curation.executor import Executor, LocalExecutor
+from assay.curation.quarantine import QuarantineBuilder
+from assay.curation.schema import DATA_TABLES, ID_COLUMN
 
 PLAN_SCHEMA = pa.schema(
     [

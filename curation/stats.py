@@ -16,10 +16,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from assay.curation.dataset import Dataset
+from assay.curation.schema import CORPUS, DATA_TABLES, PAIRS, QUARANTINE, QUERIES
 from tqdm.auto import tqdm
-
-from curation.dataset import Dataset
-from curation.schema import CORPUS, DATA_TABLES, PAIRS, QUARANTINE, QUERIES
 
 #: The key used for a missing (null) subset, task, label, stage or reason.
 NULL_KEY = "(none)"

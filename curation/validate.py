@@ -55,11 +55,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
-
-from curation.dataset import Dataset, Manifest
-from curation.executor import Executor
-from curation.schema import (
+from assay.curation.dataset import Dataset, Manifest
+from assay.curation.executor import Executor
+from assay.curation.schema import (
     CORPUS,
     ID_COLUMN,
     LABELS,
@@ -69,7 +67,8 @@ from curation.schema import (
     VERDICTS,
     resolve_image_path,
 )
-from curation.shardstage import read_scans, run_shard_stage, split_by_shard
+from assay.curation.shardstage import read_scans, run_shard_stage, split_by_shard
+from PIL import Image, UnidentifiedImageError
 
 STAGE = "validate"
 

@@ -28,10 +28,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from curation.content_key import image_data
-from curation.schema import resolve_image_cell
-from mining.encoders import Encoder, Side
+from assay.curation.content_key import image_data
+from assay.curation.schema import resolve_image_cell
+from assay.mining.encoders import Encoder, Side
 
 MMAP_BYTES = 2**30  # of the SQLite file read through a memory map (virtual memory, not RAM)
 

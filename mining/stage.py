@@ -43,9 +43,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from curation.content_key import content_key, normalize_texts
-from curation.dataset import (
+from assay.curation.content_key import content_key, normalize_texts
+from assay.curation.dataset import (
     AlreadyComplete,
     Dataset,
     DatasetWriter,
@@ -54,12 +53,12 @@ from curation.dataset import (
     atomic_write_parquet,
     shard_name,
 )
-from curation.schema import CORPUS, PAIRS, QUERIES, ROW_COLUMNS, SCHEMAS, resolve_image_cell
-from mining.embed_cache import EmbeddingCache
-from mining.encoders import Encoder
-from mining.knn import estimate_recall, search
-from mining.pools import MiningCorpus
-from mining.select import (
+from assay.curation.schema import CORPUS, PAIRS, QUERIES, ROW_COLUMNS, SCHEMAS, resolve_image_cell
+from assay.mining.embed_cache import EmbeddingCache
+from assay.mining.encoders import Encoder
+from assay.mining.knn import estimate_recall, search
+from assay.mining.pools import MiningCorpus
+from assay.mining.select import (
     AbsoluteMargin,
     Candidate,
     MaxScore,

@@ -12,8 +12,7 @@ import os
 import sys
 
 import click
-
-from curation import __version__
+from assay.curation import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -35,7 +34,7 @@ def cli(allow_pickle: bool) -> None:
 
 
 def _register() -> None:
-    from pipelines.commands import (
+    from assay.pipelines.commands import (
         curate,
         dedup,
         export,
@@ -49,7 +48,7 @@ def _register() -> None:
         train,
         validate,
     )
-    from pipelines.commands import eval as eval_command
+    from assay.pipelines.commands import eval as eval_command
 
     for module in (
         ingest,
@@ -74,11 +73,11 @@ _register()
 
 def _is_user_error(e: Exception) -> bool:
     """Errors whose message says what to fix in the input (the file, the row or key, and why)."""
-    from curation.dataset import DatasetError
+    from assay.curation.dataset import DatasetError
 
     if isinstance(e, ValueError | OSError | DatasetError):  # ConfigError, LoopError, IngestError, Arrow
         return True
-    trainer = sys.modules.get("training.trainer")  # not imported here: it loads torch
+    trainer = sys.modules.get("assay.training.trainer")  # not imported here: it loads torch
     return trainer is not None and isinstance(e, trainer.TrainingError)
 
 

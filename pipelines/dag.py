@@ -70,20 +70,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from curation.dataset import AlreadyComplete, Dataset, DatasetWriter, Manifest, atomic_write_parquet
-from curation.dedup import CONFLICTS, DEFAULT_DECONTAMINATE, dedup_config, eval_rows
-from curation.dedup import STAGE as DEDUP
-from curation.filter import filter_targets
-from curation.filter_expr import Filter, parse_filter
-from curation.judge.scoring import Scorer
-from curation.judge.stage import FAILURES_FILE, JudgeError, JudgePrompts
-from curation.judge.verdicts import VerdictRule, parse_rule
-from curation.schema import CORPUS, DATA_TABLES, LABELS, PAIRS, QUERIES
-from curation.validate import STAGE as VALIDATE
-from curation.validate import ValidateConfig
-from pipelines.dag_judge import CacheServer, JudgeActor
-from pipelines.dag_steps import (
+from assay.curation.dataset import AlreadyComplete, Dataset, DatasetWriter, Manifest, atomic_write_parquet
+from assay.curation.dedup import CONFLICTS, DEFAULT_DECONTAMINATE, dedup_config, eval_rows
+from assay.curation.dedup import STAGE as DEDUP
+from assay.curation.filter import filter_targets
+from assay.curation.filter_expr import Filter, parse_filter
+from assay.curation.judge.scoring import Scorer
+from assay.curation.judge.stage import FAILURES_FILE, JudgeError, JudgePrompts
+from assay.curation.judge.verdicts import VerdictRule, parse_rule
+from assay.curation.schema import CORPUS, DATA_TABLES, LABELS, PAIRS, QUERIES
+from assay.curation.validate import STAGE as VALIDATE
+from assay.curation.validate import ValidateConfig
+from assay.pipelines.dag_judge import CacheServer, JudgeActor
+from assay.pipelines.dag_steps import (
     PART,
     SIDE,
     STAGE,
@@ -105,7 +104,7 @@ from pipelines.dag_steps import (
     validate_pairs,
     write_shard,
 )
-from pipelines.dag_targets import item_targets, join_valid, pair_target_rows, valid_map
+from assay.pipelines.dag_targets import item_targets, join_valid, pair_target_rows, valid_map
 
 JUDGE = "judge"
 FILTER = "filter"
@@ -246,7 +245,7 @@ def run_curation_dag(
     )
     todo = [(t, n) for t, names in run.names.items() for n in names if not writer.is_done(t, n)]
     if todo:
-        from pipelines.executors import RayExecutor
+        from assay.pipelines.executors import RayExecutor
 
         RayExecutor(address=ray_address, num_cpus=num_cpus)._init()
         start = time.perf_counter()
@@ -302,7 +301,7 @@ def _judge_setup(
         raise JudgeError(f"judge backend {backend!r}: choose transformers or vllm")
     if not Path(judge_model).is_dir():
         raise JudgeError(f"{judge_model} is not a model directory (models are never downloaded)")
-    from curation.judge.scoring import model_id_for
+    from assay.curation.judge.scoring import model_id_for
 
     return {"factory": None, "model_id": model_id or model_id_for(judge_model), "prompt_id": prompt_id}
 
@@ -311,7 +310,7 @@ def _model_factory(
     path: str, backend: str, device: str, batch_size: int, trust_remote_code: bool, image_root: str
 ) -> Callable[[], Scorer]:
     """What each judge actor calls to load the model: `assay judge`'s own loader."""
-    from pipelines.commands.judge import scorer_factory
+    from assay.pipelines.commands.judge import scorer_factory
 
     return scorer_factory(
         backend,
@@ -545,9 +544,8 @@ def _judge_pool(
 def _start_cache(path: str | os.PathLike | None) -> Any:
     """The judgment cache's actor, on this (the driver's) node so that the path means what it says."""
     import ray
+    from assay.curation.judge.cache import default_cache_path
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from curation.judge.cache import default_cache_path
 
     options: dict[str, Any] = {"num_cpus": 0}
     with contextlib.suppress(Exception):  # a Ray client has no node of its own: then anywhere

@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from curation.judge.cache import Key
-from curation.judge.scoring import Score, Scorer
-from curation.judge.stage import (
+from assay.curation.judge.cache import Key
+from assay.curation.judge.scoring import Score, Scorer
+from assay.curation.judge.stage import (
     JudgeError,
     JudgePrompts,
     JudgeReport,
@@ -26,8 +25,8 @@ from curation.judge.stage import (
     render_pair,
     score_missing,
 )
-from curation.schema import CORPUS, QUERIES, ROW_COLUMNS, resolve_image_cell
-from pipelines.dag_steps import strings
+from assay.curation.schema import CORPUS, QUERIES, ROW_COLUMNS, resolve_image_cell
+from assay.pipelines.dag_steps import strings
 
 
 class CacheServer:
@@ -35,7 +34,7 @@ class CacheServer:
     file, wherever the judge actors run."""
 
     def __init__(self, path: str):
-        from curation.judge.cache import JudgmentCache
+        from assay.curation.judge.cache import JudgmentCache
 
         self.cache = JudgmentCache(path)
 

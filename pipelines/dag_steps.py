@@ -25,21 +25,26 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from curation.dataset import PROGRESS, ShardSink, atomic_write_parquet
-from curation.dedup import CONFLICTS, plan_content_rows, plan_pair_rows
-from curation.dedup import STAGE as DEDUP
-from curation.dedup_scan import scan_rows, scan_shard
-from curation.filter import REASON_FILTER, keep_mask, pair_filter_reasons
-from curation.filter_expr import parse_filter
-from curation.judge.cache import Key
-from curation.judge.scoring import Score
-from curation.judge.stage import FAILURES_SCHEMA, JudgeReport, apply_verdicts, positive_reference
-from curation.judge.verdicts import VerdictRule
-from curation.schema import CORPUS, LABELS, PAIRS, PAIRS_SCHEMA, QUERIES, ROW_COLUMNS, SCHEMAS
-from curation.shardstage import PLAN_SCHEMA, apply_plan
-from curation.validate import STAGE as VALIDATE
-from curation.validate import ValidateConfig, check_rows, conform_columns, item_decisions, pair_decisions
+from assay.curation.dataset import PROGRESS, ShardSink, atomic_write_parquet
+from assay.curation.dedup import CONFLICTS, plan_content_rows, plan_pair_rows
+from assay.curation.dedup import STAGE as DEDUP
+from assay.curation.dedup_scan import scan_rows, scan_shard
+from assay.curation.filter import REASON_FILTER, keep_mask, pair_filter_reasons
+from assay.curation.filter_expr import parse_filter
+from assay.curation.judge.cache import Key
+from assay.curation.judge.scoring import Score
+from assay.curation.judge.stage import FAILURES_SCHEMA, JudgeReport, apply_verdicts, positive_reference
+from assay.curation.judge.verdicts import VerdictRule
+from assay.curation.schema import CORPUS, LABELS, PAIRS, PAIRS_SCHEMA, QUERIES, ROW_COLUMNS, SCHEMAS
+from assay.curation.shardstage import PLAN_SCHEMA, apply_plan
+from assay.curation.validate import STAGE as VALIDATE
+from assay.curation.validate import (
+    ValidateConfig,
+    check_rows,
+    conform_columns,
+    item_decisions,
+    pair_decisions,
+)
 
 STAGE = "curate"
 PART, SIDE = "_part", "_side"

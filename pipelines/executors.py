@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from curation.executor import Task, TaskFn
+from assay.curation.executor import Task, TaskFn
 
 
 class RayExecutor:
@@ -86,7 +86,7 @@ class RayExecutor:
 def make_executor(kind: str = "ray", address: str | None = None, num_cpus: int | None = None):
     """``ray`` (default for the CLI) or ``local`` (in process)."""
     if kind == "local":
-        from curation.executor import LocalExecutor
+        from assay.curation.executor import LocalExecutor
 
         return LocalExecutor()
     if kind == "ray":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from curation.judge.scoring import JudgeItem, Score, Scorer
+from assay.curation.judge.scoring import JudgeItem, Score, Scorer
 
 
 class _ScorerActor:

@@ -50,9 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from curation.dataset import atomic_write_bytes, atomic_write_json
-from curation.lock import output_lock
+from assay.curation.dataset import atomic_write_bytes, atomic_write_json
+from assay.curation.lock import output_lock
 
 #: The commands a step may run, and what each produces (the output a later ``{NAME}`` names).
 DATASET_COMMANDS = ("ingest", "validate", "dedup", "filter", "curate", "mine", "judge")
@@ -457,7 +456,7 @@ class Loop:
 
     def write_report(self) -> Path | None:
         try:
-            from pipelines.report import build_report
+            from assay.pipelines.report import build_report
         except ImportError:  # the report module is optional for the loop itself
             return None
         try:
@@ -526,8 +525,7 @@ def _describe(e: BaseException) -> str:
 def command_params(run: str) -> set[str]:
     """The long option names of ``assay RUN``, without the dashes (``format``, ``ray-address``)."""
     import click
-
-    from pipelines.cli import cli
+    from assay.pipelines.cli import cli
 
     cmd = cli.commands.get(run)
     if cmd is None:
@@ -543,7 +541,7 @@ def command_params(run: str) -> set[str]:
 
 def invoke_cli(argv: list[str]) -> None:
     """Run ``assay ARGV`` in this process; a non-zero exit raises."""
-    from pipelines.cli import cli
+    from assay.pipelines.cli import cli
 
     try:
         cli.main(args=argv, prog_name="assay", standalone_mode=False)

@@ -36,9 +36,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from curation.dataset import Dataset, atomic_write_bytes
-from pipelines import report_plots as plots
-from pipelines.report_common import (
+from assay.curation.dataset import Dataset, atomic_write_bytes
+from assay.pipelines import report_plots as plots
+from assay.pipelines.report_common import (
     NOT_RUN,
     READ_ERRORS,
     Step,
@@ -52,7 +52,7 @@ from pipelines.report_common import (
     parse_time,
     subset_cell,
 )
-from pipelines.report_datasets import judge_section, mining_section
+from assay.pipelines.report_datasets import judge_section, mining_section
 
 __all__ = ["NOT_RUN", "REPORT_FILE", "Step", "build_report", "load_run", "render_report"]
 

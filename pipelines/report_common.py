@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from curation.dataset import Dataset, DatasetError
-from curation.schema import QUERIES
-from pipelines import report_plots as plots
+from assay.curation.dataset import Dataset, DatasetError
+from assay.curation.schema import QUERIES
+from assay.pipelines import report_plots as plots
 
 NOT_RUN = "not run yet"
 #: Errors an unreadable or half-written output raises; its section says so instead of failing.

@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-
-from curation.dataset import Dataset
-from curation.judge.stage import p_yes_histograms
-from curation.schema import PAIRS
-from mining.stage import MINED_PREFIX
-from pipelines import report_plots as plots
-from pipelines.report_common import (
+from assay.curation.dataset import Dataset
+from assay.curation.judge.stage import p_yes_histograms
+from assay.curation.schema import PAIRS
+from assay.mining.stage import MINED_PREFIX
+from assay.pipelines import report_plots as plots
+from assay.pipelines.report_common import (
     READ_ERRORS,
     Step,
     Subsets,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch and transformers load on use: the setup hook below must import fast
-    from training.config import TrainConfig
+    from assay.training.config import TrainConfig
 
 #: Without Ray's dashboard (assay installs ``ray[data]``, not ``ray[default]``) Ray Train's
 #: placement-group cleaner cannot query actor states and warns about it every second.
@@ -82,9 +82,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     import ray.train.torch
     import torch.distributed as dist
-
-    from training.config import config_from_dict
-    from training.trainer import TrainingError, train
+    from assay.training.config import config_from_dict
+    from assay.training.trainer import TrainingError, train
 
     config = config_from_dict(loop_config["config"], "config (on a Ray Train worker)")
     # Ray Train moves workers into a directory of its own; relative paths are the driver's.
@@ -97,7 +96,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             "lacks: on a cluster give absolute paths on a file system every node shares"
         )
     if loop_config["quiet_transformers"]:  # as the driver is (assay train: no per-file bars)
-        from pipelines.commands.common import quiet_transformers
+        from assay.pipelines.commands.common import quiet_transformers
 
         quiet_transformers()
     final = train(config, device=ray.train.torch.get_device())
@@ -106,7 +105,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 def _root_cause(error: BaseException) -> str:
     """What the workers (or Ray Train's controller) actually raised, one line per distinct message."""
-    from training.trainer import TrainingError
+    from assay.training.trainer import TrainingError
 
     failures: dict[int, BaseException] = getattr(error, "worker_failures", None) or {}
     if not failures:
@@ -135,12 +134,12 @@ def train_distributed(
     ``cpus_per_worker`` defaults to 1, or to an equal share of a local runtime's CPUs when it has
     fewer than ``num_workers``. A local runtime must have a GPU per worker when ``use_gpu``.
     """
-    from training.trainer import TrainingError, final_checkpoint
+    from assay.training.trainer import TrainingError, final_checkpoint
 
     if num_workers < 1:
         raise TrainingError(f"num_workers must be >= 1, got {num_workers}")
     if final_checkpoint(config.output) is not None:  # complete: the loop returns it at once
-        from training.trainer import train
+        from assay.training.trainer import train
 
         return train(config)
 

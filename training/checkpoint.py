@@ -46,12 +46,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from assay.curation.dataset import atomic_write_json, code_version, fingerprint
+from assay.curation.judge.scoring import TRAINER_STATE_FILE, weights_sha256
+from assay.curation.safety import UnsafeModelError, refuse_pickle
+from assay.training.model import MMEmbedder, load_embedder
 from safetensors.torch import load_file, save_file
-
-from curation.dataset import atomic_write_json, code_version, fingerprint
-from curation.judge.scoring import TRAINER_STATE_FILE, weights_sha256
-from curation.safety import UnsafeModelError, refuse_pickle
-from training.model import MMEmbedder, load_embedder
 
 log = logging.getLogger(__name__)
 

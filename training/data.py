@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-
-from curation.dataset import Dataset
-from curation.schema import resolve_image_path
+from assay.curation.dataset import Dataset
+from assay.curation.schema import resolve_image_path
 
 QUERY_COLUMNS = ["query_id", "subset", "task", "instruction", "text", "image"]
 DOC_COLUMNS = ["doc_id", "subset", "instruction", "text", "image"]

@@ -66,12 +66,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from assay.curation.dataset import Dataset, atomic_write_json
+from assay.curation.schema import CORPUS, QUERIES, SCHEMAS, resolve_image_cell
+from assay.curation.truth import Truth, read_truth
+from assay.training.evaluate_index import (
+    FN,
+    NEG,
+    NEGATIVE_LABELS,
+    NULL_KEY,
+    POS,
+    Index,
+    build_index,
+    subset_key,
+)
 from tqdm.auto import tqdm
-
-from curation.dataset import Dataset, atomic_write_json
-from curation.schema import CORPUS, QUERIES, SCHEMAS, resolve_image_cell
-from curation.truth import Truth, read_truth
-from training.evaluate_index import FN, NEG, NEGATIVE_LABELS, NULL_KEY, POS, Index, build_index, subset_key
 
 __all__ = ["NEGATIVE_LABELS", "NULL_KEY", "RETRIEVAL_TASKS", "evaluate", "write_metrics"]
 

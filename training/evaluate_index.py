@@ -28,10 +28,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-
-from curation.dataset import Dataset
-from curation.schema import CORPUS, PAIRS, QUERIES
-from curation.truth import Truth
+from assay.curation.dataset import Dataset
+from assay.curation.schema import CORPUS, PAIRS, QUERIES
+from assay.curation.truth import Truth
 
 #: The key used for a missing (null) subset or task (the same as ``assay stats``).
 NULL_KEY = "(none)"

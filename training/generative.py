@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from curation.judge.hf import TransformersScorer
-from curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render
-from curation.judge.scoring import JudgeItem
-from training.model import MMEmbedder, load_image
+from assay.curation.judge.hf import TransformersScorer
+from assay.curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render
+from assay.curation.judge.scoring import JudgeItem
+from assay.training.model import MMEmbedder, load_image
 
 IGNORE = -100
 

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from assay.training.data import read_image_bytes
+from assay.training.generative import IGNORE, Sample, build_batch
+from assay.training.input_cache import IDS, PIXELS, InputCache, entry_key
+from assay.training.model import MMEmbedder, Side, load_image
 from PIL import Image
-
-from training.data import read_image_bytes
-from training.generative import IGNORE, Sample, build_batch
-from training.input_cache import IDS, PIXELS, InputCache, entry_key
-from training.model import MMEmbedder, Side, load_image
 
 log = logging.getLogger(__name__)
 

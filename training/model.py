@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from assay.curation.safety import refuse_pickle
 from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, InternVLConfig, InternVLProcessor
@@ -49,8 +50,6 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLModel,
     InternVLPreTrainedModel,
 )
-
-from curation.safety import refuse_pickle
 
 log = logging.getLogger(__name__)
 

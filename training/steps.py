@@ -30,20 +30,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from curation.judge.scoring import label_token_ids
-from training.config import TrainConfig
-from training.data import ContrastiveUnit, TrainingData, generative_sample
-from training.generative import (
+from assay.curation.judge.scoring import label_token_ids
+from assay.training.config import TrainConfig
+from assay.training.data import ContrastiveUnit, TrainingData, generative_sample
+from assay.training.generative import (
     label_loss,
     next_token_loss,
     reranker_labels,
     reranker_sample,
     sample_from_input,
 )
-from training.inputs import Batch, CachedInputs, ProcessorInputs
-from training.losses import GradCache, InfoNCELoss
-from training.model import MMEmbedder
+from assay.training.inputs import Batch, CachedInputs, ProcessorInputs
+from assay.training.losses import GradCache, InfoNCELoss
+from assay.training.model import MMEmbedder
 
 
 class TrainingError(RuntimeError):

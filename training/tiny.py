@@ -23,15 +23,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import InternVLConfig, InternVLVisionConfig, PreTrainedTokenizerFast, Qwen2Config
-from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-from training.model import (
+from assay.training.model import (
     CompressedInternVLForConditionalGeneration,
     EmbedderProcessor,
     check_tokens_per_tile,
 )
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import InternVLConfig, InternVLVisionConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 #: InternVL's image tokens, named as its processor reads them from the tokenizer.
@@ -191,7 +190,7 @@ def template_texts() -> list[str]:
     texts they become a few tokens each instead of one per character: the judge prompt of a short
     pair is ~50 tokens instead of ~80, which is what lets a 2-layer reranker find the words it must
     compare (docs/BENCHMARKS.md)."""
-    from curation.judge.prompts import FAMILIES, load_prompt
+    from assay.curation.judge.prompts import FAMILIES, load_prompt
 
     texts = ["Instruct: Query: Text:", "user", "assistant"]
     for family in FAMILIES:

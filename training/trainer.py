@@ -54,10 +54,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
-
-from curation.dataset import atomic_write_bytes, atomic_write_json, fingerprint
-from training.checkpoint import (
+from assay.curation.dataset import atomic_write_bytes, atomic_write_json, fingerprint
+from assay.training.checkpoint import (
     ADAPTER_DIR,
     CHECKPOINT_NAME,
     PARTIAL_PREFIX,
@@ -69,11 +67,12 @@ from training.checkpoint import (
     save_checkpoint,
     weights_hash,
 )
-from training.config import TrainConfig
-from training.data import CAPTION_PROMPT, LABEL_PROMPT, TrainingData, epoch_batches, steps_per_epoch
-from training.inputs import Prefetcher, model_inputs
-from training.model import MMEmbedder, load_embedder
-from training.steps import Prepared, StageSteps, TrainingError, autocast
+from assay.training.config import TrainConfig
+from assay.training.data import CAPTION_PROMPT, LABEL_PROMPT, TrainingData, epoch_batches, steps_per_epoch
+from assay.training.inputs import Prefetcher, model_inputs
+from assay.training.model import MMEmbedder, load_embedder
+from assay.training.steps import Prepared, StageSteps, TrainingError, autocast
+from tqdm.auto import tqdm
 
 __all__ = ["COMPLETE_FILE", "LOG_FILE", "TrainingError", "final_checkpoint", "resolve_device", "train"]
 
@@ -121,7 +120,7 @@ def _dataset_texts(data: TrainingData) -> list[str]:
 def _initial_embedder(config: TrainConfig, data: TrainingData) -> tuple[MMEmbedder, str | None]:
     """The model a fresh run starts from, and the weights hash of where it came from."""
     if config.tiny is not None:
-        from training.tiny import build_tiny
+        from assay.training.tiny import build_tiny
 
         t = config.tiny
         model, processor = build_tiny(

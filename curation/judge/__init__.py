@@ -12,7 +12,7 @@
   precision and recall, agreement with gold).
 """
 
-from curation.judge.prompts import (
+from assay.curation.judge.prompts import (
     FAMILIES,
     PromptError,
     PromptTemplate,
@@ -22,8 +22,8 @@ from curation.judge.prompts import (
     render,
     render_text,
 )
-from curation.judge.scoring import JudgeItem, Score, Scorer
-from curation.judge.verdicts import VerdictRule, parse_rule
+from assay.curation.judge.scoring import JudgeItem, Score, Scorer
+from assay.curation.judge.verdicts import VerdictRule, parse_rule
 
 __all__ = [
     "FAMILIES",

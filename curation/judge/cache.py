@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curation.judge.scoring import JudgeItem, Score
+from assay.curation.judge.scoring import JudgeItem, Score
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS judgments (

@@ -44,10 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from assay.curation.judge.scoring import JudgeItem, Score, checked_score, label_token_ids, model_id_for
+from assay.curation.safety import refuse_pickle
 from PIL import Image
-
-from curation.judge.scoring import JudgeItem, Score, checked_score, label_token_ids, model_id_for
-from curation.safety import refuse_pickle
 
 
 def load_pil(value: Any, root: str | os.PathLike | None = None) -> Image.Image:

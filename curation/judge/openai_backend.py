@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from curation.judge.scoring import JudgeItem, Score, checked_score
+from assay.curation.judge.scoring import JudgeItem, Score, checked_score
 
 _RETRY_AFTER_MAX_S = 120.0  # a Retry-After longer than this is capped
 

@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from judge_prompts import PROMPTS_DIR
+from assay.judge_prompts import PROMPTS_DIR
 
 FAMILIES = ("classification", "vqa", "retrieval", "grounding", "visdoc", "text")
 PLACEHOLDERS = ("instruction", "query", "target")

@@ -30,7 +30,7 @@ negatives, so measure during the run when that matters).
 
 Example::
 
-    from curation.truth import read_truth
+    from assay.curation.truth import read_truth
     quality = judge_quality("runs/quickstart/judged", read_truth("runs/quickstart/raw/truth/train.parquet"))
     quality["per_subset"]["captions"]["fn_recall"]
 """
@@ -43,10 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from curation.dataset import Dataset
-from curation.schema import PAIRS, QUERIES
-from curation.truth import Truth
+from assay.curation.dataset import Dataset
+from assay.curation.schema import PAIRS, QUERIES
+from assay.curation.truth import Truth
 
 HIST_BINS = 20
 OVERALL = "(all)"

@@ -35,15 +35,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from curation.dataset import AlreadyComplete, Dataset, DatasetWriter, Manifest, atomic_write_parquet
-from curation.judge.cache import JudgmentCache, Key, content_hash
-from curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render
-from curation.judge.quality import JudgeQuality
-from curation.judge.scoring import JudgeItem, Score, Scorer
-from curation.judge.verdicts import VerdictRule
-from curation.schema import CORPUS, ID_COLUMN, LABELS, PAIRS, QUERIES, ROW_COLUMNS, resolve_image_cell
-from curation.truth import Truth, read_truth
+from assay.curation.dataset import AlreadyComplete, Dataset, DatasetWriter, Manifest, atomic_write_parquet
+from assay.curation.judge.cache import JudgmentCache, Key, content_hash
+from assay.curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render
+from assay.curation.judge.quality import JudgeQuality
+from assay.curation.judge.scoring import JudgeItem, Score, Scorer
+from assay.curation.judge.verdicts import VerdictRule
+from assay.curation.schema import CORPUS, ID_COLUMN, LABELS, PAIRS, QUERIES, ROW_COLUMNS, resolve_image_cell
+from assay.curation.truth import Truth, read_truth
 
 FAILURES_FILE = "judge_failures.parquet"
 FAILURES_SCHEMA = pa.schema(

@@ -50,9 +50,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from curation.judge.scoring import JudgeItem, Score, checked_score, label_token_ids, model_id_for
-from curation.safety import refuse_pickle
+from assay.curation.judge.scoring import JudgeItem, Score, checked_score, label_token_ids, model_id_for
+from assay.curation.safety import refuse_pickle
 
 _MISSING_VLLM = (
     "VLLMScorer needs the `vllm` package: install assay's `gpu` extra (pip install 'assay[gpu]', "
@@ -145,7 +144,7 @@ class VLLMScorer:
 
     def _request(self, item: JudgeItem) -> tuple[dict[str, Any], Any]:
         """(vLLM prompt, SamplingParams) of one item; raises when the item cannot be rendered."""
-        from curation.judge.hf import load_pil, prompt_text
+        from assay.curation.judge.hf import load_pil, prompt_text
 
         yes, no = self.label_ids(tuple(item.labels))
         prompt: dict[str, Any] = {"prompt": prompt_text(self.processor, item.parts)}

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from curation.dataset import AlreadyComplete, Dataset, DatasetError, remove_stale_tmp
-from curation.lock import OutputInUse, describe_holder, output_lock
+from assay.curation.dataset import AlreadyComplete, Dataset, DatasetError, remove_stale_tmp
+from assay.curation.lock import OutputInUse, describe_holder, output_lock
 
 
 def executor_options(fn: Callable) -> Callable:
@@ -47,7 +46,7 @@ def executor_options(fn: Callable) -> Callable:
 def validate_limit_options(fn: Callable) -> Callable:
     """--max-text-chars, --max-pixels, --max-image-mb, --no-decode: the row checks of validation
     (`assay validate`, and the validate step of `assay curate`)."""
-    from curation.validate import ValidateConfig
+    from assay.curation.validate import ValidateConfig
 
     fn = click.option(
         "--no-decode",
@@ -82,7 +81,7 @@ def dedup_options(fn: Callable) -> Callable:
     """--against, --images-only, --phash-distance, --no-near: what counts as a duplicate or an
     eval-set copy (`assay dedup`, and the dedup step of `assay curate`). Each command adds its own
     --decontaminate, whose default differs."""
-    from curation.hamming import MAX_DISTANCE
+    from assay.curation.hamming import MAX_DISTANCE
 
     options = [
         click.option(
@@ -123,7 +122,7 @@ def dedup_options(fn: Callable) -> Callable:
 def judge_scoring_options(fn: Callable) -> Callable:
     """--prompt, --rule, --labels, --batch-size, --max-chars, --device, --cache, --trust-remote-code:
     how a judge scores pairs (`assay judge`, and the judge step of `assay curate`)."""
-    from curation.schema import LABELS
+    from assay.curation.schema import LABELS
 
     options = [
         click.option(
@@ -182,7 +181,7 @@ def judge_scoring_options(fn: Callable) -> Callable:
 
 
 def build_executor(executor: str, ray_address: str | None, num_cpus: int | None):
-    from pipelines.executors import make_executor
+    from assay.pipelines.executors import make_executor
 
     return make_executor(executor, address=ray_address, num_cpus=num_cpus)
 
@@ -192,7 +191,7 @@ def open_truth(path: str | None):
     that cannot be read is a clean error naming it."""
     if path is None:
         return None
-    from curation.truth import TruthError, read_truth
+    from assay.curation.truth import TruthError, read_truth
 
     try:
         return read_truth(path)

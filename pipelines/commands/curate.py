@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import click
-
-from curation.dedup import DEFAULT_DECONTAMINATE
-from curation.schema import DATA_TABLES
-from curation.validate import ValidateConfig
-from pipelines.commands.common import (
+from assay.curation.dedup import DEFAULT_DECONTAMINATE
+from assay.curation.schema import DATA_TABLES
+from assay.curation.validate import ValidateConfig
+from assay.pipelines.commands.common import (
     dedup_options,
     friendly_errors,
     judge_scoring_options,
@@ -149,7 +148,7 @@ def command(
           --ray-address auto --gpus-per-actor 1
     """
     with writing(out, "curate"):
-        from pipelines.dag import run_curation_dag
+        from assay.pipelines.dag import run_curation_dag
 
         source = open_dataset(dataset)
         evals = [open_dataset(a) for a in against]

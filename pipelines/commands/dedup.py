@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-
-from curation.dedup import dedup
-from pipelines.commands.common import (
+from assay.curation.dedup import dedup
+from assay.pipelines.commands.common import (
     build_executor,
     dedup_options,
     executor_options,

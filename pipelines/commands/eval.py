@@ -7,8 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from pipelines.commands.common import friendly_errors, open_dataset, open_truth, quiet_transformers, writing
+from assay.pipelines.commands.common import (
+    friendly_errors,
+    open_dataset,
+    open_truth,
+    quiet_transformers,
+    writing,
+)
 
 #: "org/name": what a Hugging Face hub id looks like (a path that does not exist may still be one).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -88,8 +93,8 @@ def _checkpoint_ref(checkpoint: str) -> str:
 
 
 def _dataset_subsets(ds: Any) -> set[str]:
-    from curation.schema import QUERIES
-    from training.evaluate import NULL_KEY
+    from assay.curation.schema import QUERIES
+    from assay.training.evaluate import NULL_KEY
 
     found: set[str] = set()
     for batch in ds.iter_batches(QUERIES, columns=["subset"]):
@@ -210,9 +215,8 @@ def command(
                 )
         try:
             import torch
-
-            from training.evaluate import evaluate, write_metrics
-            from training.model import load_embedder
+            from assay.training.evaluate import evaluate, write_metrics
+            from assay.training.model import load_embedder
         except ImportError as e:
             raise click.ClickException(
                 f"assay eval needs the training extra (torch, transformers): {e}"

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-
-from curation.export import FORMATS
-from pipelines.commands.common import friendly_errors, open_dataset, writing
+from assay.curation.export import FORMATS
+from assay.pipelines.commands.common import friendly_errors, open_dataset, writing
 
 
 @click.command("export")
@@ -97,7 +96,7 @@ def command(
       assay export data/ st/ --format n-tuple -n 3 --where "subset == 'msmarco'"
     """
     with writing(out, "export", kind="file"):
-        from curation.export import describe, export_dataset
+        from assay.curation.export import describe, export_dataset
 
         ds = open_dataset(dataset)
         result = export_dataset(

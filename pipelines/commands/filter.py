@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-
-from curation.schema import DATA_TABLES
-from pipelines.commands.common import (
+from assay.curation.schema import DATA_TABLES
+from assay.pipelines.commands.common import (
     build_executor,
     executor_options,
     friendly_errors,
@@ -69,8 +68,8 @@ def command(
       assay filter data/ out/ --where "label == 'hard_negative' and judge_p_yes < 0.5"
       assay filter data/ out/ --where "judge_p_yes >= 0.5 or is_null(judge_p_yes)" --prune
     """
-    from curation.filter import filter_dataset, filter_targets
-    from curation.filter_expr import parse_filter
+    from assay.curation.filter import filter_dataset, filter_targets
+    from assay.curation.filter_expr import parse_filter
 
     with writing(out, "filter"):
         source = open_dataset(dataset)

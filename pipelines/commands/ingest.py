@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from curation.ingest import (
+from assay.curation.ingest import (
     DOC_TARGETS,
     FORMATS,
     TARGETS,
@@ -15,7 +14,7 @@ from curation.ingest import (
     parse_map_flags,
     split_folders,
 )
-from pipelines.commands.common import (
+from assay.pipelines.commands.common import (
     build_executor,
     executor_options,
     friendly_errors,
@@ -241,7 +240,7 @@ def _ingest_example(
     executor,
     overwrite,
 ) -> None:
-    from curation.examples import EXAMPLES, ingest_example
+    from assay.curation.examples import EXAMPLES, ingest_example
 
     if name not in EXAMPLES:
         raise click.BadParameter(

@@ -6,8 +6,7 @@ import time
 from pathlib import Path
 
 import click
-
-from pipelines.commands.common import (
+from assay.pipelines.commands.common import (
     friendly_errors,
     judge_scoring_options,
     open_dataset,
@@ -22,7 +21,7 @@ BARS = " ▁▂▃▄▅▆▇█"
 
 
 def _assay_checkpoint(model: str) -> bool:
-    from training.model import EMBEDDER_FILE
+    from assay.training.model import EMBEDDER_FILE
 
     return (Path(model) / EMBEDDER_FILE).is_file()
 
@@ -45,7 +44,7 @@ def scorer_factory(
             raise click.UsageError("--backend openai needs --endpoint (e.g. http://localhost:8000/v1)")
 
         def openai_judge():
-            from curation.judge.openai_backend import OpenAIScorer
+            from assay.curation.judge.openai_backend import OpenAIScorer
 
             return OpenAIScorer(
                 endpoint, model, concurrency=concurrency, timeout=timeout, image_root=image_root
@@ -59,7 +58,7 @@ def scorer_factory(
     if backend == "vllm":
 
         def vllm_judge():
-            from curation.judge.vllm_backend import VLLMScorer
+            from assay.curation.judge.vllm_backend import VLLMScorer
 
             return VLLMScorer(model, trust_remote_code=trust_remote_code)
 
@@ -70,15 +69,15 @@ def scorer_factory(
 
         if _assay_checkpoint(model):
             # An assay reranker: training/ loads it (compressed InternVL) and hands its scorer over.
-            from curation.judge.scoring import model_id_for
-            from training.generative import Reranker
-            from training.model import load_embedder
+            from assay.curation.judge.scoring import model_id_for
+            from assay.training.generative import Reranker
+            from assay.training.model import load_embedder
 
             dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
             embedder = load_embedder(model).to(dev).eval()
             embedder.image_root = image_root
             return Reranker(embedder, batch_size=batch_size, model_id=model_id_for(model)).scorer
-        from curation.judge.hf import TransformersScorer
+        from assay.curation.judge.hf import TransformersScorer
 
         dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         return TransformersScorer.from_pretrained(
@@ -203,11 +202,10 @@ def command(
     """
     with writing(out, "judge"):
         quiet_transformers()
+        from assay.curation.judge.cache import default_cache_path
+        from assay.curation.judge.stage import judge_dataset, p_yes_histograms
+        from assay.curation.judge.verdicts import parse_rule
         from tqdm import tqdm
-
-        from curation.judge.cache import default_cache_path
-        from curation.judge.stage import judge_dataset, p_yes_histograms
-        from curation.judge.verdicts import parse_rule
 
         src = open_dataset(dataset)
         verdict_rule = parse_rule(rule)
@@ -226,7 +224,7 @@ def command(
         )
         t0 = time.perf_counter()
         if actors:
-            from pipelines.judge_ray import RayPoolScorer
+            from assay.pipelines.judge_ray import RayPoolScorer
 
             scorer = RayPoolScorer(factory, actors=actors, num_gpus=gpus_per_actor, address=ray_address)
         else:

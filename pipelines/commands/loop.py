@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
-
-from pipelines.commands.common import quiet_transformers, writing
+from assay.pipelines.commands.common import quiet_transformers, writing
 
 
 @click.command("loop", short_help="Run a mine-train loop (YAML steps) into a run directory; resumable.")
@@ -38,7 +37,7 @@ def command(loop_file, run_dir, start, stop, dry_run, no_report):
       assay loop examples/quickstart.yaml --from mine-top20
       assay loop my-loop.yaml --run-dir runs/try2 --to stage2
     """
-    from pipelines.loop import Loop, LoopError, load_loop
+    from assay.pipelines.loop import Loop, LoopError, load_loop
 
     try:
         spec = load_loop(loop_file, run_dir=run_dir)

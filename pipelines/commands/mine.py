@@ -6,8 +6,7 @@ import contextlib
 from pathlib import Path
 
 import click
-
-from pipelines.commands.common import (
+from assay.pipelines.commands.common import (
     friendly_errors,
     open_dataset,
     print_counts,
@@ -165,10 +164,9 @@ def command(
     unjudged = writing(mined_out, "mine") if judge_model else contextlib.nullcontext()
     with writing(out, "mine"), unjudged:
         quiet_transformers()
+        from assay.mining.encoders import load_encoder
+        from assay.mining.stage import mine_dataset
         from tqdm import tqdm
-
-        from mining.encoders import load_encoder
-        from mining.stage import mine_dataset
 
         src = open_dataset(dataset)
         corpus = [open_dataset(p) for p in pools]
@@ -181,7 +179,7 @@ def command(
             trust_remote_code=trust_remote_code,
         )
         if cache_dir is None:
-            from curation.judge.cache import cache_root
+            from assay.curation.judge.cache import cache_root
 
             cache_dir = cache_root() / "embeddings"
         bars = {
@@ -230,11 +228,10 @@ def command(
 
 
 def _judge(mined, out, model, device, batch_size, keep, cache, trust_remote_code, no_progress, overwrite):
+    from assay.curation.judge.cache import default_cache_path
+    from assay.curation.judge.stage import judge_dataset
+    from assay.pipelines.commands.judge import scorer_factory
     from tqdm import tqdm
-
-    from curation.judge.cache import default_cache_path
-    from curation.judge.stage import judge_dataset
-    from pipelines.commands.judge import scorer_factory
 
     src = open_dataset(mined)
     scorer = scorer_factory(

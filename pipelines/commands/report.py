@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
-from pipelines.commands.common import friendly_errors, writing
+from assay.pipelines.commands.common import friendly_errors, writing
 
 
 @click.command("report")
@@ -35,7 +34,7 @@ def command(run: str, out: str | None) -> None:
       assay report runs/loop-demo
       assay report runs/loop-demo --out /tmp/loop-demo.html && xdg-open /tmp/loop-demo.html
     """
-    from pipelines.report import REPORT_FILE, build_report
+    from assay.pipelines.report import REPORT_FILE, build_report
 
     with writing(out or Path(run) / REPORT_FILE, "report", kind="file"):
         path = build_report(run, out)

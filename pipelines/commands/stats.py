@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import click
-
-from pipelines.commands.common import friendly_errors, open_dataset
+from assay.pipelines.commands.common import friendly_errors, open_dataset
 
 
 @click.command("stats")
@@ -22,7 +21,7 @@ def command(dataset: str, as_json: bool) -> None:
     inline or by path; and the lineage from the manifest: every stage that led to
     DATASET, when it ran, its counts and its settings.
     """
-    from curation.stats import dataset_stats, format_stats
+    from assay.curation.stats import dataset_stats, format_stats
 
     ds = open_dataset(dataset)
     stats = dataset_stats(ds)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import click
-
-from pipelines.commands.common import friendly_errors, quiet_transformers, writing
+from assay.pipelines.commands.common import friendly_errors, quiet_transformers, writing
 
 
 @click.command("train")
@@ -51,7 +50,7 @@ def command(config_file, stage, device, output, max_steps, workers, use_gpu, ray
     config, optimizer state, weights hash); a rerun resumes from the latest complete one, and a
     finished stage is returned at once. The final checkpoint is printed on the last line.
     """
-    from training.config import load_config
+    from assay.training.config import load_config
 
     overrides = {"device": device, "output": output, "max_steps": max_steps}
     if no_progress:
@@ -63,16 +62,16 @@ def command(config_file, stage, device, output, max_steps, workers, use_gpu, ray
         )
     with writing(config.output, "train", kind="train"):  # before torch is imported: refuse at once
         quiet_transformers()
-        from training.trainer import TrainingError
+        from assay.training.trainer import TrainingError
 
         try:
             if workers > 1 or ray_address:
-                from pipelines.train_ray import train_distributed
+                from assay.pipelines.train_ray import train_distributed
 
                 gpu = use_gpu if use_gpu is not None else config.device == "cuda"
                 final = train_distributed(config, num_workers=workers, use_gpu=gpu, address=ray_address)
             else:
-                from training.trainer import train
+                from assay.training.trainer import train
 
                 final = train(config)
         except TrainingError as e:

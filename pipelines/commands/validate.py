@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import click
-
-from curation.validate import ValidateConfig, validate
-from pipelines.commands.common import (
+from assay.curation.validate import ValidateConfig, validate
+from assay.pipelines.commands.common import (
     build_executor,
     executor_options,
     friendly_errors,

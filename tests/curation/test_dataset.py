@@ -7,8 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from curation.dataset import (
+from assay.curation.dataset import (
     MANIFEST,
     Dataset,
     DatasetError,
@@ -16,9 +15,9 @@ from curation.dataset import (
     atomic_write_parquet,
     write_dataset,
 )
-from curation.quarantine import QuarantineBuilder, decode_record, encode_record
-from curation.schema import DATA_TABLES, IMAGE_TYPE, SCHEMAS
-from curation.validate import validate
+from assay.curation.quarantine import QuarantineBuilder, decode_record, encode_record
+from assay.curation.schema import DATA_TABLES, IMAGE_TYPE, SCHEMAS
+from assay.curation.validate import validate
 
 
 def _queries(n):
@@ -78,7 +77,7 @@ def test_an_unfinished_run_resumes_only_with_the_same_settings(tmp_path):
 
 
 def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
-    import curation.dataset as dataset_module
+    import assay.curation.dataset as dataset_module
 
     def write_half_then_fail(table, where, **kwargs):
         with open(where, "wb") as f:

@@ -8,17 +8,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from assay.curation.content_key import content_key, iter_content_keys, normalize_text
+from assay.curation.dataset import Dataset, DatasetError, write_dataset
+from assay.curation.dedup import dedup
+from assay.curation.executor import LocalExecutor
+from assay.curation.hamming import _popcount_swar, greedy_near_duplicates, near_pairs, popcount
+from assay.curation.near_image import image_signature
+from assay.curation.quarantine import decode_record
+from assay.curation.schema import CORPUS, PAIRS, QUERIES
 from helpers.badrows import png as png_bytes
 from PIL import Image
-
-from curation.content_key import content_key, iter_content_keys, normalize_text
-from curation.dataset import Dataset, DatasetError, write_dataset
-from curation.dedup import dedup
-from curation.executor import LocalExecutor
-from curation.hamming import _popcount_swar, greedy_near_duplicates, near_pairs, popcount
-from curation.near_image import image_signature
-from curation.quarantine import decode_record
-from curation.schema import CORPUS, PAIRS, QUERIES
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -406,7 +405,7 @@ def test_a_recoloured_eval_picture_is_not_contamination(tmp_path):
 
 def test_colour_distance_fits_the_picture_size():
     """A cell covers at least 4x4 pixels of the smaller picture: one changed pixel moves it by 1/16."""
-    from curation.near_image import colour_distance, fitting_grid, image_signature
+    from assay.curation.near_image import colour_distance, fitting_grid, image_signature
 
     assert fitting_grid(np.array([7, 8, 16, 31, 32, 4000])).tolist() == [1, 2, 4, 4, 8, 8]
     for size in (8, 16, 32, 64):
@@ -664,9 +663,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 @pytest.mark.ray
 def test_cli_with_ray_executor(tmp_path, ray_local):
+    from assay.pipelines.commands.dedup import command
     from click.testing import CliRunner
-
-    from pipelines.commands.dedup import command
 
     src, ev = _big_source(tmp_path)
     local = dedup(src, tmp_path / "local", against=[ev])
@@ -683,9 +681,8 @@ def test_cli_with_ray_executor(tmp_path, ray_local):
 
 
 def test_cli_help_and_errors(tmp_path):
+    from assay.pipelines.commands.dedup import command
     from click.testing import CliRunner
-
-    from pipelines.commands.dedup import command
 
     runner = CliRunner()
     help_text = runner.invoke(command, ["--help"]).output
@@ -739,7 +736,7 @@ def test_images_only_decontamination_spares_text_only_rows(tmp_path):
 
 
 def test_text_only_fast_scan_gives_the_row_by_row_keys(tmp_path):
-    from curation.dedup_scan import scan_shard
+    from assay.curation.dedup_scan import scan_shard
 
     texts = [
         "Hello  World",

@@ -8,17 +8,16 @@ import collections
 
 import numpy as np
 import pytest
-
-from curation.dataset import Dataset, DatasetError
-from curation.examples_captions import Caption, Look, captions_of, label_captions
-from curation.truth import read_truth
+from assay.curation.dataset import Dataset, DatasetError
+from assay.curation.examples_captions import Caption, Look, captions_of, label_captions
+from assay.curation.truth import read_truth
 
 pytest.importorskip("easy_vqa")
 
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    from curation.examples import ingest_easy_vqa
+    from assay.curation.examples import ingest_easy_vqa
 
     out = tmp_path_factory.mktemp("easy-vqa")
     ingest_easy_vqa(out)
@@ -85,7 +84,7 @@ def test_a_caption_matches_the_images_of_more_specific_captions():
 
 def test_training_cannot_read_the_truth(example):
     """TrainingData.load reads the datasets a config names: the labelled pairs, never the truth."""
-    from training.data import TrainingData
+    from assay.training.data import TrainingData
 
     ds, captions, pairs, _ = captions_of_split(example, "train")
     data = TrainingData.load([str(example / "train")], subsets=["captions"])
@@ -102,7 +101,7 @@ def test_training_cannot_read_the_truth(example):
 def test_eval_with_the_example_truth_counts_every_matching_image(example):
     """An encoder that knows the truth puts a true match first for every caption: P@1 is 1 against
     the truth, and far lower against the single labels (the first match is often not the labelled one)."""
-    from training.evaluate import evaluate
+    from assay.training.evaluate import evaluate
 
     ds, captions, _, corpus = captions_of_split(example, "test")
     truth = read_truth(example / "truth" / "test.parquet")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from assay.curation.dataset import Dataset, write_dataset
+from assay.curation.executor import LocalExecutor
+from assay.curation.filter import filter_dataset
+from assay.curation.filter_expr import FilterError
+from assay.pipelines.commands.filter import command as filter_command
 from click.testing import CliRunner
-
-from curation.dataset import Dataset, write_dataset
-from curation.executor import LocalExecutor
-from curation.filter import filter_dataset
-from curation.filter_expr import FilterError
-from pipelines.commands.filter import command as filter_command
 
 
 def rows(ds: Dataset, table: str) -> list[dict]:

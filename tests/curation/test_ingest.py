@@ -11,14 +11,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from assay.curation.dataset import Dataset, DatasetError
+from assay.curation.executor import LocalExecutor
+from assay.curation.ingest import IngestError, ingest, ingest_split_folders, split_folders
+from assay.curation.quarantine import decode_record
+from assay.curation.truth import read_truth
+from assay.pipelines.commands.ingest import command
 from click.testing import CliRunner
-
-from curation.dataset import Dataset, DatasetError
-from curation.executor import LocalExecutor
-from curation.ingest import IngestError, ingest, ingest_split_folders, split_folders
-from curation.quarantine import decode_record
-from curation.truth import read_truth
-from pipelines.commands.ingest import command
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -295,7 +294,7 @@ def test_imagefolder_with_labels_and_captions_csv(tmp_path, make_png):
 
 @pytest.fixture(scope="module")
 def easy_vqa_out(tmp_path_factory):
-    from curation.examples import ingest_easy_vqa
+    from assay.curation.examples import ingest_easy_vqa
 
     out = tmp_path_factory.mktemp("easy-vqa")
     train, test = ingest_easy_vqa(out)
@@ -385,7 +384,7 @@ def test_easy_vqa_cli_killed_mid_run_resumes_to_the_same_output(tmp_path, easy_v
 
 
 def test_easy_vqa_rerun_finds_it_complete(easy_vqa_out):
-    from curation.examples import ingest_easy_vqa
+    from assay.curation.examples import ingest_easy_vqa
 
     out, train, test = easy_vqa_out
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
@@ -488,7 +487,7 @@ def test_columns_named_label_and_score_are_content_not_the_pairs_label_and_score
     assert m.counts == {"queries": 2, "corpus": 2, "pairs": 2, "quarantine": 0}
     assert [c["text"] for c in rows(ds, "corpus")] == ["eight", "three"]
     assert [(p["label"], p["score"]) for p in rows(ds, "pairs")] == [("positive", None)] * 2
-    from curation.validate import validate
+    from assay.curation.validate import validate
 
     assert validate(ds, tmp_path / "valid").counts == m.counts
 
@@ -642,8 +641,8 @@ def test_documents_only_writes_a_corpus_whose_ids_match_the_same_docs_in_pairs(t
     assert rows(pool, "queries") == [] and rows(pool, "pairs") == []
 
     # a normal dataset: validate and dedup read it and keep every document
-    from curation.dedup import dedup
-    from curation.validate import validate
+    from assay.curation.dedup import dedup
+    from assay.curation.validate import validate
 
     valid = validate(pool, tmp_path / "valid")
     assert valid.counts == {"queries": 0, "corpus": 3, "pairs": 0, "quarantine": 1}

@@ -7,13 +7,12 @@ import hashlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from assay.curation.dataset import Dataset
+from assay.curation.judge.cache import JudgmentCache, Key, content_hash
+from assay.curation.judge.scoring import JudgeItem, Score, label_token_ids, p_yes_from_margin
+from assay.curation.judge.stage import JudgeError, judge_dataset, read_failures
+from assay.curation.judge.verdicts import VerdictRule, parse_rule
 from helpers.colours import COLOURS, colour_dataset
-
-from curation.dataset import Dataset
-from curation.judge.cache import JudgmentCache, Key, content_hash
-from curation.judge.scoring import JudgeItem, Score, label_token_ids, p_yes_from_margin
-from curation.judge.stage import JudgeError, judge_dataset, read_failures
-from curation.judge.verdicts import VerdictRule, parse_rule
 
 #: The fake judge says "yes" to a vqa answer naming the green colour, "no" to other hard negatives.
 EXTRA = [
@@ -114,7 +113,7 @@ def test_cache_serves_a_rerun_and_misses_on_new_prompt_or_content(colours, tmp_p
     for row in corpus:
         if row["doc_id"] == "ans-red":
             row["text"] = "crimson"
-    from curation.dataset import write_dataset
+    from assay.curation.dataset import write_dataset
 
     Dataset(changed)
     write_dataset(
@@ -210,7 +209,7 @@ def test_p_yes_and_label_tokens():
     assert p_yes_from_margin(0.0) == 0.5
     assert p_yes_from_margin(800.0) == 1.0 and p_yes_from_margin(-800.0) == 0.0  # no overflow
     assert Score(margin=float("nan")).p_yes != Score(margin=float("nan")).p_yes or True  # noqa: PLR0124
-    from curation.judge.scoring import checked_score
+    from assay.curation.judge.scoring import checked_score
 
     assert not checked_score(float("nan"), 1.0).ok and "non-finite" in checked_score(float("inf"), 0.0).error
 

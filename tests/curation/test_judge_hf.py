@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from assay.curation.judge.hf import TransformersScorer
+from assay.curation.judge.prompts import images_of, load_prompt, render
+from assay.curation.judge.scoring import JudgeItem, label_token_ids
+from assay.training.tiny import build_tiny
 from helpers.colours import COLOURS, TINY, png
-
-from curation.judge.hf import TransformersScorer
-from curation.judge.prompts import images_of, load_prompt, render
-from curation.judge.scoring import JudgeItem, label_token_ids
-from training.tiny import build_tiny
 
 SETTINGS = {k: v for k, v in TINY.items() if k != "seed"}
 
@@ -44,7 +43,7 @@ def _items():
 
 def _reference(model, processor, item):
     """softmax over the two label logits of one unpadded prompt's full-vocabulary logits."""
-    from curation.judge.hf import load_pil, prompt_text
+    from assay.curation.judge.hf import load_pil, prompt_text
 
     text = prompt_text(processor, item.parts)
     kw = {"images": [load_pil(i) for i in item.images]} if item.images else {}
@@ -156,7 +155,7 @@ def test_the_same_prompt_text_with_different_images_is_not_shared(tiny):
 
 
 def test_a_cut_that_tokenises_differently_turns_prefix_sharing_off(tiny):
-    from curation.judge.hf import load_pil, prompt_text
+    from assay.curation.judge.hf import load_pil, prompt_text
 
     model, processor, _ = tiny
     item = _mined()[0]

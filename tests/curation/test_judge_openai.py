@@ -19,10 +19,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from assay.curation.judge.openai_backend import OpenAIScorer, margin_from_top_logprobs
+from assay.curation.judge.scoring import JudgeItem, Scorer, p_yes_from_margin
 from PIL import Image
-
-from curation.judge.openai_backend import OpenAIScorer, margin_from_top_logprobs
-from curation.judge.scoring import JudgeItem, Scorer, p_yes_from_margin
 
 
 class _State:

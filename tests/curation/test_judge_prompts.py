@@ -6,8 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from curation.judge.prompts import (
+from assay.curation.judge.prompts import (
     FAMILIES,
     PromptError,
     PromptTemplate,
@@ -17,7 +16,7 @@ from curation.judge.prompts import (
     render,
     render_text,
 )
-from judge_prompts import PROMPTS_DIR
+from assay.judge_prompts import PROMPTS_DIR
 
 GOOD = """\
 name: mine

@@ -5,12 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from assay.curation.dataset import Dataset, write_dataset
+from assay.curation.judge.quality import judge_quality, roc_auc
+from assay.curation.judge.stage import judge_dataset
+from assay.curation.truth import Truth, TruthError, read_truth, write_truth
 from helpers.colours import COLOURS, colour_dataset
-
-from curation.dataset import Dataset, write_dataset
-from curation.judge.quality import judge_quality, roc_auc
-from curation.judge.stage import judge_dataset
-from curation.truth import Truth, TruthError, read_truth, write_truth
 
 
 def judged(q, d, label, p, verdict):
@@ -96,7 +95,7 @@ class GreenJudge:
     model_id = "green@0"
 
     def score(self, items):
-        from curation.judge.scoring import Score
+        from assay.curation.judge.scoring import Score
 
         return [
             Score(margin=3.0 if "<<<green>>>" in "".join(p.get("text", "") for p in it.parts) else -2.0)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from curation.judge.prompts import load_prompt
-from curation.judge.robustness import INJECTIONS, gold_agreement, injection_flip_rate
-from curation.judge.scoring import Score
+from assay.curation.judge.prompts import load_prompt
+from assay.curation.judge.robustness import INJECTIONS, gold_agreement, injection_flip_rate
+from assay.curation.judge.scoring import Score
 
 
 class Gullible:
@@ -55,7 +55,7 @@ def test_gold_agreement_counts_positives_and_negatives_apart():
 
 
 def test_roc_auc():
-    from curation.judge.robustness import roc_auc
+    from assay.curation.judge.robustness import roc_auc
 
     assert roc_auc([0.9, 0.8], [0.1, 0.2]) == 1.0 and roc_auc([0.1], [0.9]) == 0.0
     assert roc_auc([0.5], [0.5]) == 0.5 and roc_auc([], [0.1]) == 0.0

@@ -20,11 +20,11 @@ pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in process: starts in seconds
 
-from curation.judge.hf import TransformersScorer  # noqa: E402
-from curation.judge.prompts import images_of, load_prompt, render  # noqa: E402
-from curation.judge.scoring import JudgeItem  # noqa: E402
-from curation.judge.vllm_backend import VLLMJudgeActor, VLLMScorer  # noqa: E402
-from training.tiny_qwen2vl import build_tiny_qwen2vl  # noqa: E402
+from assay.curation.judge.hf import TransformersScorer  # noqa: E402
+from assay.curation.judge.prompts import images_of, load_prompt, render  # noqa: E402
+from assay.curation.judge.scoring import JudgeItem  # noqa: E402
+from assay.curation.judge.vllm_backend import VLLMJudgeActor, VLLMScorer  # noqa: E402
+from assay.training.tiny_qwen2vl import build_tiny_qwen2vl  # noqa: E402
 
 ENGINE = {"dtype": "float32", "max_model_len": 2048, "kv_cache_memory_bytes": 256 * 1024**2}
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30)}

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from assay.curation.dataset import Dataset, write_dataset
+from assay.curation.filter import filter_dataset
+from assay.curation.stats import MISSING_QUERY, NULL_KEY, dataset_stats, format_stats
+from assay.pipelines.commands.stats import command as stats_command
 from click.testing import CliRunner
-
-from curation.dataset import Dataset, write_dataset
-from curation.filter import filter_dataset
-from curation.stats import MISSING_QUERY, NULL_KEY, dataset_stats, format_stats
-from pipelines.commands.stats import command as stats_command
 
 
 def qrow(table, reason, stage):

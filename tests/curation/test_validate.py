@@ -8,6 +8,9 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from assay.curation.dataset import Dataset, DatasetError, write_dataset
+from assay.curation.quarantine import decode_record
+from assay.curation.validate import ValidateConfig, check_image, validate
 from click.testing import CliRunner
 from helpers.badrows import (
     huge_png_header,
@@ -18,10 +21,6 @@ from helpers.badrows import (
     stated_pairs,
     truncated_png,
 )
-
-from curation.dataset import Dataset, DatasetError, write_dataset
-from curation.quarantine import decode_record
-from curation.validate import ValidateConfig, check_image, validate
 
 
 def quarantine_rows(root) -> list[dict]:
@@ -234,7 +233,7 @@ def test_rerun_of_a_finished_run_is_a_no_op_and_other_settings_are_refused(tmp_p
 
 
 def test_cli_prints_counts_per_reason(tmp_path):
-    from pipelines.cli import cli
+    from assay.pipelines.cli import cli
 
     ds = write_dataset(
         tmp_path / "ds",
@@ -253,7 +252,7 @@ def test_cli_prints_counts_per_reason(tmp_path):
 
 
 def test_cli_bad_arguments_exit_non_zero(tmp_path):
-    from pipelines.cli import cli
+    from assay.pipelines.cli import cli
 
     runner = CliRunner()
     res = runner.invoke(cli, ["validate", str(tmp_path), str(tmp_path / "out"), "--executor", "local"])
@@ -267,7 +266,7 @@ def test_cli_bad_arguments_exit_non_zero(tmp_path):
 
 @pytest.mark.ray
 def test_ray_executor_gives_the_same_output_as_local(tmp_path, ray_local):
-    from pipelines.executors import RayExecutor
+    from assay.pipelines.executors import RayExecutor
 
     queries, corpus, pairs, _ = make_fuzz_rows(
         tmp_path / "root", tmp_path / "outside", n_good=60, n_bad=40, seed=3, max_text_chars=1000

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_assay(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
+        [sys.executable, "-m", "assay.pipelines.cli", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -7,9 +7,8 @@ import io
 from pathlib import Path
 
 import numpy as np
+from assay.curation.dataset import Dataset, write_dataset
 from PIL import Image
-
-from curation.dataset import Dataset, write_dataset
 
 
 @functools.cache

@@ -42,8 +42,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from curation.schema import CORPUS, PAIRS, QUARANTINE, QUERIES
+from assay.curation.schema import CORPUS, PAIRS, QUARANTINE, QUERIES
 
 REPORT_ENV = "ASSAY_FAULT_REPORT"
 SEED_ENV = "ASSAY_FAULT_SEED"
@@ -58,7 +57,7 @@ ROW_KEY = {
 
 
 def assay_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", *args]
+    return [sys.executable, "-m", "assay.pipelines.cli", *args]
 
 
 # ---------------------------------------------------------------- running and killing

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 
 def assay_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", *args]
+    return [sys.executable, "-m", "assay.pipelines.cli", *args]
 
 
 def run_and_kill(cmd: list[str], out: Path, pattern: str, count: int = 1, timeout: float = 180) -> bool:

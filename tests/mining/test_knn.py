@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from mining.knn import KnnResult, estimate_recall, recall_at_k, search  # noqa: E402
+from assay.mining.knn import KnnResult, estimate_recall, recall_at_k, search  # noqa: E402
 
 # --- data ---------------------------------------------------------------------------------------
 
@@ -272,7 +272,7 @@ class FakeGpuFaiss:
 
 
 def test_faiss_gpu_path_with_a_pretend_gpu(tied, monkeypatch, simd_level):
-    import mining.knn as knn
+    import assay.mining.knn as knn
 
     fake = FakeGpuFaiss()
     monkeypatch.setattr(knn._Searcher, "faiss", property(lambda self: fake))
@@ -297,7 +297,7 @@ def exact_rescore(x):
 
 
 def test_ties_beyond_the_kernel_depth_limit_are_finished_by_the_fallback():
-    from mining.knn import _error_bound, _exact_topk
+    from assay.mining.knn import _error_bound, _exact_topk
 
     rng = np.random.default_rng(8)
     x = dyadic(400, 4, rng)
@@ -331,7 +331,7 @@ def test_a_kernel_that_rounds_by_row_position_cannot_change_the_result(seed):
     the row's position and the call (as BLAS tiles and SIMD levels do), and which cuts equal and
     near-equal scores anywhere: the result is still the reference's, ids and scores, because every
     candidate is rescored by one routine and a near tie at the cut is searched deeper."""
-    from mining.knn import _error_bound, _exact_topk
+    from assay.mining.knn import _error_bound, _exact_topk
 
     rng = np.random.default_rng(seed)
     x = dyadic(600, 8, rng)
@@ -356,7 +356,7 @@ def test_a_kernel_that_rounds_by_row_position_cannot_change_the_result(seed):
 
 
 def test_ties_deeper_than_the_memory_bound_are_searched_by_row_slices(tied, monkeypatch, simd_level):
-    import mining.knn as knn
+    import assay.mining.knn as knn
 
     q, x = tied
     ref_s, ref_i = reference(q, x, 6)
@@ -433,7 +433,7 @@ def test_streamed_search_holds_at_most_two_shards():
 
 @pytest.mark.parametrize("seed", range(20))
 def test_ordering_a_kernels_sorted_rows_only_sorts_rows_with_ties(seed):
-    from mining.knn import _order, _order_ranked
+    from assay.mining.knn import _order, _order_ranked
 
     rng = np.random.default_rng(seed)
     n, depth = 50, int(rng.integers(1, 12))

@@ -9,14 +9,13 @@ import pytest
 pytest.importorskip("faiss")
 pytest.importorskip("sentence_transformers")
 
+from assay.curation.dataset import Dataset, write_dataset  # noqa: E402
+from assay.mining.encoders import EncoderError, load_encoder  # noqa: E402
+from assay.mining.stage import MiningError, mine_dataset  # noqa: E402
+from assay.pipelines.cli import cli  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from helpers.colours import TINY, colour_dataset  # noqa: E402
 from helpers.stdlib_docs import MODULES  # noqa: E402
-
-from curation.dataset import Dataset, write_dataset  # noqa: E402
-from mining.encoders import EncoderError, load_encoder  # noqa: E402
-from mining.stage import MiningError, mine_dataset  # noqa: E402
-from pipelines.cli import cli  # noqa: E402
 
 
 def _docstring_pairs():
@@ -90,7 +89,7 @@ def test_mined_negatives_follow_the_rules_and_never_hit_a_positive(docs_dataset,
 
 
 def test_remining_with_the_same_encoder_encodes_nothing(docs_dataset, minilm, tmp_path):
-    from mining.embed_cache import EmbeddingCache
+    from assay.mining.embed_cache import EmbeddingCache
 
     mine_dataset(docs_dataset, tmp_path / "a", minilm, cache_dir=tmp_path / "cache", rules="top:5")
     calls = []
@@ -115,7 +114,7 @@ def test_a_new_round_replaces_the_last_rounds_negatives(docs_dataset, minilm, tm
 
 
 def test_a_killed_run_resumes_to_the_same_result(docs_dataset, minilm, tmp_path, monkeypatch):
-    import mining.stage as stage
+    import assay.mining.stage as stage
 
     mine_dataset(
         docs_dataset, tmp_path / "ref", minilm, cache_dir=tmp_path / "c1", rules="ranks:2-8,sample:random:2"
@@ -148,8 +147,8 @@ def test_a_killed_run_resumes_to_the_same_result(docs_dataset, minilm, tmp_path,
 
 
 def test_images_with_an_assay_checkpoint(tmp_path):
-    from training.model import MMEmbedder
-    from training.tiny import build_tiny
+    from assay.training.model import MMEmbedder
+    from assay.training.tiny import build_tiny
 
     data = colour_dataset(tmp_path / "colours")
     settings = {k: v for k, v in TINY.items() if k != "seed"}
@@ -188,8 +187,8 @@ def test_mine_command_prints_score_statistics(docs_dataset, tmp_path):
 
 
 def test_mine_then_judge_keeps_n_per_query(tmp_path):
-    from training.model import MMEmbedder
-    from training.tiny import build_tiny
+    from assay.training.model import MMEmbedder
+    from assay.training.tiny import build_tiny
 
     data = colour_dataset(tmp_path / "colours")
     settings = {k: v for k, v in TINY.items() if k != "seed"}
@@ -263,7 +262,7 @@ def test_a_rule_of_ones_own_goes_query_by_query_to_the_same_result(docs_dataset,
     from dataclasses import dataclass
     from typing import ClassVar
 
-    from mining.select import TopK, batch_supported
+    from assay.mining.select import TopK, batch_supported
 
     @dataclass(frozen=True)
     class FirstThree:  # TopK(3) under another name: the batch path does not know it
@@ -276,7 +275,7 @@ def test_a_rule_of_ones_own_goes_query_by_query_to_the_same_result(docs_dataset,
         def token(self) -> str:
             return "first-three"
 
-    from mining.select import AbsoluteMargin
+    from assay.mining.select import AbsoluteMargin
 
     built_in, own = [AbsoluteMargin(0.01), TopK(3)], [AbsoluteMargin(0.01), FirstThree()]
     _, batch = mine_dataset(docs_dataset, tmp_path / "b", minilm, cache_dir=tmp_path / "c", rules=built_in)
@@ -287,7 +286,7 @@ def test_a_rule_of_ones_own_goes_query_by_query_to_the_same_result(docs_dataset,
 
 
 def test_search_blocks_do_not_change_the_result(docs_dataset, minilm, tmp_path, monkeypatch):
-    import mining.stage as stage
+    import assay.mining.stage as stage
 
     rules = "ranks:2-9,sample:random:3"
     mine_dataset(docs_dataset, tmp_path / "one", minilm, cache_dir=tmp_path / "c", rules=rules)

@@ -6,10 +6,7 @@ import hashlib
 import random
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from mining.select import (
+from assay.mining.select import (
     PAPER_STAGE2,
     PAPER_STAGE3,
     AbsoluteMargin,
@@ -29,6 +26,8 @@ from mining.select import (
     query_seed,
     select_negatives,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def ranked(n: int, top: float = 1.0, step: float = 0.01) -> list[Candidate]:

@@ -7,10 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from mining.select import (
+from assay.mining.select import (
     AbsoluteMargin,
     Candidate,
     MaxScore,
@@ -24,6 +21,8 @@ from mining.select import (
     select_batch,
     select_negatives,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 N_DOCS = 24
 # few distinct values, so scores tie with each other and with the rules' thresholds

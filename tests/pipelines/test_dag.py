@@ -24,18 +24,17 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from assay.curation.dataset import Dataset, write_dataset  # noqa: E402
+from assay.curation.quarantine import decode_record  # noqa: E402
+from assay.pipelines.cli import cli  # noqa: E402
+from assay.pipelines.commands import curate  # noqa: E402
+from assay.training.model import MMEmbedder  # noqa: E402
+from assay.training.tiny import build_tiny  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from helpers.badrows import make_fuzz_rows, marker_of, queries_table  # noqa: E402
 from helpers.colours import COLOURS, TINY  # noqa: E402
 from helpers.kill import assert_same_dataset, run_and_kill  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from curation.dataset import Dataset, write_dataset  # noqa: E402
-from curation.quarantine import decode_record  # noqa: E402
-from pipelines.cli import cli  # noqa: E402
-from pipelines.commands import curate  # noqa: E402
-from training.model import MMEmbedder  # noqa: E402
-from training.tiny import build_tiny  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -270,7 +269,14 @@ def test_a_killed_run_resumes_to_the_same_output(tmp_path, ray_local):
     ds = _kill_dataset(tmp_path)
     args = [str(ds.root), "--where", "label != 'negative'", "--max-text-chars", "1000"]
     _invoke(curate.command, [args[0], tmp_path / "clean", *args[1:], "--partitions", 2])
-    cmd = [sys.executable, "-m", "pipelines.commands.curate", args[0], str(tmp_path / "killed"), *args[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "assay.pipelines.commands.curate",
+        args[0],
+        str(tmp_path / "killed"),
+        *args[1:],
+    ]
     cmd += ["--num-cpus", "2", "--partitions", "2"]
     killed = tmp_path / "killed"
     assert run_and_kill(cmd, killed, "_progress/done/*/*.json", count=3), "curate finished before the kill"
@@ -336,7 +342,7 @@ def test_ray_address_runs_the_judge_on_the_clusters_gpu(curated, reranker, gpu_c
     out = run["root"] / "cluster"
     args = [str(a) for a in run["args"]]
     args[1], args[5] = str(out), str(run["root"] / "cluster.sqlite")
-    cmd = [sys.executable, "-m", "pipelines.commands.curate", *args, "--ray-address", address]
+    cmd = [sys.executable, "-m", "assay.pipelines.commands.curate", *args, "--ray-address", address]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"connected to the cluster at {address}" in res.stderr

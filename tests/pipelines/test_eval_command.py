@@ -11,13 +11,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from assay.curation.dataset import write_dataset  # noqa: E402
+from assay.pipelines.cli import cli  # noqa: E402
+from assay.training.model import MMEmbedder  # noqa: E402
+from assay.training.tiny import build_tiny  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from curation.dataset import write_dataset  # noqa: E402
-from pipelines.cli import cli  # noqa: E402
-from training.model import MMEmbedder  # noqa: E402
-from training.tiny import build_tiny  # noqa: E402
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255)}
 TEXTS = [
@@ -126,7 +125,7 @@ def test_eval_subset_and_out(checkpoint, dataset, tmp_path):
 
 
 def test_eval_with_a_truth_counts_every_matching_doc(checkpoint, dataset, tmp_path):
-    from curation.truth import write_truth
+    from assay.curation.truth import write_truth
 
     # the truth: every passage answers every animal question (the labels name one each)
     docs = ["ret-cats", "ret-dogs", "ret-birds"]

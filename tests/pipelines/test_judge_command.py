@@ -10,13 +10,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from assay.curation.dataset import Dataset  # noqa: E402
+from assay.pipelines.cli import cli  # noqa: E402
+from assay.training.model import MMEmbedder  # noqa: E402
+from assay.training.tiny import build_tiny  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from helpers.colours import COLOURS, TINY, colour_dataset  # noqa: E402
-
-from curation.dataset import Dataset  # noqa: E402
-from pipelines.cli import cli  # noqa: E402
-from training.model import MMEmbedder  # noqa: E402
-from training.tiny import build_tiny  # noqa: E402
 
 EXTRA = [
     {"query_id": "q-red-0", "doc_id": f"ans-{c}", "label": "hard_negative"} for c in COLOURS if c != "red"
@@ -56,8 +55,8 @@ def test_judge_command_writes_verdicts_and_reuses_its_cache(reranker, tmp_path):
 
 
 def test_judge_command_measures_its_verdicts_against_a_truth(reranker, tmp_path):
-    from curation.judge.quality import judge_quality
-    from curation.truth import read_truth, write_truth
+    from assay.curation.judge.quality import judge_quality
+    from assay.curation.truth import read_truth, write_truth
 
     data = colour_dataset(tmp_path / "data", extra_pairs=EXTRA)
     gold = [k for k, (label, _, _) in _judged(data).items() if label == "positive"]
@@ -139,8 +138,8 @@ def test_keep_caps_the_judged_hard_negatives_per_query(reranker, tmp_path):
 
 
 def test_a_judge_that_gives_every_pair_the_same_p_yes_is_flagged(tmp_path):
-    from curation.dataset import write_dataset
-    from pipelines.commands.judge import constant_judge_warning
+    from assay.curation.dataset import write_dataset
+    from assay.pipelines.commands.judge import constant_judge_warning
 
     def judged(name, p_yes):
         pairs = [

@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from assay.curation.dataset import DatasetWriter, shard_name
+from assay.curation.judge.quality import JudgeQuality
+from assay.curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS
+from assay.curation.truth import Truth
+from assay.pipelines.commands import report as report_command
+from assay.pipelines.report import build_report
 from click.testing import CliRunner
-
-from curation.dataset import DatasetWriter, shard_name
-from curation.judge.quality import JudgeQuality
-from curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS
-from curation.truth import Truth
-from pipelines.commands import report as report_command
-from pipelines.report import build_report
 
 HOSTILE = "<script>alert(1)</script>"
 SUBSETS = {"colours": "vqa", HOSTILE: "retrieval"}

@@ -14,17 +14,16 @@ import math
 from pathlib import Path
 
 import pytest
+from assay.curation.dataset import write_dataset
 from PIL import Image
-
-from curation.dataset import write_dataset
 
 pytestmark = pytest.mark.ray
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from training.config import config_from_dict  # noqa: E402
-from training.trainer import TrainingError, final_checkpoint, train  # noqa: E402
+from assay.training.config import config_from_dict  # noqa: E402
+from assay.training.trainer import TrainingError, final_checkpoint, train  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 230)}
 TINY = {"hidden_size": 32, "num_layers": 1, "image_size": 16, "patch_size": 1, "vocab_size": 300}
@@ -85,7 +84,7 @@ def _log(output: Path) -> list[dict]:
 
 
 def test_two_workers_reproduce_one_process(colours, one_process, tmp_path, ray_local, capsys):
-    from pipelines.train_ray import train_distributed
+    from assay.pipelines.train_ray import train_distributed
 
     out = tmp_path / "stage1"
     config = config_from_dict({**STAGE1, "data": [colours], "output": str(out)})
@@ -118,7 +117,7 @@ def test_two_workers_reproduce_one_process(colours, one_process, tmp_path, ray_l
 
 
 def test_contrastive_stage_from_the_stage1_checkpoint(colours, one_process, tmp_path, ray_local, monkeypatch):
-    from pipelines.train_ray import train_distributed
+    from assay.pipelines.train_ray import train_distributed
 
     monkeypatch.chdir(tmp_path)  # a relative output is the driver's, though Ray moves the workers
     out = Path("stage2")
@@ -145,7 +144,7 @@ def test_contrastive_stage_from_the_stage1_checkpoint(colours, one_process, tmp_
 
 
 def test_worker_error_comes_back_as_training_error(colours, tmp_path, ray_local):
-    from pipelines.train_ray import train_distributed
+    from assay.pipelines.train_ray import train_distributed
 
     missing = tmp_path / "no-such-model"
     out = tmp_path / "out"
@@ -157,9 +156,8 @@ def test_worker_error_comes_back_as_training_error(colours, tmp_path, ray_local)
 
 
 def test_root_cause_of_each_failure_kind():
+    from assay.pipelines.train_ray import _root_cause
     from ray.train import ControllerError, WorkerGroupError
-
-    from pipelines.train_ray import _root_cause
 
     same = TrainingError("init x: no such model directory")
     assert _root_cause(WorkerGroupError("snippet", {0: same, 1: same})) == str(same)

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from assay.pipelines.cli import main
 from helpers.kill import assay_cmd
-
-from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests" / "data" / "bad_inputs"
@@ -605,10 +604,10 @@ def test_ingest_an_id_clash_takes_its_pair_with_it(tmp_path):
     the (question, image) statements of the kept rows: nothing the input did not say."""
     import random
 
-    from curation.dataset import Dataset
-    from curation.executor import LocalExecutor
-    from curation.ingest import ingest
-    from curation.quarantine import decode_record
+    from assay.curation.dataset import Dataset
+    from assay.curation.executor import LocalExecutor
+    from assay.curation.ingest import ingest
+    from assay.curation.quarantine import decode_record
 
     rng = random.Random(15)
     rows, first = [], {}

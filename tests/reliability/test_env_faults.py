@@ -25,14 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from assay.curation.dataset import MANIFEST, Dataset, write_dataset
+from assay.curation.ingest import ingest
+from assay.curation.lock import OutputInUse, holds_lock, lock_path, output_lock
+from assay.curation.validate import validate
 from helpers.colours import TINY, colour_dataset
 from helpers.kill import assay_cmd, assert_same_dataset, run_ok
 from PIL import Image
-
-from curation.dataset import MANIFEST, Dataset, write_dataset
-from curation.ingest import ingest
-from curation.lock import OutputInUse, holds_lock, lock_path, output_lock
-from curation.validate import validate
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -238,7 +237,7 @@ def train_config(path: Path, data: Path, output: Path) -> Path:
 
 HOLDER = """
 import sys
-from curation.lock import output_lock
+from assay.curation.lock import output_lock
 with output_lock(sys.argv[1], command="test holder"):
     print("locked", flush=True)
     sys.stdin.read()

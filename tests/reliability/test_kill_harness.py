@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from assay.curation.dataset import write_dataset
 from helpers.badrows import make_fuzz_rows, queries_table
 from helpers.colours import COLOURS, TINY, colour_dataset, png
 from helpers.dedup_data import dedup_inputs
@@ -47,8 +48,6 @@ from helpers.fault import (
     manifest_counts,
     run_once,
 )
-
-from curation.dataset import write_dataset
 
 pytest.importorskip("torch")
 
@@ -111,8 +110,8 @@ _TINY_DIR: list[Path] = []  # set by the module's `tiny_dir` fixture: one tiny m
 def tiny_checkpoint() -> Path:
     """A tiny randomly initialised assay embedder (also a judge: its LM head reads yes / no); built
     once per test module, read-only for the commands (judge model, mining encoder, train init)."""
-    from training.model import MMEmbedder
-    from training.tiny import build_tiny
+    from assay.training.model import MMEmbedder
+    from assay.training.tiny import build_tiny
 
     path = _TINY_DIR[0] / "tiny"
     if not (path / "config.json").is_file():
@@ -351,7 +350,7 @@ def check_train_dir(ref: Path, got: Path, label: str) -> Comparison:
 
 def train_phase(out: Path) -> dict:
     """The last complete checkpoint a kill left (what the rerun must resume from)."""
-    from training.checkpoint import latest_checkpoint
+    from assay.training.checkpoint import latest_checkpoint
 
     if (out / "complete.json").is_file():
         return {"complete": True}

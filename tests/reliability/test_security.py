@@ -19,15 +19,14 @@ from pathlib import Path
 import click
 import pytest
 import torch
-
-from curation.safety import UnsafeModelError, refuse_pickle
+from assay.curation.safety import UnsafeModelError, refuse_pickle
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _assay(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
+        [sys.executable, "-m", "assay.pipelines.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -102,12 +101,12 @@ def test_allow_pickle_on_the_command_line_lets_the_load_go_on(pickled_model, tmp
 
 def test_remote_code_is_off_unless_asked_for():
     """Every command that loads a model has --trust-remote-code, and it defaults to off."""
-    from pipelines.cli import cli
+    from assay.pipelines.cli import cli
 
     for command in ("judge", "mine", "curate"):
         (flag,) = [p for p in cli.commands[command].params if p.name == "trust_remote_code"]
         assert flag.is_flag and not flag.get_default(click.Context(cli.commands[command])), command
-    from training.model import load_embedder
+    from assay.training.model import load_embedder
 
     with pytest.raises(ValueError, match="never runs remote code"):
         load_embedder("unused", trust_remote_code=True)
@@ -118,10 +117,9 @@ def test_remote_code_is_off_unless_asked_for():
 
 @pytest.fixture(scope="module")
 def reranker(tmp_path_factory):
+    from assay.training.config import config_from_dict
+    from assay.training.trainer import train
     from helpers.colours import TINY, colour_dataset
-
-    from training.config import config_from_dict
-    from training.trainer import train
 
     root = tmp_path_factory.mktemp("judge")
     colours = colour_dataset(root / "colours")
@@ -162,11 +160,11 @@ def reranker(tmp_path_factory):
 
 
 def test_the_injection_set_runs_against_a_trained_reranker_and_its_flip_rate_is_recorded(reranker):
-    from curation.dataset import Dataset
-    from curation.judge.prompts import load_prompt
-    from curation.judge.robustness import INJECTIONS, injection_flip_rate
-    from training.generative import Reranker
-    from training.model import load_embedder
+    from assay.curation.dataset import Dataset
+    from assay.curation.judge.prompts import load_prompt
+    from assay.curation.judge.robustness import INJECTIONS, injection_flip_rate
+    from assay.training.generative import Reranker
+    from assay.training.model import load_embedder
 
     final, colours = reranker
     ds = Dataset(colours)

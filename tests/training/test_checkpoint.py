@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from training.checkpoint import (  # noqa: E402
+from assay.training.checkpoint import (  # noqa: E402
     MANIFEST_FILE,
     PARTIAL_PREFIX,
     STATE_TENSORS_FILE,
@@ -26,8 +26,8 @@ from training.checkpoint import (  # noqa: E402
     verify_checkpoint,
     weights_hash,
 )
-from training.model import MMEmbedder  # noqa: E402
-from training.tiny import build_tiny  # noqa: E402
+from assay.training.model import MMEmbedder  # noqa: E402
+from assay.training.tiny import build_tiny  # noqa: E402
 
 TEXTS = [
     "Find an image that matches the given description.",
@@ -198,7 +198,7 @@ def test_save_refuses_existing_and_overwrites(saved, tmp_path):
 
 def test_model_id_names_the_weights_not_the_optimizer_state(tmp_path):
     """Two runs that end with the same weights are one model for the judge and embedding caches."""
-    from curation.judge.scoring import TRAINER_STATE_FILE, model_id_for
+    from assay.curation.judge.scoring import TRAINER_STATE_FILE, model_id_for
 
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"weights")

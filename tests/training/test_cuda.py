@@ -9,12 +9,11 @@ import json
 
 import pytest
 import torch
+from assay.training.config import config_from_dict
+from assay.training.evaluate import evaluate
+from assay.training.model import load_embedder
+from assay.training.trainer import LOG_FILE, train
 from helpers.colours import TINY, colour_dataset
-
-from training.config import config_from_dict
-from training.evaluate import evaluate
-from training.model import load_embedder
-from training.trainer import LOG_FILE, train
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from curation.dataset import write_dataset
-from training.evaluate import evaluate, write_metrics
+from assay.curation.dataset import write_dataset
+from assay.training.evaluate import evaluate, write_metrics
 
 DIM = 32
 
@@ -252,7 +251,7 @@ def test_false_negative_is_left_out_of_the_candidates(tmp_path):
 def test_truth_counts_an_unlabelled_match_as_relevant(tmp_path):
     """Real data labels one positive per query: an encoder that ranks another true match first is
     wrong by the labels and right by the truth."""
-    from curation.truth import write_truth
+    from assay.curation.truth import write_truth
 
     queries = [q("cap1", "captions", "retrieval"), q("cap2", "captions", "retrieval")]
     corpus = [d(f"img{j}", "captions") for j in range(6)]
@@ -274,7 +273,7 @@ def test_truth_counts_an_unlabelled_match_as_relevant(tmp_path):
 
 
 def test_truth_decides_where_it_speaks_and_labels_where_it_is_silent(tmp_path):
-    from curation.truth import write_truth
+    from assay.curation.truth import write_truth
 
     corpus = [d("pos", "s"), d("neg", "s"), d("fn", "s")]
     pairs = [p("q", "pos"), p("q", "neg", "hard_negative"), p("q", "fn", "false_negative")]

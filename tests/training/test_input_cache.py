@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from assay.curation.dataset import write_dataset
+from assay.training.data import TrainingData, TrainingDataError
+from assay.training.generative import build_batch, reranker_sample, sample_from_input
+from assay.training.input_cache import InputCache, processor_key
+from assay.training.inputs import CachedInputs, Prefetcher, ProcessorInputs
+from assay.training.model import MMEmbedder
+from assay.training.tiny import build_tiny
 from PIL import Image
-
-from curation.dataset import write_dataset
-from training.data import TrainingData, TrainingDataError
-from training.generative import build_batch, reranker_sample, sample_from_input
-from training.input_cache import InputCache, processor_key
-from training.inputs import CachedInputs, Prefetcher, ProcessorInputs
-from training.model import MMEmbedder
-from training.tiny import build_tiny
 
 TEXTS = ["what colour is it?", "a red square", "a blue circle", "Find the image.", "green", "red"]
 
@@ -158,7 +157,7 @@ def test_the_key_changes_with_the_processor_and_nothing_else(tiny, tmp_path):
     base = processor_key(processor, 1)[0]
     assert processor_key(processor, 1)[0] == base  # stable
     processor.save_pretrained(tmp_path / "p")
-    from training.model import EmbedderProcessor
+    from assay.training.model import EmbedderProcessor
 
     reloaded = EmbedderProcessor.from_dir(tmp_path / "p")
     assert processor_key(reloaded, 1)[0] == base  # the same processor read back: the same entries
@@ -229,7 +228,7 @@ def test_a_damaged_shard_is_deleted_and_rebuilt_not_trusted(tiny, image_dir, tmp
     else:
         data = bytearray()
     shard.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="training.input_cache"):
+    with caplog.at_level(logging.WARNING, logger="assay.training.input_cache"):
         inputs = CachedInputs(emb, InputCache(tmp_path / "cache", emb.processor, 1))
         got = inputs.embed(rows(image_dir), "query")
     assert_same(got, want)  # prepared again, not read from the damaged bytes
@@ -264,7 +263,7 @@ def test_an_unwritable_cache_warns_once_and_training_inputs_still_come(tiny, ima
     emb = embedder(tiny)
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache folder should be")
-    with caplog.at_level(logging.WARNING, logger="training.input_cache"):
+    with caplog.at_level(logging.WARNING, logger="assay.training.input_cache"):
         inputs = CachedInputs(emb, InputCache(blocker, emb.processor, 1))
         got = inputs.embed(rows(image_dir), "query")
         inputs.close()

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from training.losses import GradCache, InfoNCELoss, MiniBatches, gradcache_step  # noqa: E402
+from assay.training.losses import GradCache, InfoNCELoss, MiniBatches, gradcache_step  # noqa: E402
 
 # --- InfoNCE ------------------------------------------------------------------------------------
 

@@ -8,18 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from assay.training.config import ConfigError, config_from_dict, load_config
+from assay.training.data import TrainingData, epoch_batches, generative_sample
+from assay.training.evaluate import evaluate
+from assay.training.generative import Reranker
+from assay.training.inputs import ProcessorInputs
+from assay.training.losses import InfoNCELoss
+from assay.training.model import load_embedder
+from assay.training.steps import StageSteps
+from assay.training.trainer import COMPLETE_FILE, LOG_FILE, TrainingError, final_checkpoint, train
 from helpers.colours import TINY, colour_dataset
 from safetensors.torch import load_file
-
-from training.config import ConfigError, config_from_dict, load_config
-from training.data import TrainingData, epoch_batches, generative_sample
-from training.evaluate import evaluate
-from training.generative import Reranker
-from training.inputs import ProcessorInputs
-from training.losses import InfoNCELoss
-from training.model import load_embedder
-from training.steps import StageSteps
-from training.trainer import COMPLETE_FILE, LOG_FILE, TrainingError, final_checkpoint, train
 
 QUIET = {"progress": False, "save_every": 100}
 
@@ -396,8 +395,8 @@ def test_reranker_trains_the_verdict_the_judge_reads(colours, stage1, tmp_path):
     docs = [data.corpus[data.doc_index["ans-red"]]] * 4
     p_yes = Reranker(embedder).score(queries, docs)
     assert len(p_yes) == 4 and all(0.0 < p < 1.0 for p in p_yes)
-    from curation.judge.scoring import label_token_ids
-    from training.generative import _encode_prompts, build_batch, label_loss, reranker_sample
+    from assay.curation.judge.scoring import label_token_ids
+    from assay.training.generative import _encode_prompts, build_batch, label_loss, reranker_sample
 
     yes, no = label_token_ids(tok, ("yes", "no"))
     # the loss a step computes, on two "yes" and two "no" verdicts, is -log p(verdict) as scored

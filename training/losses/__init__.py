@@ -3,7 +3,7 @@
 Only torch is needed: nothing here imports the curation stack, Ray or polars.
 """
 
-from training.losses.gradcache import GradCache, MiniBatches, gradcache_step
-from training.losses.infonce import InfoNCELoss
+from assay.training.losses.gradcache import GradCache, MiniBatches, gradcache_step
+from assay.training.losses.infonce import InfoNCELoss
 
 __all__ = ["GradCache", "InfoNCELoss", "MiniBatches", "gradcache_step"]

@@ -97,7 +97,7 @@ class GradCache:
             ::
 
                 import torch
-                from training.losses import GradCache, InfoNCELoss
+                from assay.training.losses import GradCache, InfoNCELoss
 
                 torch.manual_seed(0)
                 encoder = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Dropout(0.1),
@@ -211,7 +211,7 @@ def gradcache_step(
         ::
 
             import torch
-            from training.losses import InfoNCELoss, gradcache_step
+            from assay.training.losses import InfoNCELoss, gradcache_step
 
             q_enc, c_enc = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
             loss = gradcache_step(q_enc, c_enc, torch.randn(32, 16), torch.randn(32, 16),

@@ -88,7 +88,7 @@ class InfoNCELoss(nn.Module):
 
                 import torch
                 import torch.nn.functional as F
-                from training.losses import InfoNCELoss
+                from assay.training.losses import InfoNCELoss
 
                 loss_fn = InfoNCELoss()  # temperature 0.03, in-batch + shared hard negatives
                 q = F.normalize(torch.randn(4, 8), dim=-1)
