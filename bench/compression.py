@@ -67,9 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(shape: str, tokens: int, vanilla: bool, device: str, dtype):
     """Random-weight model of the shape; transformers' class for vanilla, assay's for compressed."""
     import torch
+    from transformers import InternVLForConditionalGeneration
+
     from assay.training.model import CompressedInternVLForConditionalGeneration
     from assay.training.tiny import internvl3_2b_config, tiny_config
-    from transformers import InternVLForConditionalGeneration
 
     if shape == "tiny":
         config = tiny_config(TINY_VOCAB, TINY_IMAGE_IDS[2], tokens_per_tile=tokens)
@@ -110,6 +111,7 @@ def make_batch(args: argparse.Namespace, tokens: int, config, device: str, dtype
 def worker(args: argparse.Namespace) -> dict:
     """One setting, this process: build, warm up, time ``--iters`` batches, read the peaks."""
     import torch
+
     from assay.training.model import MMEmbedder
 
     tokens = args.worker

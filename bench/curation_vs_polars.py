@@ -241,6 +241,7 @@ def main() -> None:
     print(f"polars (1 process):  {t_polars:7.2f}s  {n_rows / t_polars:>12,.0f} rows/s")
 
     import ray
+
     from assay.curation.dedup import dedup
     from assay.curation.validate import validate
     from assay.pipelines.executors import RayExecutor

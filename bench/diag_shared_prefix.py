@@ -8,12 +8,11 @@ import torch
 from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()
+import bench.judge_throughput as bj  # noqa: E402
 from assay.curation.judge.hf import TransformersScorer  # noqa: E402
 from assay.curation.judge.prompts import images_of, load_prompt, render  # noqa: E402
 from assay.curation.judge.scoring import JudgeItem  # noqa: E402
 from assay.training.tiny import build_tiny  # noqa: E402
-
-import bench.judge_throughput as bj  # noqa: E402
 
 device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 pairs, labels = bj._pairs(256, 8)

@@ -34,9 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
 
+from PIL import Image, ImageDraw  # noqa: E402
+
 from assay.curation.judge.prompts import images_of, load_prompt, render  # noqa: E402
 from assay.curation.judge.scoring import JudgeItem  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30)}
 WORDS = [

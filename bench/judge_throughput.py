@@ -86,9 +86,10 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from assay.curation.judge.hf import TransformersScorer, load_pil, prompt_text
+    from assay.curation.judge.hf import TransformersScorer, prompt_text
     from assay.curation.judge.prompts import images_of, load_prompt, render
     from assay.curation.judge.scoring import JudgeItem, label_token_ids
+    from assay.curation.schema import load_image
     from assay.training.tiny import build_tiny
 
     pairs, labels, per_query = _pairs(args.pairs, args.per_query)
@@ -111,7 +112,7 @@ def main() -> None:
         for it in items:
             enc = processor(
                 text=[prompt_text(processor, it.parts)],
-                images=[load_pil(i) for i in it.images],
+                images=[load_image(i) for i in it.images],
                 return_tensors="pt",
             ).to(args.device)
             out = model.generate(

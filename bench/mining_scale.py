@@ -94,6 +94,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import faiss
+
     from assay.mining.knn import search
 
     q = make_queries(args)

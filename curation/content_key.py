@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
 from assay.curation.schema import resolve_image_path
 
 #: Bump when the normalisation or the key layout changes: a stage's config records it, so a resumed

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from assay.curation.schema import DATA_TABLES, QUARANTINE, SCHEMA_VERSION, SCHEMAS
 
 MANIFEST = "manifest.json"

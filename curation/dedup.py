@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from assay.curation.content_key import CONTENT_KEY_VERSION
 from assay.curation.dataset import PROGRESS, Dataset, Manifest
 from assay.curation.dedup_scan import ROW_SCAN_SCHEMA, eval_scan_task, scan_shard

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from assay.curation.content_key import image_data, image_sha256, key_from_sha, text_key, text_only_keys
 from assay.curation.dataset import atomic_write_parquet
 from assay.curation.near_image import THUMB_BYTES, image_signature

@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from assay.curation.hamming import _mix
 
 RELEVANT = ("positive", "false_negative")

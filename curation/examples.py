@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from assay.curation.dataset import MANIFEST, TMP_PREFIX, Dataset, Manifest, remove_stale_tmp
 from assay.curation.examples_captions import Caption, Look, caption_figures, caption_truth, label_captions
 from assay.curation.executor import Executor, LocalExecutor

@@ -64,12 +64,13 @@ from typing import Any
 
 import polars as pl
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
 from assay.curation import export_formats
 from assay.curation.dataset import Dataset, code_version
 from assay.curation.export_images import IMAGES_DIR, ImageStore, extract_images, image_extension
 from assay.curation.filter_expr import parse_filter
 from assay.curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS
-from tqdm.auto import tqdm
 
 FORMATS = ("parquet", "jsonl", "hf", "triplet", "n-tuple", "labeled-pair", "labeled-list")
 #: The sentence-transformers formats (text only).

@@ -17,9 +17,10 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
 from assay.curation.dataset import TMP_PREFIX, Dataset
 from assay.curation.schema import QUERIES, resolve_image_path
-from tqdm.auto import tqdm
 
 IMAGES_DIR = "images"
 

@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from assay.curation.dataset import Dataset, DatasetError, Manifest
 from assay.curation.executor import Executor
 from assay.curation.filter_expr import Filter, FilterError, parse_filter

@@ -29,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
 from assay.curation.dataset import (
     Dataset,
     Manifest,

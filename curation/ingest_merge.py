@@ -35,6 +35,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from assay.curation.dataset import (
     AlreadyComplete,
     DatasetWriter,

@@ -33,6 +33,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from assay.curation.dataset import TMP_PREFIX, atomic_write_json
 from assay.curation.quarantine import QuarantineBuilder
 from assay.curation.schema import CORPUS, LABELS, PAIRS, QUARANTINE, QUERIES, SCHEMAS, resolve_image_path

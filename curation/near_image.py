@@ -50,6 +50,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
 from assay.curation.content_key import DEFAULT_MAX_IMAGE_PIXELS
 
 #: The thumbnail's grid (GRID x GRID cells of RGB) and its size in bytes.

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import pyarrow as pa
+
 from assay.curation.schema import QUARANTINE_SCHEMA
 
 

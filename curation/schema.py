@@ -15,8 +15,11 @@ as a bare string when it can use these.
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -145,3 +148,28 @@ def resolve_image_cell(image: dict[str, Any] | None, data_root: str | os.PathLik
             )
         path = resolved.full
     return {"bytes": image.get("bytes"), "path": path}
+
+
+def load_image(value: Any, root: str | os.PathLike | None = None) -> Any:
+    """An RGB PIL image from a PIL image, raw bytes, a path or a ``{bytes, path}`` cell: the one image
+    reader of the judge's backends, the encoders and the embedder.
+
+    A relative path is resolved under ``root`` (the dataset's data root), as the dataset format says.
+    The file is closed before returning (``convert`` makes the copy that is returned).
+    """
+    from PIL import Image  # PIL only where an image is read
+
+    if isinstance(value, Mapping):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, bytes | bytearray):
+        with Image.open(io.BytesIO(value)) as im:
+            return im.convert("RGB")
+    if isinstance(value, str | os.PathLike):
+        path = Path(value)
+        if not path.is_absolute() and root is not None:
+            path = Path(root) / path
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    raise TypeError(f"cannot read an image from {type(value).__name__}")

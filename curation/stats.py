@@ -16,9 +16,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
 from assay.curation.dataset import Dataset
 from assay.curation.schema import CORPUS, DATA_TABLES, PAIRS, QUARANTINE, QUERIES
-from tqdm.auto import tqdm
 
 #: The key used for a missing (null) subset, task, label, stage or reason.
 NULL_KEY = "(none)"

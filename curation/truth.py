@@ -46,6 +46,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from assay.curation.dataset import atomic_write_parquet
 
 TRUTH_COLUMNS = ("query_id", "doc_id")

@@ -55,6 +55,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
 from assay.curation.dataset import Dataset, Manifest
 from assay.curation.executor import Executor
 from assay.curation.schema import (
@@ -68,7 +70,6 @@ from assay.curation.schema import (
     resolve_image_path,
 )
 from assay.curation.shardstage import read_scans, run_shard_stage, split_by_shard
-from PIL import Image, UnidentifiedImageError
 
 STAGE = "validate"
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from assay.curation.content_key import image_data
 from assay.curation.schema import resolve_image_cell
 from assay.mining.encoders import Encoder, Side

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+
 from assay.curation.judge.scoring import model_id_for
 from assay.curation.safety import refuse_pickle
 
@@ -124,9 +125,9 @@ class SentenceTransformerEncoder:
                 "use an assay checkpoint for image+text rows"
             )
         if image is not None:
-            from assay.curation.judge.hf import load_pil
+            from assay.curation.schema import load_image
 
-            return load_pil(image, self.image_root)
+            return load_image(image, self.image_root)
         if self.instructions and row.get("instruction"):
             return f"{row['instruction']} {text or ''}".strip()
         return text or ""

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from assay.curation.content_key import image_data
 from assay.curation.dataset import Dataset, ShardSink, shard_name
 from assay.curation.schema import CORPUS, IMAGE_TYPE, ROW_COLUMNS

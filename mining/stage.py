@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from assay.curation.content_key import content_key, normalize_texts
 from assay.curation.dataset import (
     AlreadyComplete,

@@ -12,6 +12,7 @@ import os
 import sys
 
 import click
+
 from assay.curation import __version__
 
 

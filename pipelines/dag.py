@@ -70,6 +70,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from assay.curation.dataset import AlreadyComplete, Dataset, DatasetWriter, Manifest, atomic_write_parquet
 from assay.curation.dedup import CONFLICTS, DEFAULT_DECONTAMINATE, dedup_config, eval_rows
 from assay.curation.dedup import STAGE as DEDUP
@@ -544,8 +545,9 @@ def _judge_pool(
 def _start_cache(path: str | os.PathLike | None) -> Any:
     """The judgment cache's actor, on this (the driver's) node so that the path means what it says."""
     import ray
-    from assay.curation.judge.cache import default_cache_path
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from assay.curation.judge.cache import default_cache_path
 
     options: dict[str, Any] = {"num_cpus": 0}
     with contextlib.suppress(Exception):  # a Ray client has no node of its own: then anywhere

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from assay.curation.judge.cache import Key
 from assay.curation.judge.scoring import Score, Scorer
 from assay.curation.judge.stage import (

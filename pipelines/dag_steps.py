@@ -25,6 +25,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from assay.curation.dataset import PROGRESS, ShardSink, atomic_write_parquet
 from assay.curation.dedup import CONFLICTS, plan_content_rows, plan_pair_rows
 from assay.curation.dedup import STAGE as DEDUP

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from assay.curation.dedup_targets import IRRELEVANT, RELEVANT, attach_targets, item_keys, targets_by_owner
 from assay.curation.schema import CORPUS, QUERIES
 from assay.pipelines.dag_steps import attach, is_null, strings

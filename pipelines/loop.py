@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from assay.curation.dataset import atomic_write_bytes, atomic_write_json
 from assay.curation.lock import output_lock
 
@@ -525,6 +526,7 @@ def _describe(e: BaseException) -> str:
 def command_params(run: str) -> set[str]:
     """The long option names of ``assay RUN``, without the dashes (``format``, ``ray-address``)."""
     import click
+
     from assay.pipelines.cli import cli
 
     cmd = cli.commands.get(run)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from assay.curation.dataset import Dataset, DatasetError
 from assay.curation.schema import QUERIES
 from assay.pipelines import report_plots as plots

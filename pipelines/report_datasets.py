@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
+
 from assay.curation.dataset import Dataset
 from assay.curation.judge.stage import p_yes_histograms
 from assay.curation.schema import PAIRS

@@ -82,6 +82,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     import ray.train.torch
     import torch.distributed as dist
+
     from assay.training.config import config_from_dict
     from assay.training.trainer import TrainingError, train
 

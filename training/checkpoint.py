@@ -46,11 +46,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
 from assay.curation.dataset import atomic_write_json, code_version, fingerprint
 from assay.curation.judge.scoring import TRAINER_STATE_FILE, weights_sha256
 from assay.curation.safety import UnsafeModelError, refuse_pickle
 from assay.training.model import MMEmbedder, load_embedder
-from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+
 from assay.curation.dataset import Dataset
 from assay.curation.schema import resolve_image_path
 

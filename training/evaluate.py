@@ -66,6 +66,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
 from assay.curation.dataset import Dataset, atomic_write_json
 from assay.curation.schema import CORPUS, QUERIES, SCHEMAS, resolve_image_cell
 from assay.curation.truth import Truth, read_truth
@@ -79,7 +81,6 @@ from assay.training.evaluate_index import (
     build_index,
     subset_key,
 )
-from tqdm.auto import tqdm
 
 __all__ = ["NEGATIVE_LABELS", "NULL_KEY", "RETRIEVAL_TASKS", "evaluate", "write_metrics"]
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+
 from assay.curation.dataset import Dataset
 from assay.curation.schema import CORPUS, PAIRS, QUERIES
 from assay.curation.truth import Truth

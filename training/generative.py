@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from assay.curation.judge.hf import TransformersScorer
 from assay.curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render
 from assay.curation.judge.scoring import JudgeItem
-from assay.training.model import MMEmbedder, load_image
+from assay.curation.schema import load_image
+from assay.training.model import MMEmbedder
 
 IGNORE = -100
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from assay.curation.dataset import TMP_PREFIX, atomic_write_bytes, fingerprint
 
 log = logging.getLogger(__name__)

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+
+from assay.curation.schema import load_image
 from assay.training.data import read_image_bytes
 from assay.training.generative import IGNORE, Sample, build_batch
 from assay.training.input_cache import IDS, PIXELS, InputCache, entry_key
-from assay.training.model import MMEmbedder, Side, load_image
-from PIL import Image
+from assay.training.model import MMEmbedder, Side
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ where a part with nothing to say (no instruction, no image, no text) is left out
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -40,7 +39,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from assay.curation.safety import refuse_pickle
 from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, InternVLConfig, InternVLProcessor
@@ -50,6 +48,9 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLModel,
     InternVLPreTrainedModel,
 )
+
+from assay.curation.safety import refuse_pickle
+from assay.curation.schema import load_image
 
 log = logging.getLogger(__name__)
 
@@ -194,25 +195,6 @@ def format_prompt(row: Mapping[str, Any], side: Side, image_token: str) -> str:
     if not parts:
         raise ValueError(f"row has no instruction, image or text: {dict(row)!r}")
     return " ".join(parts)
-
-
-def load_image(value: Any, root: str | os.PathLike | None = None) -> Image.Image:
-    """A PIL RGB image from a PIL image, raw bytes, a path, or a ``{bytes, path}`` cell.
-
-    A relative path is resolved under ``root`` (the dataset's data root), as the dataset format says.
-    """
-    if isinstance(value, Mapping):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        image = Image.open(path if path.is_absolute() or root is None else Path(root) / path)
-    else:
-        raise TypeError(f"cannot read an image from {type(value).__name__}")
-    return image.convert("RGB")
 
 
 # ---------------------------------------------------------------- the embedder

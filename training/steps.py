@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from assay.curation.judge.scoring import label_token_ids
 from assay.training.config import TrainConfig
 from assay.training.data import ContrastiveUnit, TrainingData, generative_sample

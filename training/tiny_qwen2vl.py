@@ -26,10 +26,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from assay.training.tiny import IM_END, LABEL_WORDS, PAD, train_tokenizer
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+from assay.training.tiny import IM_END, LABEL_WORDS, PAD, train_tokenizer
 
 #: Qwen2-VL's own special tokens, named as its processor and config read them.
 VISION_TOKENS = {

@@ -54,6 +54,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
+
 from assay.curation.dataset import atomic_write_bytes, atomic_write_json, fingerprint
 from assay.training.checkpoint import (
     ADAPTER_DIR,
@@ -72,7 +74,6 @@ from assay.training.data import CAPTION_PROMPT, LABEL_PROMPT, TrainingData, epoc
 from assay.training.inputs import Prefetcher, model_inputs
 from assay.training.model import MMEmbedder, load_embedder
 from assay.training.steps import Prepared, StageSteps, TrainingError, autocast
-from tqdm.auto import tqdm
 
 __all__ = ["COMPLETE_FILE", "LOG_FILE", "TrainingError", "final_checkpoint", "resolve_device", "train"]
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,26 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from assay.curation.judge.scoring import JudgeItem, Score, checked_score, label_token_ids, model_id_for
-from assay.curation.safety import refuse_pickle
 from PIL import Image
 
-
-def load_pil(value: Any, root: str | os.PathLike | None = None) -> Image.Image:
-    """An RGB PIL image from PIL, raw bytes, a path (relative ones under ``root``) or a {bytes, path} cell."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if not path.is_absolute() and root is not None:
-            path = Path(root) / path
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    raise TypeError(f"cannot read an image from {type(value).__name__}")
+from assay.curation.judge.scoring import JudgeItem, Score, checked_score, label_token_ids, model_id_for
+from assay.curation.safety import refuse_pickle
+from assay.curation.schema import load_image
 
 
 def prompt_text(processor: Any, parts: list[dict[str, str]]) -> str:
@@ -333,7 +317,7 @@ class TransformersScorer:
         def pil(value: Any) -> Image.Image:
             key = image_key(value, self.image_root)
             if key not in loaded:
-                loaded[key] = load_pil(value, self.image_root)
+                loaded[key] = load_image(value, self.image_root)
             return loaded[key]
 
         members = [i for g in groups for i in g.members]
@@ -401,7 +385,7 @@ class TransformersScorer:
     def _forward(self, items: Sequence[JudgeItem], texts: Sequence[str]) -> list[Score]:
         for it in items:  # unknown label words fail here, before the forward pass
             self.label_ids(tuple(it.labels))
-        images = [load_pil(img, self.image_root) for it in items for img in it.images]
+        images = [load_image(img, self.image_root) for it in items for img in it.images]
         kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt", "padding_side": "left"}
         if images and not hasattr(self.processor, "image_processor"):
             raise ValueError("this judge's processor takes no images (a text-only model)")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from assay.judge_prompts import PROMPTS_DIR
 
 FAMILIES = ("classification", "vqa", "retrieval", "grounding", "visdoc", "text")

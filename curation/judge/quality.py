@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from assay.curation.dataset import Dataset
 from assay.curation.schema import PAIRS, QUERIES
 from assay.curation.truth import Truth

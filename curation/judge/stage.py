@@ -35,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from assay.curation.dataset import AlreadyComplete, Dataset, DatasetWriter, Manifest, atomic_write_parquet
 from assay.curation.judge.cache import JudgmentCache, Key, content_hash
 from assay.curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render

@@ -50,6 +50,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from assay.curation.judge.scoring import JudgeItem, Score, checked_score, label_token_ids, model_id_for
 from assay.curation.safety import refuse_pickle
 
@@ -144,14 +145,15 @@ class VLLMScorer:
 
     def _request(self, item: JudgeItem) -> tuple[dict[str, Any], Any]:
         """(vLLM prompt, SamplingParams) of one item; raises when the item cannot be rendered."""
-        from assay.curation.judge.hf import load_pil, prompt_text
+        from assay.curation.judge.hf import prompt_text
+        from assay.curation.schema import load_image
 
         yes, no = self.label_ids(tuple(item.labels))
         prompt: dict[str, Any] = {"prompt": prompt_text(self.processor, item.parts)}
         if item.images:
             if not self._vision:
                 raise ValueError("this judge's processor takes no images (a text-only model)")
-            prompt["multi_modal_data"] = {"image": [load_pil(im, self.image_root) for im in item.images]}
+            prompt["multi_modal_data"] = {"image": [load_image(im, self.image_root) for im in item.images]}
         params = self._SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[yes, no])
         return prompt, params
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from assay.curation.dataset import AlreadyComplete, Dataset, DatasetError, remove_stale_tmp
 from assay.curation.lock import OutputInUse, describe_holder, output_lock
 

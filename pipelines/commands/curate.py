@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from assay.curation.dedup import DEFAULT_DECONTAMINATE
 from assay.curation.schema import DATA_TABLES
 from assay.curation.validate import ValidateConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from assay.curation.dedup import dedup
 from assay.pipelines.commands.common import (
     build_executor,

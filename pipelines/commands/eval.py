@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from assay.pipelines.commands.common import (
     friendly_errors,
     open_dataset,
@@ -215,6 +216,7 @@ def command(
                 )
         try:
             import torch
+
             from assay.training.evaluate import evaluate, write_metrics
             from assay.training.model import load_embedder
         except ImportError as e:

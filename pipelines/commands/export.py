@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from assay.curation.export import FORMATS
 from assay.pipelines.commands.common import friendly_errors, open_dataset, writing
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from assay.curation.schema import DATA_TABLES
 from assay.pipelines.commands.common import (
     build_executor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from assay.curation.ingest import (
     DOC_TARGETS,
     FORMATS,

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import click
+
 from assay.pipelines.commands.common import (
     friendly_errors,
     judge_scoring_options,
@@ -202,10 +203,11 @@ def command(
     """
     with writing(out, "judge"):
         quiet_transformers()
+        from tqdm import tqdm
+
         from assay.curation.judge.cache import default_cache_path
         from assay.curation.judge.stage import judge_dataset, p_yes_histograms
         from assay.curation.judge.verdicts import parse_rule
-        from tqdm import tqdm
 
         src = open_dataset(dataset)
         verdict_rule = parse_rule(rule)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+
 from assay.pipelines.commands.common import quiet_transformers, writing
 
 

@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import click
+
 from assay.pipelines.commands.common import (
     friendly_errors,
     open_dataset,
@@ -164,9 +165,10 @@ def command(
     unjudged = writing(mined_out, "mine") if judge_model else contextlib.nullcontext()
     with writing(out, "mine"), unjudged:
         quiet_transformers()
+        from tqdm import tqdm
+
         from assay.mining.encoders import load_encoder
         from assay.mining.stage import mine_dataset
-        from tqdm import tqdm
 
         src = open_dataset(dataset)
         corpus = [open_dataset(p) for p in pools]
@@ -228,10 +230,11 @@ def command(
 
 
 def _judge(mined, out, model, device, batch_size, keep, cache, trust_remote_code, no_progress, overwrite):
+    from tqdm import tqdm
+
     from assay.curation.judge.cache import default_cache_path
     from assay.curation.judge.stage import judge_dataset
     from assay.pipelines.commands.judge import scorer_factory
-    from tqdm import tqdm
 
     src = open_dataset(mined)
     scorer = scorer_factory(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from assay.pipelines.commands.common import friendly_errors, writing
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+
 from assay.pipelines.commands.common import friendly_errors, open_dataset
 
 

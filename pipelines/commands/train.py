@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+
 from assay.pipelines.commands.common import friendly_errors, quiet_transformers, writing
 
 

@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from assay.curation.dataset import (
     MANIFEST,
     Dataset,

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers.badrows import png as png_bytes
+from PIL import Image
+
 from assay.curation.content_key import content_key, iter_content_keys, normalize_text
 from assay.curation.dataset import Dataset, DatasetError, write_dataset
 from assay.curation.dedup import dedup
@@ -16,8 +19,6 @@ from assay.curation.hamming import _popcount_swar, greedy_near_duplicates, near_
 from assay.curation.near_image import image_signature
 from assay.curation.quarantine import decode_record
 from assay.curation.schema import CORPUS, PAIRS, QUERIES
-from helpers.badrows import png as png_bytes
-from PIL import Image
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -663,8 +664,9 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
 @pytest.mark.ray
 def test_cli_with_ray_executor(tmp_path, ray_local):
-    from assay.pipelines.commands.dedup import command
     from click.testing import CliRunner
+
+    from assay.pipelines.commands.dedup import command
 
     src, ev = _big_source(tmp_path)
     local = dedup(src, tmp_path / "local", against=[ev])
@@ -681,8 +683,9 @@ def test_cli_with_ray_executor(tmp_path, ray_local):
 
 
 def test_cli_help_and_errors(tmp_path):
-    from assay.pipelines.commands.dedup import command
     from click.testing import CliRunner
+
+    from assay.pipelines.commands.dedup import command
 
     runner = CliRunner()
     help_text = runner.invoke(command, ["--help"]).output

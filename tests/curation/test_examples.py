@@ -8,6 +8,7 @@ import collections
 
 import numpy as np
 import pytest
+
 from assay.curation.dataset import Dataset, DatasetError
 from assay.curation.examples_captions import Caption, Look, captions_of, label_captions
 from assay.curation.truth import read_truth

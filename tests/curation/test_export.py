@@ -9,11 +9,12 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
+
 from assay.curation.dataset import Dataset, write_dataset
 from assay.curation.export import FLAT_COLUMNS, ExportError, export_dataset, image_extension
 from assay.curation.filter_expr import FilterError
 from assay.pipelines.commands.export import command as export_command
-from click.testing import CliRunner
 
 
 @pytest.fixture

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
+
 from assay.curation.dataset import Dataset, write_dataset
 from assay.curation.executor import LocalExecutor
 from assay.curation.filter import filter_dataset
 from assay.curation.filter_expr import FilterError
 from assay.pipelines.commands.filter import command as filter_command
-from click.testing import CliRunner
 
 
 def rows(ds: Dataset, table: str) -> list[dict]:

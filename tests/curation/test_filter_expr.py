@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import assay.curation.filter_expr as fe
 import polars as pl
 import pytest
+
+import assay.curation.filter_expr as fe
 from assay.curation.filter_expr import FilterError, parse_filter
 
 DF = pl.DataFrame(
@@ -187,6 +188,7 @@ def test_check_types(text, needle):
 
 def test_check_struct_column_only_null_tests():
     import pyarrow as pa
+
     from assay.curation.schema import QUERIES_SCHEMA
 
     schema = dict(zip(QUERIES_SCHEMA.names, QUERIES_SCHEMA.types, strict=True))

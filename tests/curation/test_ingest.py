@@ -11,13 +11,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
+
 from assay.curation.dataset import Dataset, DatasetError
 from assay.curation.executor import LocalExecutor
 from assay.curation.ingest import IngestError, ingest, ingest_split_folders, split_folders
 from assay.curation.quarantine import decode_record
 from assay.curation.truth import read_truth
 from assay.pipelines.commands.ingest import command
-from click.testing import CliRunner
 
 # ------------------------------------------------------------------------------------------ helpers
 

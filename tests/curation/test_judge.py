@@ -7,12 +7,13 @@ import hashlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.colours import COLOURS, colour_dataset
+
 from assay.curation.dataset import Dataset
 from assay.curation.judge.cache import JudgmentCache, Key, content_hash
 from assay.curation.judge.scoring import JudgeItem, Score, label_token_ids, p_yes_from_margin
 from assay.curation.judge.stage import JudgeError, judge_dataset, read_failures
 from assay.curation.judge.verdicts import VerdictRule, parse_rule
-from helpers.colours import COLOURS, colour_dataset
 
 #: The fake judge says "yes" to a vqa answer naming the green colour, "no" to other hard negatives.
 EXTRA = [

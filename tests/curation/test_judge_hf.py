@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.colours import COLOURS, TINY, png
+
 from assay.curation.judge.hf import TransformersScorer
 from assay.curation.judge.prompts import images_of, load_prompt, render
 from assay.curation.judge.scoring import JudgeItem, label_token_ids
 from assay.training.tiny import build_tiny
-from helpers.colours import COLOURS, TINY, png
 
 SETTINGS = {k: v for k, v in TINY.items() if k != "seed"}
 
@@ -43,10 +44,11 @@ def _items():
 
 def _reference(model, processor, item):
     """softmax over the two label logits of one unpadded prompt's full-vocabulary logits."""
-    from assay.curation.judge.hf import load_pil, prompt_text
+    from assay.curation.judge.hf import prompt_text
+    from assay.curation.schema import load_image
 
     text = prompt_text(processor, item.parts)
-    kw = {"images": [load_pil(i) for i in item.images]} if item.images else {}
+    kw = {"images": [load_image(i) for i in item.images]} if item.images else {}
     enc = processor(text=[text], return_tensors="pt", **kw)
     with torch.no_grad():
         logits = model(**enc).logits[0, -1]
@@ -155,7 +157,8 @@ def test_the_same_prompt_text_with_different_images_is_not_shared(tiny):
 
 
 def test_a_cut_that_tokenises_differently_turns_prefix_sharing_off(tiny):
-    from assay.curation.judge.hf import load_pil, prompt_text
+    from assay.curation.judge.hf import prompt_text
+    from assay.curation.schema import load_image
 
     model, processor, _ = tiny
     item = _mined()[0]
@@ -168,7 +171,7 @@ def test_a_cut_that_tokenises_differently_turns_prefix_sharing_off(tiny):
         for c in range(text.index("colour"), len(text))
         if (pre := processor.tokenizer(text[:c], add_special_tokens=False)["input_ids"]) != ids[: len(pre)]
     )
-    assert not scorer._check_tokenisation(text, text[:cut], [load_pil(i) for i in item.images])
+    assert not scorer._check_tokenisation(text, text[:cut], [load_image(i) for i in item.images])
     assert not scorer.prefix_sharing
     assert [s.ok for s in scorer.score(_mined())] == [True] * len(_mined())
 

@@ -19,9 +19,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from PIL import Image
+
 from assay.curation.judge.openai_backend import OpenAIScorer, margin_from_top_logprobs
 from assay.curation.judge.scoring import JudgeItem, Scorer, p_yes_from_margin
-from PIL import Image
 
 
 class _State:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from assay.curation.judge.prompts import (
     FAMILIES,
     PromptError,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
+from helpers.colours import COLOURS, colour_dataset
+
 from assay.curation.dataset import Dataset, write_dataset
 from assay.curation.judge.quality import judge_quality, roc_auc
 from assay.curation.judge.stage import judge_dataset
 from assay.curation.truth import Truth, TruthError, read_truth, write_truth
-from helpers.colours import COLOURS, colour_dataset
 
 
 def judged(q, d, label, p, verdict):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from click.testing import CliRunner
+
 from assay.curation.dataset import Dataset, write_dataset
 from assay.curation.filter import filter_dataset
 from assay.curation.stats import MISSING_QUERY, NULL_KEY, dataset_stats, format_stats
 from assay.pipelines.commands.stats import command as stats_command
-from click.testing import CliRunner
 
 
 def qrow(table, reason, stage):

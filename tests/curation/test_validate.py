@@ -8,9 +8,6 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from assay.curation.dataset import Dataset, DatasetError, write_dataset
-from assay.curation.quarantine import decode_record
-from assay.curation.validate import ValidateConfig, check_image, validate
 from click.testing import CliRunner
 from helpers.badrows import (
     huge_png_header,
@@ -21,6 +18,10 @@ from helpers.badrows import (
     stated_pairs,
     truncated_png,
 )
+
+from assay.curation.dataset import Dataset, DatasetError, write_dataset
+from assay.curation.quarantine import decode_record
+from assay.curation.validate import ValidateConfig, check_image, validate
 
 
 def quarantine_rows(root) -> list[dict]:

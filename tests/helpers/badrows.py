@@ -266,6 +266,7 @@ def stated_pairs(queries: list[dict], corpus: list[dict], pairs: list[dict]) -> 
 def queries_table(rows: list[dict]):
     """Queries as an Arrow table; texts holding lone surrogates become invalid UTF-8 bytes."""
     import pyarrow as pa
+
     from assay.curation.schema import QUERIES_SCHEMA
 
     texts = [None if r.get("text") is None else r["text"].encode("utf-8", "surrogateescape") for r in rows]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from assay.curation.dataset import write_dataset
 from PIL import Image
+
+from assay.curation.dataset import write_dataset
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (240, 230, 30)}
 #: Tiny model settings for tests: a 16 x 16 grid (patch 1 on 16 px), one layer, one 32-wide head.

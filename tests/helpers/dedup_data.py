@@ -7,8 +7,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-from assay.curation.dataset import Dataset, write_dataset
 from PIL import Image
+
+from assay.curation.dataset import Dataset, write_dataset
 
 
 @functools.cache

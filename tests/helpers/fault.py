@@ -42,6 +42,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from assay.curation.schema import CORPUS, PAIRS, QUARANTINE, QUERIES
 
 REPORT_ENV = "ASSAY_FAULT_REPORT"

@@ -9,13 +9,14 @@ import pytest
 pytest.importorskip("faiss")
 pytest.importorskip("sentence_transformers")
 
+from click.testing import CliRunner  # noqa: E402
+from helpers.colours import TINY, colour_dataset  # noqa: E402
+from helpers.stdlib_docs import MODULES  # noqa: E402
+
 from assay.curation.dataset import Dataset, write_dataset  # noqa: E402
 from assay.mining.encoders import EncoderError, load_encoder  # noqa: E402
 from assay.mining.stage import MiningError, mine_dataset  # noqa: E402
 from assay.pipelines.cli import cli  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-from helpers.colours import TINY, colour_dataset  # noqa: E402
-from helpers.stdlib_docs import MODULES  # noqa: E402
 
 
 def _docstring_pairs():

@@ -13,6 +13,10 @@ import pytest
 pytest.importorskip("faiss")
 pytest.importorskip("sentence_transformers")
 
+from click.testing import CliRunner  # noqa: E402
+from helpers.colours import png  # noqa: E402
+from helpers.stdlib_docs import MODULES  # noqa: E402
+
 import assay.mining.pools as pools  # noqa: E402
 import assay.mining.stage as stage  # noqa: E402
 from assay.curation.dataset import Dataset, DatasetError, write_dataset  # noqa: E402
@@ -21,9 +25,6 @@ from assay.mining.encoders import load_encoder  # noqa: E402
 from assay.mining.pools import PoolError  # noqa: E402
 from assay.mining.stage import mine_dataset  # noqa: E402
 from assay.pipelines.cli import cli  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-from helpers.colours import png  # noqa: E402
-from helpers.stdlib_docs import MODULES  # noqa: E402
 
 RULES = "top:5"
 COPIED = (0, 3, 6)  # queries whose positive has a content duplicate (another id) in the pool

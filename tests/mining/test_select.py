@@ -6,6 +6,9 @@ import hashlib
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from assay.mining.select import (
     PAPER_STAGE2,
     PAPER_STAGE3,
@@ -26,8 +29,6 @@ from assay.mining.select import (
     query_seed,
     select_negatives,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def ranked(n: int, top: float = 1.0, step: float = 0.01) -> list[Candidate]:

@@ -7,6 +7,9 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from assay.mining.select import (
     AbsoluteMargin,
     Candidate,
@@ -21,8 +24,6 @@ from assay.mining.select import (
     select_batch,
     select_negatives,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 N_DOCS = 24
 # few distinct values, so scores tie with each other and with the rules' thresholds

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from assay.curation.content_key import content_key, normalize_text
 from assay.mining.embed_cache import row_key, table_keys
 from assay.mining.stage import _content_ids, _content_keys, _normalised_texts
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 # texts that exercise every branch: plain words, runs and kinds of whitespace (\x0b, \x1c: str.split
 # separators), edges, case, NFKC-changed characters (fullwidth, ligatures), control characters

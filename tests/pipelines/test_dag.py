@@ -24,17 +24,18 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from click.testing import CliRunner  # noqa: E402
+from helpers.badrows import make_fuzz_rows, marker_of, queries_table  # noqa: E402
+from helpers.colours import COLOURS, TINY  # noqa: E402
+from helpers.kill import assert_same_dataset, run_and_kill  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from assay.curation.dataset import Dataset, write_dataset  # noqa: E402
 from assay.curation.quarantine import decode_record  # noqa: E402
 from assay.pipelines.cli import cli  # noqa: E402
 from assay.pipelines.commands import curate  # noqa: E402
 from assay.training.model import MMEmbedder  # noqa: E402
 from assay.training.tiny import build_tiny  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-from helpers.badrows import make_fuzz_rows, marker_of, queries_table  # noqa: E402
-from helpers.colours import COLOURS, TINY  # noqa: E402
-from helpers.kill import assert_same_dataset, run_and_kill  # noqa: E402
-from PIL import Image  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

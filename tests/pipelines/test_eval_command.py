@@ -11,12 +11,13 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from click.testing import CliRunner  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from assay.curation.dataset import write_dataset  # noqa: E402
 from assay.pipelines.cli import cli  # noqa: E402
 from assay.training.model import MMEmbedder  # noqa: E402
 from assay.training.tiny import build_tiny  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-from PIL import Image  # noqa: E402
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255)}
 TEXTS = [

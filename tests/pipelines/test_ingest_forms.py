@@ -25,12 +25,13 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import yaml  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
 from assay.curation.ingest import CLASS_LABEL_INSTRUCTION, CLASSIFY_QUERY_INSTRUCTION  # noqa: E402
 from assay.pipelines.cli import cli  # noqa: E402
 from assay.training.model import MMEmbedder  # noqa: E402
 from assay.training.tiny import build_tiny  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 
 SIZE = 32
 #: Six pictures that differ in structure (pHash 20+ bits apart), not only in colour, so dedup's

@@ -10,12 +10,13 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from click.testing import CliRunner  # noqa: E402
+from helpers.colours import COLOURS, TINY, colour_dataset  # noqa: E402
+
 from assay.curation.dataset import Dataset  # noqa: E402
 from assay.pipelines.cli import cli  # noqa: E402
 from assay.training.model import MMEmbedder  # noqa: E402
 from assay.training.tiny import build_tiny  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-from helpers.colours import COLOURS, TINY, colour_dataset  # noqa: E402
 
 EXTRA = [
     {"query_id": "q-red-0", "doc_id": f"ans-{c}", "label": "hard_negative"} for c in COLOURS if c != "red"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from assay.curation.dataset import Dataset
 from helpers.dedup_data import dedup_inputs
 from helpers.kill import assay_cmd, assert_same_dataset, run_and_kill, run_ok
+
+from assay.curation.dataset import Dataset
 
 
 @pytest.mark.parametrize(

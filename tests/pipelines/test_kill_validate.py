@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from assay.curation.dataset import Dataset, write_dataset
 from helpers.badrows import make_fuzz_rows, queries_table
 from helpers.kill import assay_cmd, assert_same_dataset, run_and_kill, run_ok
+
+from assay.curation.dataset import Dataset, write_dataset
 
 
 def _dataset(tmp_path):

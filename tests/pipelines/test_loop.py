@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from assay.curation.dataset import Dataset
-from assay.pipelines.cli import cli
-from assay.pipelines.loop import Loop, LoopError, load_loop
 from click.testing import CliRunner
 from helpers.colours import TINY, colour_dataset
 from helpers.kill import assay_cmd, assert_same_dataset, run_and_kill, run_ok
 from safetensors.torch import load_file
+
+from assay.curation.dataset import Dataset
+from assay.pipelines.cli import cli
+from assay.pipelines.loop import Loop, LoopError, load_loop
 
 
 def write_loop(path: Path, steps: list[dict], **top) -> Path:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from assay.pipelines.loop import load_loop
 from helpers.cli import run_assay
+
+from assay.pipelines.loop import load_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "own-data"

@@ -11,11 +11,12 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers.cli import run_assay
+
 from assay.curation.dataset import Dataset
 from assay.curation.stats import dataset_stats
 from assay.pipelines.loop import Loop, command_params, load_loop
 from assay.training.config import config_from_dict
-from helpers.cli import run_assay
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"

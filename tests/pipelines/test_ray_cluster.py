@@ -15,9 +15,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from assay.curation.dataset import write_dataset
 from helpers.badrows import make_fuzz_rows, queries_table
 from helpers.kill import assay_cmd, assert_same_dataset, run_ok
+
+from assay.curation.dataset import write_dataset
 
 pytestmark = pytest.mark.ray
 

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from click.testing import CliRunner
+
 from assay.curation.dataset import DatasetWriter, shard_name
 from assay.curation.judge.quality import JudgeQuality
 from assay.curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS
 from assay.curation.truth import Truth
 from assay.pipelines.commands import report as report_command
 from assay.pipelines.report import build_report
-from click.testing import CliRunner
 
 HOSTILE = "<script>alert(1)</script>"
 SUBSETS = {"colours": "vqa", HOSTILE: "retrieval"}

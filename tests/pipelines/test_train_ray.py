@@ -14,8 +14,9 @@ import math
 from pathlib import Path
 
 import pytest
-from assay.curation.dataset import write_dataset
 from PIL import Image
+
+from assay.curation.dataset import write_dataset
 
 pytestmark = pytest.mark.ray
 
@@ -156,8 +157,9 @@ def test_worker_error_comes_back_as_training_error(colours, tmp_path, ray_local)
 
 
 def test_root_cause_of_each_failure_kind():
-    from assay.pipelines.train_ray import _root_cause
     from ray.train import ControllerError, WorkerGroupError
+
+    from assay.pipelines.train_ray import _root_cause
 
     same = TrainingError("init x: no such model directory")
     assert _root_cause(WorkerGroupError("snippet", {0: same, 1: same})) == str(same)

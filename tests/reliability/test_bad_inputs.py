@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from assay.pipelines.cli import main
 from helpers.kill import assay_cmd
+
+from assay.pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests" / "data" / "bad_inputs"

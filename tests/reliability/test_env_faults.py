@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers.colours import TINY, colour_dataset
+from helpers.kill import assay_cmd, assert_same_dataset, run_ok
+from PIL import Image
+
 from assay.curation.dataset import MANIFEST, Dataset, write_dataset
 from assay.curation.ingest import ingest
 from assay.curation.lock import OutputInUse, holds_lock, lock_path, output_lock
 from assay.curation.validate import validate
-from helpers.colours import TINY, colour_dataset
-from helpers.kill import assay_cmd, assert_same_dataset, run_ok
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from assay.curation.dataset import write_dataset
 from helpers.badrows import make_fuzz_rows, queries_table
 from helpers.colours import COLOURS, TINY, colour_dataset, png
 from helpers.dedup_data import dedup_inputs
@@ -48,6 +47,8 @@ from helpers.fault import (
     manifest_counts,
     run_once,
 )
+
+from assay.curation.dataset import write_dataset
 
 pytest.importorskip("torch")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 import pytest
 import torch
+
 from assay.curation.safety import UnsafeModelError, refuse_pickle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,9 +118,10 @@ def test_remote_code_is_off_unless_asked_for():
 
 @pytest.fixture(scope="module")
 def reranker(tmp_path_factory):
+    from helpers.colours import TINY, colour_dataset
+
     from assay.training.config import config_from_dict
     from assay.training.trainer import train
-    from helpers.colours import TINY, colour_dataset
 
     root = tmp_path_factory.mktemp("judge")
     colours = colour_dataset(root / "colours")

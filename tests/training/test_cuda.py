@@ -9,11 +9,12 @@ import json
 
 import pytest
 import torch
+from helpers.colours import TINY, colour_dataset
+
 from assay.training.config import config_from_dict
 from assay.training.evaluate import evaluate
 from assay.training.model import load_embedder
 from assay.training.trainer import LOG_FILE, train
-from helpers.colours import TINY, colour_dataset
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from assay.curation.dataset import write_dataset
 from assay.training.evaluate import evaluate, write_metrics
 

@@ -16,13 +16,14 @@ import random
 
 import pytest
 import torch
+from helpers.glyphs import draw_glyph
+
 from assay.curation.dataset import Dataset, write_dataset
 from assay.curation.judge.quality import roc_auc
 from assay.training.config import config_from_dict
 from assay.training.generative import Reranker
 from assay.training.model import load_embedder
 from assay.training.trainer import train
-from helpers.glyphs import draw_glyph
 
 CLASSES = ("ring", "plus", "hstripes", "star")
 STEPS = 200  # ~20 s here

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+
 from assay.curation.dataset import write_dataset
 from assay.training.data import TrainingData, TrainingDataError
 from assay.training.generative import build_batch, reranker_sample, sample_from_input
@@ -17,7 +19,6 @@ from assay.training.input_cache import InputCache, processor_key
 from assay.training.inputs import CachedInputs, Prefetcher, ProcessorInputs
 from assay.training.model import MMEmbedder
 from assay.training.tiny import build_tiny
-from PIL import Image
 
 TEXTS = ["what colour is it?", "a red square", "a blue circle", "Find the image.", "green", "red"]
 

@@ -13,6 +13,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from transformers import InternVLForConditionalGeneration  # noqa: E402
+from transformers.models.internvl.modeling_internvl import InternVLModel  # noqa: E402
+
 from assay.training.model import (  # noqa: E402
     TOKENS_PER_TILE_CHOICES,
     MMEmbedder,
@@ -21,9 +25,6 @@ from assay.training.model import (  # noqa: E402
     load_embedder,
 )
 from assay.training.tiny import build_processor, build_tiny  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-from transformers import InternVLForConditionalGeneration  # noqa: E402
-from transformers.models.internvl.modeling_internvl import InternVLModel  # noqa: E402
 
 TEXTS = [
     "Represent the given image with the following question.",

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.colours import TINY, colour_dataset
+from safetensors.torch import load_file
+
 from assay.training.config import ConfigError, config_from_dict, load_config
 from assay.training.data import TrainingData, epoch_batches, generative_sample
 from assay.training.evaluate import evaluate
@@ -17,8 +20,6 @@ from assay.training.losses import InfoNCELoss
 from assay.training.model import load_embedder
 from assay.training.steps import StageSteps
 from assay.training.trainer import COMPLETE_FILE, LOG_FILE, TrainingError, final_checkpoint, train
-from helpers.colours import TINY, colour_dataset
-from safetensors.torch import load_file
 
 QUIET = {"progress": False, "save_every": 100}
 

@@ -27,10 +27,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # the repository root: curation.schema
 sys.path.insert(0, str(HERE.parents[1]))  # tests/: helpers.badrows
 
+from helpers.badrows import huge_png_header, truncated_png  # noqa: E402
+
 from assay.curation.schema import CORPUS_SCHEMA as CORPUS  # noqa: E402
 from assay.curation.schema import PAIRS_SCHEMA as PAIRS  # noqa: E402
 from assay.curation.schema import QUERIES_SCHEMA as QUERIES  # noqa: E402
-from helpers.badrows import huge_png_header, truncated_png  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- images
 
