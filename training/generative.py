@@ -121,14 +121,22 @@ def lm_head(embedder: MMEmbedder) -> torch.nn.Module:
     return model.lm_head
 
 
-def next_token_loss(embedder: MMEmbedder, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of the target tokens' cross-entropy, number of target tokens) of one batch."""
+def _labelled(
+    embedder: MMEmbedder, batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states that predict the labelled tokens, those tokens, and which positions they
+    are: ``(hidden (n, H), targets (n,), keep (B, T-1))``, in row order."""
     hidden = _hidden(embedder, batch)
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
-    logits = lm_head(embedder)(hidden[:, :-1][keep])
-    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-    return loss, int(keep.sum())
+    return hidden[:, :-1][keep], labels[keep], keep
+
+
+def next_token_loss(embedder: MMEmbedder, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of the target tokens' cross-entropy, number of target tokens) of one batch."""
+    hidden, targets, _ = _labelled(embedder, batch)
+    loss = F.cross_entropy(lm_head(embedder)(hidden).float(), targets, reduction="sum")
+    return loss, len(targets)
 
 
 # ---------------------------------------------------------------- the reranker
@@ -142,22 +150,18 @@ def label_loss(embedder: MMEmbedder, batch: Mapping[str, torch.Tensor]) -> tuple
     two logits alone at the answer position: ``-log p_yes`` for a "yes" row, ``-log (1 - p_yes)``
     for a "no" row, with ``p_yes`` as ``Reranker.score`` computes it.
     """
-    hidden = _hidden(embedder, batch)
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
+    rows, targets, keep = _labelled(embedder, batch)
     if not bool((keep.sum(1) == 1).all()):
         raise ValueError("a reranker sample must have exactly one target token (its verdict)")
-    pair = batch["label_ids"].to(labels.device)
-    weight = lm_head(embedder).weight  # (vocab, hidden): only the two label rows are read
-    rows = hidden[:, :-1][keep]  # (rows, hidden), in row order
-    logits = torch.einsum("rh,rkh->rk", rows.float(), weight[pair].float())
-    bias = getattr(lm_head(embedder), "bias", None)
-    if bias is not None:
-        logits = logits + bias[pair].float()
-    target = (labels[keep] == pair[:, 1]).long()  # 0: the first label ("yes"), 1: the second
-    if not bool(((labels[keep] == pair[:, 0]) | (labels[keep] == pair[:, 1])).all()):
+    pair = batch["label_ids"].to(targets.device)
+    if not bool(((targets == pair[:, 0]) | (targets == pair[:, 1])).all()):
         raise ValueError("a reranker sample's target is neither of its two label tokens")
-    return F.cross_entropy(logits, target, reduction="sum"), int(keep.sum())
+    head = lm_head(embedder)  # only the two label rows of its (vocab, hidden) weight are read
+    logits = torch.einsum("rh,rkh->rk", rows.float(), head.weight[pair].float())
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[pair].float()
+    verdict = (targets == pair[:, 1]).long()  # 0: the first label ("yes"), 1: the second
+    return F.cross_entropy(logits, verdict, reduction="sum"), len(targets)
 
 
 @functools.cache

@@ -115,6 +115,7 @@ class StageSteps:
         if not self.units:
             raise TrainingError(f"stage {stage}: the datasets give no training units")
         self.unit_subsets = subsets
+        self._label_ids: dict[tuple[str, str], tuple[int, int]] = {}  # reranker: label words -> ids
 
     def describe(self) -> str:
         if self.config.stage == "reranker":
@@ -170,13 +171,12 @@ class StageSteps:
     def _label_pairs(self, units: Sequence[Any]) -> torch.Tensor:
         """(samples, 2): the token ids of each reranker sample's two label words ("yes", "no")."""
         tok = self.embedder._processor.tokenizer
-        cache: dict[tuple[str, str], tuple[int, int]] = {}
         ids = []
         for q, _, _ in self._verdicts(units):
             labels = reranker_labels(self.data.queries[q])
-            if labels not in cache:
-                cache[labels] = label_token_ids(tok, labels)
-            ids.append(cache[labels])
+            if labels not in self._label_ids:  # tokenised once a run, not once a step
+                self._label_ids[labels] = label_token_ids(tok, labels)
+            ids.append(self._label_ids[labels])
         return torch.tensor(ids, dtype=torch.long)
 
     def _prepare_contrastive(self, units: Sequence[ContrastiveUnit]) -> Prepared:

@@ -23,7 +23,7 @@ from assay.curation.judge.quality import roc_auc
 from assay.training.config import config_from_dict
 from assay.training.generative import Reranker
 from assay.training.model import load_embedder
-from assay.training.trainer import train
+from assay.training.trainer import LOG_FILE, train
 
 CLASSES = ("ring", "plus", "hstripes", "star")
 STEPS = 200  # ~20 s here
@@ -138,7 +138,7 @@ def test_a_reranker_from_the_warm_up_learns_which_label_fits_an_image(trained, t
             }
         )
     )
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
     tail = [r["loss"] for r in log if "loss" in r][-50:]
     assert sum(tail) / len(tail) < 0.6, tail  # the prior is ln 2 = 0.693
     reranker = Reranker(load_embedder(final), batch_size=64)
