@@ -168,18 +168,23 @@ def iter_content_keys(dataset: Any, table: str, batch_size: int = 1024) -> Itera
 _PLAIN_ASCII = r"^[\x00-\x1b\x20-\x7f]*$"
 
 
-def normalize_texts(texts: pa.Array | pa.ChunkedArray) -> list[str | None]:
-    """``normalize_text`` of a whole column: vectorised (polars) for plain ASCII, per row otherwise."""
+def normalize_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``normalize_text`` of a whole column, as an Arrow string array (null: no text).
+
+    Vectorised (polars: lower-case, runs of whitespace to one space, strip) for plain ASCII, where
+    that is exactly what ``normalize_text`` does; the other rows go through ``normalize_text`` one by
+    one. The result equals ``[normalize_text(t) for t in texts]`` (tests/curation/test_content_key.py
+    holds it so on Unicode spaces, case, separators and control characters)."""
     import polars as pl
 
-    series = pl.Series(texts)
-    plain = series.str.contains(_PLAIN_ASCII).fill_null(False)
-    fast = series.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
-    fast = pl.select(pl.when(fast == "").then(None).otherwise(fast)).to_series()
-    out = fast.to_list()
-    for i in plain.not_().arg_true().to_list():
-        out[i] = normalize_text(series[i])
-    return out
+    series = pl.Series(texts, dtype=pl.String)
+    out = series.str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
+    rest = (~series.str.contains(_PLAIN_ASCII).fill_null(True)).arg_true()
+    if len(rest):
+        fixed = [normalize_text(t) for t in series.gather(rest).to_list()]
+        out = out.scatter(rest, pl.Series(fixed, dtype=pl.String))
+    out = pl.select(pl.when(out != "").then(out)).to_series()  # nothing left is no text
+    return out.to_arrow().cast(pa.string())
 
 
 def text_only_keys(
@@ -187,7 +192,7 @@ def text_only_keys(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The content keys of rows that have text and no image, fast: returns (keys as an (n, 2) uint64
     array, equal to ``content_key(text, None, _).parts()``, and the text keys (zeros if not asked))."""
-    norms = normalize_texts(texts)
+    norms = normalize_texts(texts).to_pylist()
     digests = b"".join(_digest(t, None) for t in norms)
     keys = (
         np.frombuffer(digests, dtype=">u8").reshape(-1, 2).astype(np.uint64)

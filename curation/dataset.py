@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from assay.curation.schema import DATA_TABLES, QUARANTINE, SCHEMA_VERSION, SCHEMAS
+from assay.curation.schema import DATA_TABLES, NULL_KEY, QUARANTINE, SCHEMA_VERSION, SCHEMAS
 
 MANIFEST = "manifest.json"
 PROGRESS = "_progress"
@@ -65,11 +65,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp.write_bytes(data)
+        commit_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -86,9 +83,7 @@ def atomic_write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -113,6 +108,85 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     except BaseException:  # a full disk, say: no half copy left behind
         tmp.unlink(missing_ok=True)
         raise
+
+
+def staging_dir(path: str | os.PathLike) -> Path:
+    """Where a directory output (an export, a checkpoint) is built before :func:`commit_dir` renames
+    it into place: the hidden ``.tmp-<name>-<pid>`` beside ``path``. With :func:`atomic_write_bytes`
+    for files, the one way an output is committed: nothing is ever seen half-written."""
+    path = Path(path)
+    return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+
+
+def commit_file(written: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the finished file ``written`` into place as ``path``, durably (fsynced first)."""
+    written, path = Path(written), Path(path)
+    _fsync(written)
+    os.replace(written, path)
+    _fsync(path.parent)
+
+
+def commit_dir(staging: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the finished ``staging`` folder into place as ``path``, durably (files and folders
+    fsynced first). An existing ``path`` is replaced by two renames (for an instant neither is
+    there) and comes back if the second fails."""
+    staging, path = Path(staging), Path(path)
+    _fsync_tree(staging)
+    if path.exists():
+        old = path.with_name(f"{TMP_PREFIX}{path.name}-old-{os.getpid()}")
+        os.replace(path, old)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, path)
+    _fsync(path.parent)
+
+
+def remove_stale_staging(path: str | os.PathLike) -> int:
+    """Remove the staging folders (and files) that killed writers of ``path`` left beside it: those
+    of processes no longer alive. Returns how many."""
+    path = Path(path)
+    n = 0
+    for p in path.parent.glob(f"{TMP_PREFIX}{path.name}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*"), reverse=True):
+        _fsync(p)
+    _fsync(path)
 
 
 def remove_stale_tmp(root: str | os.PathLike) -> int:
@@ -231,6 +305,17 @@ class Dataset:
                         f"{path}: not a readable Parquet file ({e}); the dataset {self.root} is "
                         "damaged: rerun the stage that wrote it"
                     ) from None
+
+    def query_subsets(self) -> dict[str, str]:
+        """Each query id's subset (``schema.NULL_KEY`` for a query without one): how pairs, metrics
+        and reports find the subset of a pair's query."""
+        found: dict[str, str] = {}
+        for batch in self.iter_batches("queries", columns=["query_id", "subset"]):
+            ids, subsets = (batch.column(i).to_pylist() for i in range(2))
+            found.update(
+                (q, NULL_KEY if s is None else s) for q, s in zip(ids, subsets, strict=True) if q is not None
+            )
+        return found
 
     def iter_batches(
         self, table: str, columns: list[str] | None = None, batch_size: int = 8192

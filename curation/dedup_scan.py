@@ -1,6 +1,6 @@
 """Dedup's scan: what it keeps of each row of one shard (ids, content keys, pHash, colour thumbnail),
-never the content itself. Runs per shard in executor tasks (curation.dedup), or on rows already in
-memory (``scan_rows``: `assay curate`); both give the same side table (``ROW_SCAN_SCHEMA``)."""
+never the content itself, as a side table (``ROW_SCAN_SCHEMA``). Runs per shard in executor tasks
+(curation.dedup)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from assay.curation.content_key import image_data, image_sha256, key_from_sha, text_key, text_only_keys
@@ -67,22 +66,6 @@ def scan_shard(task: dict[str, Any]) -> pa.Table:
         batch_size=SCAN_BATCH_ROWS, columns=[ID_COLUMN[table], "subset", "text", "image"]
     )
     return _scan_batches(batches, task["data_root"], near)
-
-
-def scan_rows(table: str, data: pa.Table, data_root: str, near: bool) -> pa.Table:
-    """The scan side table (``ROW_SCAN_SCHEMA``) of rows of queries or corpus already in memory, in
-    their order (``row`` is the position in ``data``): the same keys and hashes as ``scan_shard``."""
-    columns = [ID_COLUMN[table], "subset", "text", "image"]
-    image = data.column("image")
-    no_images = data.num_rows == 0 or (
-        pc.sum(
-            pc.or_(pc.is_valid(pc.struct_field(image, [0])), pc.is_valid(pc.struct_field(image, [1])))
-        ).as_py()
-        in (0, None)
-    )
-    if no_images:
-        return _scan_text_only(data.select(columns[:3]), near)
-    return _scan_batches(data.select(columns).to_batches(max_chunksize=SCAN_BATCH_ROWS), data_root, near)
 
 
 def _scan_batches(batches: Iterable[pa.RecordBatch], data_root: str, near: bool) -> pa.Table:

@@ -46,18 +46,16 @@ exported from where, with the counts):
 
 The view and the layouts are polars lazy queries over the shards run with the streaming engine, and
 images are extracted shard by shard, so an export never holds a whole table in Python. Outputs are
-written atomically: a directory is built as ``OUT.tmp-<pid>`` and renamed; a file is written under a
-temporary name and renamed.
+written atomically (``curation.dataset.staging_dir`` / ``commit_dir``): a directory is built as
+``.tmp-OUT-<pid>`` beside OUT and renamed into place; a file is written there and renamed.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +65,14 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from assay.curation import export_formats
-from assay.curation.dataset import Dataset, code_version
+from assay.curation.dataset import (
+    Dataset,
+    code_version,
+    commit_dir,
+    commit_file,
+    remove_stale_staging,
+    staging_dir,
+)
 from assay.curation.export_images import IMAGES_DIR, ImageStore, extract_images, image_extension
 from assay.curation.filter_expr import parse_filter
 from assay.curation.schema import CORPUS, PAIRS, QUERIES, SCHEMAS
@@ -86,7 +91,6 @@ _DEFAULT_NAME = {
     **{f: "train.parquet" for f in ST_FORMATS},
 }
 _FILE_SUFFIX = {"parquet": ".parquet", "jsonl": ".jsonl", **{f: ".parquet" for f in ST_FORMATS}}
-_STAGING = ".tmp-"
 _PROBLEMS = {
     "missing": "pairs whose image file is missing",
     "outside": "pairs whose image path leaves the data root",
@@ -160,43 +164,6 @@ def flat_view(ds: Dataset, where: str | None = None) -> pl.LazyFrame:
 # -- output handling -------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _remove_stale_staging(out: Path) -> None:
-    """Remove what a killed export to ``out`` left behind (staging folders of dead processes)."""
-    for p in out.parent.glob(f"{out.name}{_STAGING}*"):
-        suffix = p.name.rsplit(_STAGING, 1)[-1]
-        if not suffix.isdigit() or _pid_alive(int(suffix)):
-            continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f"{out.name}{_STAGING}old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _jsonl_rows(path: Path) -> int:
     n = 0
     with open(path, "rb") as f:
@@ -248,8 +215,8 @@ def export_dataset(
 
     view = flat_view(ds, where)  # validates ``where`` before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out)
-    staging = out.with_name(f"{out.name}{_STAGING}{os.getpid()}")
+    remove_stale_staging(out)
+    staging = staging_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
     work = staging / "_work" if not as_file else staging
     # Images go into the staging folder, or beside a file output (shared by the exports there).
@@ -374,7 +341,6 @@ def _export(
         else:
             rows_lf.sink_parquet(path, engine="streaming")
             rows = pq.ParquetFile(path).metadata.num_rows
-        _fsync(path)
 
     steps.update()
     steps.close()
@@ -382,7 +348,7 @@ def _export(
         fmt, out, rows, skipped, store.written, store.dir if store.written or store.dir.exists() else None
     )
     if as_file:
-        os.replace(path, out)
+        commit_file(path, out)
         return result
     info = {
         "format": fmt,
@@ -402,7 +368,7 @@ def _export(
     shutil.rmtree(work, ignore_errors=True)
     if result.images_dir is not None:
         result.images_dir = out / IMAGES_DIR
-    _replace_dir(staging, out)
+    commit_dir(staging, out)
     return result
 
 
@@ -427,15 +393,6 @@ def _write_hf(lf: pl.LazyFrame, staging: Path, work: Path, progress: bool) -> tu
     return staging, rows
 
 
-def describe(result: ExportResult) -> Iterable[str]:
-    """The lines the CLI prints about an export."""
-    yield f"export: wrote {result.rows:,} {result.format} rows to {result.path}"
-    if result.images_written:
-        yield f"  images written: {result.images_written:,} (to {result.images_dir})"
-    for k, v in result.skipped.items():
-        yield f"  left out: {k}: {v:,}"
-
-
 __all__ = [
     "FLAT_COLUMNS",
     "FORMATS",
@@ -443,7 +400,6 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "ImageStore",
-    "describe",
     "export_dataset",
     "flat_view",
     "image_extension",

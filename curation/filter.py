@@ -33,7 +33,7 @@ from assay.curation.dataset import Dataset, DatasetError, Manifest
 from assay.curation.executor import Executor
 from assay.curation.filter_expr import Filter, FilterError, parse_filter
 from assay.curation.schema import CORPUS, DATA_TABLES, PAIRS, QUERIES, SCHEMAS
-from assay.curation.shardstage import PLAN_SCHEMA, read_scans, run_shard_stage, split_by_shard
+from assay.curation.shardstage import plan_table, read_scans, run_shard_stage, split_by_shard
 
 STAGE = "filter"
 
@@ -117,18 +117,7 @@ def _frame(scans: list[tuple[str, Path]], table: str) -> pl.DataFrame:
 
 
 def _drop_plan(part: pa.Table) -> pa.Table:
-    n = part.num_rows
-    return pa.table(
-        {
-            "row": part.column("row"),
-            "action": pa.array(["drop"] * n, pa.string()),
-            "reason": part.column("reason"),
-            "detail": pa.nulls(n, pa.string()),
-            "set_query_id": pa.nulls(n, pa.string()),
-            "set_doc_id": pa.nulls(n, pa.string()),
-        },
-        schema=PLAN_SCHEMA,
-    )
+    return plan_table(part.column("row"), "drop", part.column("reason"))
 
 
 def pair_filter_reasons(p: pl.DataFrame) -> pl.DataFrame:

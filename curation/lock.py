@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -217,3 +218,70 @@ def holds_lock(out: str | os.PathLike) -> bool:
     """Whether this process holds the lock of ``out``."""
     with _mutex:
         return str(lock_path(out)) in _held
+
+
+# -- the errors of the place an output goes, and one writer at a time -----------------------------
+
+#: The errors of the place an output goes rather than of assay: (errno, what the OS calls it).
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "No space left on device",
+    errno.EDQUOT: "Disk quota exceeded",
+    errno.EROFS: "Read-only file system",
+    errno.EACCES: "Permission denied",
+}
+# How libraries that do not raise a plain OSError spell one: pyarrow "[errno 28]", Rust crates
+# (polars, safetensors) "(os error 28)" or "Os { code: 28, ...", Python "[Errno 28]".
+_ERRNO_IN_TEXT = re.compile(r"(?:\[errno |\(os error |Os \{ code: )(\d+)", re.IGNORECASE)
+#: Errors named in words only (a message without a number) are taken for these, never for
+#: "Permission denied", which a web service or a model hub says too.
+_BY_NAME = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """``e``, then what it wraps (``raise ... from``, the exception being handled, a Ray task's cause)."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+
+
+def environment_error(e: BaseException) -> tuple[int, str, str | None] | None:
+    """(errno, strerror, file or None) when ``e`` is, or wraps, a full disk, a read-only file system
+    or a permission denied; else None."""
+    for x in _causes(e):
+        if not isinstance(x, BaseException):
+            continue
+        code = getattr(x, "errno", None) if isinstance(x, OSError) else None
+        if code not in ENVIRONMENT_ERRNOS:
+            m = _ERRNO_IN_TEXT.search(str(x))
+            code = int(m.group(1)) if m else None
+            if code not in ENVIRONMENT_ERRNOS:
+                code = next((c for c in _BY_NAME if ENVIRONMENT_ERRNOS[c].lower() in str(x).lower()), None)
+        if code in ENVIRONMENT_ERRNOS:
+            filename = getattr(x, "filename", None) if isinstance(x, OSError) else None
+            return code, ENVIRONMENT_ERRNOS[code], os.fsdecode(filename) if filename else None
+    return None
+
+
+@contextlib.contextmanager
+def writing(out: str | os.PathLike, *, command: str = "") -> Iterator[Path]:
+    """Hold the lock of OUT while the body writes it (:func:`output_lock`: a second writer is refused
+    at once with :class:`OutputInUse`); when the body fails because the disk is full, read-only or
+    forbidden, remove the temporary files of the failed write (safe: no other writer's are there).
+    Every stage of ``assay.pipelines.api`` writes under it, so Python callers and the CLI alike."""
+    from assay.curation.dataset import remove_stale_tmp
+
+    out = Path(out)
+    with output_lock(out, command=command) as lock:
+        try:
+            yield lock
+        except BaseException as e:
+            if environment_error(e) is not None and out.is_dir():
+                with contextlib.suppress(OSError):
+                    remove_stale_tmp(out)
+            raise

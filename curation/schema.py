@@ -102,6 +102,9 @@ ROW_COLUMNS = {
 }
 
 #: Pair labels (DESIGN.md): false_negative = judged relevant though not gold.
+#: How a missing (null) subset, task, label, stage or reason is spelled in counts, metrics and reports.
+NULL_KEY = "(none)"
+
 LABELS = ("positive", "negative", "hard_negative", "false_negative")
 #: The MMEB meta-tasks; a user's own task name is allowed too.
 TASKS = ("classification", "vqa", "retrieval", "grounding", "visdoc")

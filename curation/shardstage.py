@@ -50,6 +50,44 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 
+
+def plan_table(
+    row: pa.Array | pa.ChunkedArray,
+    action: str,
+    reason: pa.Array | pa.ChunkedArray | list[str | None],
+    detail: pa.Array | pa.ChunkedArray | list[str | None] | None = None,
+    *,
+    set_query_id: pa.Array | None = None,
+    set_doc_id: pa.Array | None = None,
+) -> pa.Table:
+    """Plan rows (``PLAN_SCHEMA``): the row of each decided row of a shard, what to do (quarantine,
+    drop, rewrite) and why, and the ids a rewrite sets. Every stage builds its plans here."""
+    n = len(row)
+
+    def strings(values: Any) -> pa.Array | pa.ChunkedArray:
+        if values is None:
+            return pa.nulls(n, pa.string())
+        return (
+            values.cast(pa.string())
+            if isinstance(values, pa.Array | pa.ChunkedArray)
+            else pa.array(values, pa.string())
+        )
+
+    return pa.table(
+        {
+            "row": row.cast(pa.int64())
+            if isinstance(row, pa.Array | pa.ChunkedArray)
+            else pa.array(row, pa.int64()),
+            "action": pa.array([action] * n, pa.string()),
+            "reason": strings(reason),
+            "detail": strings(detail),
+            "set_query_id": strings(set_query_id),
+            "set_doc_id": strings(set_doc_id),
+        },
+        schema=PLAN_SCHEMA,
+    )
+
+
 #: scan(task) -> side table with a ``row`` column. The task has table, shard, src, data_root, config.
 ScanFn = Callable[[dict[str, Any]], pa.Table]
 #: plan(scans) -> {(table, shard): plan table}; scans maps table -> [(shard, side-table path)].

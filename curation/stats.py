@@ -19,10 +19,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from assay.curation.dataset import Dataset
-from assay.curation.schema import CORPUS, DATA_TABLES, PAIRS, QUARANTINE, QUERIES
+from assay.curation.schema import CORPUS, DATA_TABLES, NULL_KEY, PAIRS, QUARANTINE, QUERIES
 
-#: The key used for a missing (null) subset, task, label, stage or reason.
-NULL_KEY = "(none)"
 #: The subset key for pairs whose query is not in the queries table.
 MISSING_QUERY = "(missing query)"
 
@@ -72,25 +70,20 @@ def dataset_stats(ds: Dataset, progress: bool | None = None) -> dict[str, Any]:
     qfiles = sorted(p for p in qdir.glob("*.parquet") if not p.name.startswith(".")) if qdir.is_dir() else []
     rows[QUARANTINE] = sum(pq.ParquetFile(p).metadata.num_rows for p in qfiles)
 
-    # queries: per subset, per task, per (subset, task); images; and the id -> subset map for pairs
+    # queries: per subset, per task, per (subset, task); images
     q_subset: Counter = Counter()
     q_task: Counter = Counter()
     q_subset_task: dict[str, Counter] = {}
     images: dict[str, Counter] = {QUERIES: Counter(), CORPUS: Counter()}
-    subset_of: dict[str, str] = {}
-    for batch in _batches(ds, QUERIES, ["query_id", "subset", "task", "image"], bar):
-        ids = batch.column(0).to_pylist()
-        subsets = batch.column(1).to_pylist()
-        tasks = batch.column(2).to_pylist()
+    for batch in _batches(ds, QUERIES, ["subset", "task", "image"], bar):
+        subsets = batch.column(0).to_pylist()
+        tasks = batch.column(1).to_pylist()
         _count(q_subset, subsets)
         _count(q_task, tasks)
         for s, t in zip(subsets, tasks, strict=True):
             q_subset_task.setdefault(NULL_KEY if s is None else s, Counter())[
                 NULL_KEY if t is None else t
             ] += 1
-        for qid, s in zip(ids, subsets, strict=True):
-            if qid is not None:
-                subset_of[qid] = NULL_KEY if s is None else s
         _image_kinds(batch, images[QUERIES])
 
     c_subset: Counter = Counter()
@@ -103,6 +96,7 @@ def dataset_stats(ds: Dataset, progress: bool | None = None) -> dict[str, Any]:
     p_subset_label: dict[str, Counter] = {}
     p_verdict: Counter = Counter()
     judged = 0
+    subset_of = ds.query_subsets()
     for batch in _batches(ds, PAIRS, ["query_id", "label", "judge_p_yes", "judge_verdict"], bar):
         qids = batch.column(0).to_pylist()
         labels = batch.column(1).to_pylist()

@@ -69,7 +69,7 @@ from assay.curation.schema import (
     VERDICTS,
     resolve_image_path,
 )
-from assay.curation.shardstage import read_scans, run_shard_stage, split_by_shard
+from assay.curation.shardstage import plan_table, read_scans, run_shard_stage, split_by_shard
 
 STAGE = "validate"
 
@@ -565,17 +565,7 @@ def _plans_for(
     rejected: pl.DataFrame, scans: list[tuple[str, Path]], table: str
 ) -> dict[tuple[str, str], pa.Table]:
     def build(part: pa.Table) -> pa.Table:
-        n = part.num_rows
-        return pa.table(
-            {
-                "row": part.column("row").cast(pa.int64()),
-                "action": pa.array(["quarantine"] * n, pa.string()),
-                "reason": part.column("reason"),
-                "detail": part.column("detail"),
-                "set_query_id": pa.nulls(n, pa.string()),
-                "set_doc_id": pa.nulls(n, pa.string()),
-            }
-        )
+        return plan_table(part.column("row"), "quarantine", part.column("reason"), part.column("detail"))
 
     arrow = rejected.select("shard", "row", "reason", "detail").to_arrow()
     arrow = arrow.cast(

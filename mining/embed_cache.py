@@ -6,10 +6,10 @@ a checkpoint after more training misses the cache (nothing stale is reused), and
 checkpoint re-mining a dataset encodes nothing. Content, not ids, is the key: the same text or image
 under another id, in another dataset, or after dedup/filter reshuffled the shards, still hits.
 
-One SQLite file per encoder (``<root>/<model_id>.sqlite``, vectors as float32 blobs), written one
-transaction per encoded batch: a killed run keeps every batch it finished, lookups are by primary
-key, and memory stays bounded by the batch, not by the corpus. Reading an image to hash it is the
-cost of a hit; encoding is the cost of a miss.
+One SQLite file per encoder (``<root>/<model_id>.sqlite``, vectors as float32 blobs; opened by
+``curation.sqlite_cache``), written one transaction per encoded batch: a killed run keeps every
+batch it finished, lookups are by primary key, and memory stays bounded by the batch, not by the
+corpus. Reading an image to hash it is the cost of a hit; encoding is the cost of a miss.
 
 ``embed_table`` takes the rows as an Arrow table: keys are hashed from its columns, vectors are read
 with one query per 500 keys into one array, and row dicts are built only for the rows to encode, so
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import pyarrow.compute as pc
 
 from assay.curation.content_key import image_data
 from assay.curation.schema import resolve_image_cell
+from assay.curation.sqlite_cache import SQLiteCache
 from assay.mining.encoders import Encoder, Side
 
 MMAP_BYTES = 2**30  # of the SQLite file read through a memory map (virtual memory, not RAM)
@@ -105,32 +105,20 @@ def table_keys(
     return keys
 
 
-class EmbeddingCache:
+class EmbeddingCache(SQLiteCache):
     """Vectors of one encoder, by row key. ``embed`` returns cached vectors and encodes the rest."""
 
     def __init__(self, root: str | os.PathLike, encoder: Encoder):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.encoder = encoder
         name = encoder.model_id.replace("/", "_").replace("@", "-")
-        self.path = self.root / f"{name}.sqlite"
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(f"PRAGMA mmap_size={MMAP_BYTES}")  # reads without a copy per page: hits cost half
-        self._db.execute("CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, dim INTEGER, vec BLOB)")
-        self._db.commit()
+        super().__init__(
+            self.root / f"{name}.sqlite",
+            "CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, dim INTEGER, vec BLOB)",
+            mmap_bytes=MMAP_BYTES,  # reads without a copy per page: hits cost half
+        )
         self.hits = 0
         self.encoded = 0
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> EmbeddingCache:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def _lookup(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
         found: dict[bytes, bytes] = {}

@@ -12,9 +12,10 @@ sub-dataset):
    block of vectors, not the corpus;
 3. drop every query's gold positives and every candidate whose content equals a positive's
    (``curation.content_key``: normalised text and image bytes), then apply the selection rules
-   (``mining.select``: rank window, top-k, margins, percent of positive, sampling) to all queries at
-   once with ``select_batch``, which picks exactly what ``select_negatives`` picks query by query
-   (a rule of the user's own, which the batch path cannot run, goes query by query);
+   (``mining.select_rules``: rank window, top-k, margins, percent of positive, sampling) to all
+   queries at once with ``select_batch`` (``mining.select_batch``), which picks exactly what
+   ``select_negatives`` picks query by query (a rule of the user's own, which the batch path cannot
+   run, goes query by query);
 4. write the negatives as pairs: label ``hard_negative``, ``score`` (cosine), ``rank`` (1 = the
    nearest candidate, positives included in the count, as the search returned them) and ``origin``
    ``mined:<encoder model_id>:<rules>``; and give each gold positive pair of a mined query its
@@ -37,7 +38,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -57,9 +58,11 @@ from assay.curation.dataset import (
 from assay.curation.schema import CORPUS, PAIRS, QUERIES, ROW_COLUMNS, SCHEMAS, resolve_image_cell
 from assay.mining.embed_cache import EmbeddingCache
 from assay.mining.encoders import Encoder
-from assay.mining.knn import estimate_recall, search
+from assay.mining.knn import KnnResult, estimate_recall, search
 from assay.mining.pools import MiningCorpus
-from assay.mining.select import (
+from assay.mining.select import select_negatives
+from assay.mining.select_batch import batch_supported, select_batch
+from assay.mining.select_rules import (
     AbsoluteMargin,
     Candidate,
     MaxScore,
@@ -67,12 +70,8 @@ from assay.mining.select import (
     PercentOfPositive,
     RankWindow,
     TopK,
-    batch_supported,
-    describe,
-    parse_rules,
-    select_batch,
-    select_negatives,
 )
+from assay.mining.select_spec import PAPER_STAGE2, describe, parse_rules
 
 MINED_PREFIX = "mined:"
 FILTERS = (AbsoluteMargin, PercentOfPositive, MinScore, MaxScore)
@@ -158,7 +157,7 @@ def mine_dataset(
     encoder: Encoder,
     *,
     cache_dir: str | Path,
-    rules: str | Sequence[Any] = "ranks:50-100,sample:random:2",
+    rules: str | Sequence[Any] = PAPER_STAGE2,
     depth: int | None = None,
     subsets: Sequence[str] | None = None,
     corpus: Sequence[Dataset | str | Path] = (),
@@ -305,50 +304,91 @@ def _mine_subset(
     progress: Callable[[str, int], None] | None,
     docs: MiningCorpus | None = None,
 ) -> tuple[pa.Table, SubsetStats]:
-    root = ds.data_root
+    """One subset's mined negatives and its gold positives' cosines (as pairs), and its stats."""
     docs = docs or MiningCorpus(ds, [], subsets=[subset], chosen=[subset])
     stats = SubsetStats(pool_negatives=0 if docs.pools else None)
-    query_parts = [_subset_rows(ds, QUERIES, n, subset) for n in ds.shards(QUERIES)]
-    queries = pa.concat_tables(query_parts) if query_parts else SCHEMAS[QUERIES].empty_table()
-    queries = queries.filter(pc.is_in(queries["query_id"], value_set=pc.unique(gold["query_id"])))
-    empty = SCHEMAS[PAIRS].empty_table()
+    queries = _gold_queries(ds, subset, gold)
     if not queries.num_rows:
-        return empty, stats
+        return SCHEMAS[PAIRS].empty_table(), stats
 
     def tick(what: str) -> Callable[[int], None] | None:
         return (lambda n: progress(what, n)) if progress else None
 
     q_vecs = cache.embed_table(
-        queries, "query", data_root=root, batch_size=batch_size, progress=tick("embed")
+        queries, "query", data_root=ds.data_root, batch_size=batch_size, progress=tick("embed")
     )
     qid_col = queries["query_id"].combine_chunks()
     # (query row, doc_id) of every gold positive of the subset's queries
     gold_rows = pa.table({"qi": pa.array(np.arange(len(qid_col))), "query_id": qid_col}).join(
         gold, "query_id", join_type="inner"
     )
-    wanted_pos = pc.unique(gold_rows["doc_id"])
-    doc_parts: list[pa.Array] = []
-    key_parts: list[Any] = []  # per shard: content keys (see _content_keys)
-    pos_parts: list[tuple[np.ndarray, np.ndarray]] = []  # (doc indices, vectors) of the gold positives
-    src_parts: list[np.ndarray] = []  # per shard: the index of the source (0: DATASET, i: the i-th pool)
-    n_docs = 0
+    corpus = _SubsetCorpus(docs, subset, cache, batch_size, pc.unique(gold_rows["doc_id"]), tick)
+    result = search(q_vecs, corpus.blocks(record=True), depth, method=method, device=device)
+    stats.index = result.method
+    if not set(result.method.split("+")) <= {"exact", "torch"}:
+        # An approximate index: measure what it missed, against exact search on a sample of queries
+        # (the vectors come from the cache, so this costs searches, not encoding).
+        stats.recall = estimate_recall(
+            q_vecs,
+            lambda: corpus.blocks(record=False),
+            depth,
+            method,
+            sample=min(256, len(q_vecs)),
+            device=device,
+        )
+    doc_col = corpus.doc_ids()
+    positives = _score_gold(q_vecs, gold_rows, doc_col, corpus)
+    stats.positive_scores = positives.scores.astype(np.float64).tolist()
+    content_id = np.append(
+        _content_ids(corpus.key_parts), -1
+    )  # id -1 (no result) reads the last: -1, no content
+    keep = _select(result, positives, content_id, rules, seed, qid_col.to_pylist(), stats, progress)
+    return _mined_pairs(result, keep, positives, qid_col, doc_col, corpus, origin, stats), stats
 
-    def corpus(record: bool) -> Iterator[tuple[int, np.ndarray]]:
-        """The subset's corpus vectors (DATASET's, then the pools') in search blocks of whole dataset
-        shards (see SEARCH_BLOCK_*)."""
-        nonlocal n_docs
+
+def _gold_queries(ds: Dataset, subset: str, gold: pa.Table) -> pa.Table:
+    """The subset's queries that have a gold positive, in dataset order."""
+    query_parts = [_subset_rows(ds, QUERIES, n, subset) for n in ds.shards(QUERIES)]
+    queries = pa.concat_tables(query_parts) if query_parts else SCHEMAS[QUERIES].empty_table()
+    return queries.filter(pc.is_in(queries["query_id"], value_set=pc.unique(gold["query_id"])))
+
+
+class _SubsetCorpus:
+    """The subset's corpus vectors (DATASET's, then the pools') as the search reads them, and what the
+    first read records: each doc's id, content key and source, and the gold positives' vectors."""
+
+    def __init__(
+        self,
+        docs: MiningCorpus,
+        subset: str,
+        cache: EmbeddingCache,
+        batch_size: int,
+        wanted_pos: pa.Array,
+        tick: Callable[[str], Callable[[int], None] | None],
+    ):
+        self.docs, self.subset, self.cache, self.batch_size = docs, subset, cache, batch_size
+        self.wanted_pos, self.tick = wanted_pos, tick
+        self.doc_parts: list[pa.Array] = []
+        self.key_parts: list[Any] = []  # per shard: content keys (see _content_keys)
+        self.pos_parts: list[
+            tuple[np.ndarray, np.ndarray]
+        ] = []  # (doc indices, vectors) of the gold positives
+        self.src_parts: list[
+            np.ndarray
+        ] = []  # per shard: the index of the source (0: DATASET, i: the i-th pool)
+        self.n_docs = 0
+
+    def blocks(self, record: bool) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset, vectors) in search blocks of whole dataset shards (see SEARCH_BLOCK_*)."""
         offset, block, rows = 0, [], 0
-        for s, src, t in docs.subset_shards(subset):
+        for s, src, t in self.docs.subset_shards(self.subset):
             at = src.dataset.data_root
-            tock = tick("embed") if record else None
-            vecs = cache.embed_table(t, "candidate", data_root=at, batch_size=batch_size, progress=tock)
+            tock = self.tick("embed") if record else None
+            vecs = self.cache.embed_table(
+                t, "candidate", data_root=at, batch_size=self.batch_size, progress=tock
+            )
             if record:
-                wanted = pc.indices_nonzero(pc.is_in(t["doc_id"], value_set=wanted_pos)).to_numpy()
-                pos_parts.append((n_docs + wanted.astype(np.int64), vecs[wanted]))
-                doc_parts.append(t["doc_id"].combine_chunks())
-                key_parts.append(_content_keys(t, at))
-                src_parts.append(np.full(t.num_rows, s, np.int16))
-                n_docs += t.num_rows
+                self._record(s, t, at, vecs)
             if block and (
                 rows + len(vecs) > SEARCH_BLOCK_ROWS
                 or (rows + len(vecs)) * vecs.shape[1] * 4 > SEARCH_BLOCK_BYTES
@@ -360,30 +400,59 @@ def _mine_subset(
         if block:
             yield offset, np.concatenate(block) if len(block) > 1 else block[0]
 
-    result = search(q_vecs, corpus(record=True), depth, method=method, device=device)
-    stats.index = result.method
-    if not set(result.method.split("+")) <= {"exact", "torch"}:
-        # An approximate index: measure what it missed, against exact search on a sample of queries
-        # (the vectors come from the cache, so this costs searches, not encoding).
-        stats.recall = estimate_recall(
-            q_vecs, lambda: corpus(record=False), depth, method, sample=min(256, len(q_vecs)), device=device
-        )
-    doc_col = pa.concat_arrays(doc_parts) if doc_parts else pa.array([], pa.string())
+    def _record(self, source: int, t: pa.Table, data_root: Path, vecs: np.ndarray) -> None:
+        wanted = pc.indices_nonzero(pc.is_in(t["doc_id"], value_set=self.wanted_pos)).to_numpy()
+        self.pos_parts.append((self.n_docs + wanted.astype(np.int64), vecs[wanted]))
+        self.doc_parts.append(t["doc_id"].combine_chunks())
+        self.key_parts.append(_content_keys(t, data_root))
+        self.src_parts.append(np.full(t.num_rows, source, np.int16))
+        self.n_docs += t.num_rows
+
+    def doc_ids(self) -> pa.Array:
+        """Every doc's id, by doc index (the search's result ids)."""
+        return pa.concat_arrays(self.doc_parts) if self.doc_parts else pa.array([], pa.string())
+
+
+class _Positives(NamedTuple):
+    """The gold positives found in the corpus: (query row, doc index) of each, sorted by query row,
+    its cosine, and each query's best (NaN when none was scored)."""
+
+    q: np.ndarray
+    d: np.ndarray
+    scores: np.ndarray
+    best: np.ndarray
+
+
+def _score_gold(
+    q_vecs: np.ndarray, gold_rows: pa.Table, doc_col: pa.Array, corpus: _SubsetCorpus
+) -> _Positives:
     pair_q, pair_d = _positive_pairs(gold_rows, doc_col)
     if pair_d.size:
-        pos_idx = np.concatenate([i for i, _ in pos_parts])
-        pos_mat = np.concatenate([v for _, v in pos_parts])
+        pos_idx = np.concatenate([i for i, _ in corpus.pos_parts])
+        pos_mat = np.concatenate([v for _, v in corpus.pos_parts])
         pair_scores = np.einsum("ij,ij->i", q_vecs[pair_q], pos_mat[np.searchsorted(pos_idx, pair_d)])
     else:
         pair_scores = np.zeros(0, np.float32)
-    stats.positive_scores = pair_scores.astype(np.float64).tolist()
-    best = np.full(len(qid_col), -np.inf)
+    best = np.full(len(q_vecs), -np.inf)
     np.maximum.at(best, pair_q, pair_scores.astype(np.float64))
     best[np.isneginf(best)] = np.nan  # no scored positive: the positive-relative rules keep nothing
-    content_id = np.append(_content_ids(key_parts), -1)  # id -1 (no result) reads the last: -1, no content
-    qids: list[str] = qid_col.to_pylist()
+    return _Positives(pair_q, pair_d, pair_scores, best)
 
+
+def _select(
+    result: KnnResult,
+    positives: _Positives,
+    content_id: np.ndarray,
+    rules: Sequence[Any],
+    seed: int,
+    qids: list[str],
+    stats: SubsetStats,
+    progress: Callable[[str, int], None] | None,
+) -> np.ndarray:
+    """Which candidates of the search become negatives ((queries, depth) bool), SELECT_CHUNK queries
+    at a time: the batch path for the built-in rules, else query by query."""
     ids, scores = result.ids, result.scores
+    pair_q, pair_d, best = positives.q, positives.d, positives.best
     present = (ids >= 0) & np.isfinite(scores)
     keep = np.zeros(ids.shape, dtype=bool)
     for lo in range(0, len(qids), SELECT_CHUNK):
@@ -415,21 +484,35 @@ def _mine_subset(
         stats.queries += hi - lo
         if progress:
             progress("mine", hi - lo)
+    return keep
 
+
+def _mined_pairs(
+    result: KnnResult,
+    keep: np.ndarray,
+    positives: _Positives,
+    qid_col: pa.Array,
+    doc_col: pa.Array,
+    corpus: _SubsetCorpus,
+    origin: str,
+    stats: SubsetStats,
+) -> pa.Table:
+    """The negatives as hard_negative pairs (their cosine and search rank), then the gold positives
+    with their cosine (for mine_dataset to write on the positive pairs); counts them in ``stats``."""
+    ids, scores = result.ids, result.scores
     rows, cols = np.nonzero(keep)
     neg_scores = scores[rows, cols]
     stats.negatives = int(rows.size)
-    if docs.pools and rows.size:
-        stats.pool_negatives = int((np.concatenate(src_parts)[ids[rows, cols]] > 0).sum())
+    if corpus.docs.pools and rows.size:
+        stats.pool_negatives = int((np.concatenate(corpus.src_parts)[ids[rows, cols]] > 0).sum())
     stats.negative_scores = neg_scores.astype(np.float64).tolist()
     negatives = _pairs_table(
         qid_col.take(rows), doc_col.take(ids[rows, cols]), "hard_negative", neg_scores, cols + 1, origin
     )
-    # the gold positives' cosines, for mine_dataset to write on the positive pairs
     gold_scored = _pairs_table(
-        qid_col.take(pair_q), doc_col.take(pair_d), "positive", pair_scores, None, None
+        qid_col.take(positives.q), doc_col.take(positives.d), "positive", positives.scores, None, None
     )
-    return pa.concat_tables([negatives, gold_scored]), stats
+    return pa.concat_tables([negatives, gold_scored])
 
 
 def _gold_pairs(ds: Dataset) -> pa.Table:
@@ -455,9 +538,10 @@ def _positive_pairs(gold_rows: pa.Table, doc_ids: pa.Array) -> tuple[np.ndarray,
 
 def _content_keys(rows: pa.Table, root: Path) -> pa.Array | list[Any]:
     """Keys equal for two rows exactly when their ``curation.content_key`` digests are: the normalised
-    text (vectorised; "" for no text, which normalize_text never returns) as an Arrow array when no
-    row has an image, else a list holding each image row's digest (bytes: never equal to a text)."""
-    norms = _normalised_texts(rows["text"])
+    text (``normalize_texts``; "" for no text, which normalize_text never returns) as an Arrow array
+    when no row has an image, else a list holding each image row's digest (bytes: never equal to a
+    text)."""
+    norms = pc.fill_null(normalize_texts(rows["text"]), "")
     if rows["image"].null_count == rows.num_rows:
         return norms
     keys: list[Any] = norms.to_pylist()
@@ -466,26 +550,6 @@ def _content_keys(rows: pa.Table, root: Path) -> pa.Array | list[Any]:
         cell = resolve_image_cell(rows["image"][i].as_py(), root)
         keys[i] = content_key(texts[i], cell, root).digest
     return keys
-
-
-# Printable ASCII words joined by single spaces: normalize_text only lower-cases such a text (NFKC
-# and casefold are the identity on it but for case, and there is no whitespace to collapse or strip).
-_WHITESPACE_NORMAL_ASCII = r"^[!-~]+(?: [!-~]+)*$"
-
-
-def _normalised_texts(texts: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """``normalize_text`` of each text, "" for None: lower-casing where that is all it does (most
-    texts, vectorised), ``normalize_texts`` for the rest."""
-    import polars as pl
-
-    series = pl.Series(texts)
-    simple = series.str.contains(_WHITESPACE_NORMAL_ASCII).fill_null(False)
-    out = series.str.to_lowercase()
-    rest = (~simple).arg_true()
-    if len(rest):
-        fixed = normalize_texts(pa.chunked_array(texts).take(rest.to_arrow()))
-        out = out.scatter(rest, pl.Series(fixed, dtype=pl.String))
-    return pc.fill_null(out.to_arrow().cast(pa.string()), "")
 
 
 def _content_ids(parts: Sequence[pa.Array | list[Any]]) -> np.ndarray:

@@ -12,6 +12,7 @@ actor's node (shared storage), as for every other stage on a cluster.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 from assay.curation.judge.scoring import JudgeItem, Score, Scorer
@@ -54,6 +55,8 @@ class RayPoolScorer:
         if len(set(ids)) != 1:
             raise ValueError(f"the judge actors loaded different models: {sorted(set(ids))}")
         self.model_id = ids[0]
+        where = f"{num_gpus:g} GPU each" if num_gpus else "on CPUs"
+        print(f"judge {self.model_id}: in {actors} actor(s), {where}", file=sys.stderr)
 
     def score(self, items: Sequence[JudgeItem]) -> list[Score]:
         n = len(self._actors)

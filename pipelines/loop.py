@@ -22,6 +22,10 @@ config inline (``config:``, written to ``RUN/steps/NAME.train.yaml``) or as a pa
       # or one eval per seed: the report shows each subset's mean and spread over them
       # - {arm: "no hard negatives", evals: [eval-s1, eval-s1-seed1, eval-s1-seed2]}
 
+The file's schema is ``LoopFile`` (pydantic, ``curation.config_schema.StrictModel``): an unknown key,
+a value of the wrong type or an unknown command is refused before any step runs, with the file and
+the step named (``loop.yaml: step 2 (valid): unknown key(s) colour (known: args, config, ...)``).
+
 Each step leaves ``RUN/steps/NAME.json``: its command line, a fingerprint (the command line, the
 train config and the fingerprints of the steps it reads), status, start, end and seconds, and
 what it produced. On a rerun a complete step with the same fingerprint is skipped; a step that was
@@ -38,29 +42,32 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import inspect
 import json
+import os
 import re
 import shutil
 import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from assay.curation.config_schema import Loc, StrictModel, dotted, explain
 from assay.curation.dataset import atomic_write_bytes, atomic_write_json
 from assay.curation.lock import output_lock
 
 #: The commands a step may run, and what each produces (the output a later ``{NAME}`` names).
 DATASET_COMMANDS = ("ingest", "validate", "dedup", "filter", "curate", "mine", "judge")
 COMMANDS = (*DATASET_COMMANDS, "train", "eval", "export")
+Command = Literal[COMMANDS]
 #: Loop-level settings handed to every command that has the option and whose step does not set it.
 SHARED_SETTINGS = ("executor", "ray_address", "num_cpus", "device")
-_STEP_KEYS = {"name", "run", "args", "options", "config"}
-_TOP_KEYS = {"name", "run_dir", "steps", "ablation", *SHARED_SETTINGS}
 _REF = re.compile(r"\{([A-Za-z0-9_.-]+)\}")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -69,14 +76,73 @@ class LoopError(ValueError):
     """A loop file or run directory that cannot be used; the message says which step and why."""
 
 
-@dataclass
-class Step:
+class StepEntry(StrictModel):
+    """One step as the loop file gives it (the schema of an entry of ``steps``)."""
+
     name: str
-    run: str
-    args: list[Any] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
+    run: Command
+    args: list[Any] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any] | str | None = None
+
+    @field_validator("args", "options", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any, info: ValidationInfo) -> Any:
+        """``args:`` with nothing after it (YAML null) is no args."""
+        return ([] if info.field_name == "args" else {}) if value is None else value
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not _NAME.match(value) or value == "run":
+            raise ValueError("must be letters, digits, '-', '_' or '.' (and not 'run')")
+        return value
+
+    @model_validator(mode="after")
+    def _config_for_train_only(self) -> StepEntry:
+        if self.run == "train" and self.config is None:
+            raise ValueError("a train step needs `config:` (a mapping, or a YAML file's path)")
+        if self.run != "train" and self.config is not None:
+            raise ValueError("only train steps take `config`")
+        return self
+
+
+class Step(StepEntry):
+    """A step of a checked loop: its entry and its place in the file."""
+
     index: int = 0
+
+
+class AblationArm(StrictModel):
+    """An entry of ``ablation``: one arm and its eval step, or one eval step per seed."""
+
+    arm: str
+    eval: str | None = None
+    evals: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _eval_or_evals(self) -> AblationArm:
+        if (self.eval is None) == (self.evals is None):
+            raise ValueError(
+                "each ablation entry is {arm: TEXT, eval: STEP} or {arm: TEXT, evals: [STEP, ...]} "
+                "(one eval per seed)"
+            )
+        if self.evals == []:
+            raise ValueError("`evals` must be a list of eval steps, not an empty one")
+        return self
+
+
+class LoopFile(StrictModel):
+    """The schema of a loop file (see the module docstring)."""
+
+    name: str | None = None
+    run_dir: str | None = None
+    steps: list[StepEntry] = Field(min_length=1, description="the steps, in order")
+    ablation: list[AblationArm] | None = None
+    executor: Literal["ray", "local"] | None = None
+    ray_address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] | None = None
 
 
 @dataclass
@@ -100,7 +166,8 @@ class LoopSpec:
 
 
 def load_loop(path: str | Path, run_dir: str | Path | None = None) -> LoopSpec:
-    """Read and check a loop file (``yaml.safe_load``); every problem names the file and the step."""
+    """Read and check a loop file (``yaml.safe_load``, then ``LoopFile``); every problem names the
+    file and the step."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -110,76 +177,48 @@ def load_loop(path: str | Path, run_dir: str | Path | None = None) -> LoopSpec:
         raise LoopError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise LoopError(f"{path}: expected a mapping with run_dir and steps, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise LoopError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(_TOP_KEYS))}"
-        )
-    if run_dir is None:
-        run_dir = raw.get("run_dir")
+    try:
+        spec = LoopFile.model_validate(raw)
+    except ValidationError as e:
+        raise LoopError(f"{path}: {explain(e, LoopFile, lambda loc: _where(raw, loc))}") from None
+    run_dir = run_dir if run_dir is not None else spec.run_dir
     if not run_dir:
         raise LoopError(f"{path}: no run_dir (give one in the file or with --run-dir)")
-    steps_raw = raw.get("steps")
-    if not isinstance(steps_raw, list) or not steps_raw:
-        raise LoopError(f"{path}: `steps` must be a non-empty list")
-    steps: list[Step] = []
-    seen: set[str] = set()
-    for i, s in enumerate(steps_raw):
-        where = f"{path}: step {i + 1}"
-        if not isinstance(s, dict):
-            raise LoopError(f"{where}: expected a mapping with name and run, got {s!r}")
-        name = s.get("name")
-        where = f"{path}: step {i + 1} ({name})"
-        bad = sorted(set(s) - _STEP_KEYS)
-        if bad:
-            raise LoopError(
-                f"{where}: unknown key(s) {', '.join(bad)}; a step has {', '.join(sorted(_STEP_KEYS))}"
-            )
-        if not isinstance(name, str) or not _NAME.match(name) or name == "run":
-            raise LoopError(f"{where}: `name` must be letters, digits, '-', '_' or '.' (and not 'run')")
-        if name in seen:
-            raise LoopError(f"{where}: a step named {name!r} comes earlier too")
-        if s.get("run") not in COMMANDS:
-            raise LoopError(f"{where}: `run` must be one of {', '.join(COMMANDS)}, got {s.get('run')!r}")
-        args = s.get("args", []) or []
-        options = s.get("options", {}) or {}
-        if not isinstance(args, list):
-            raise LoopError(f"{where}: `args` must be a list")
-        if not isinstance(options, dict):
-            raise LoopError(f"{where}: `options` must be a mapping of option name to value")
-        config = s.get("config")
-        if s["run"] == "train":
-            if not isinstance(config, dict | str):
-                raise LoopError(f"{where}: a train step needs `config:` (a mapping, or a YAML file's path)")
-        elif config is not None:
-            raise LoopError(f"{where}: only train steps take `config`")
+    steps: dict[str, Step] = {}
+    for i, entry in enumerate(spec.steps):
+        where = f"{path}: step {i + 1} ({entry.name})"
+        if entry.name in steps:
+            raise LoopError(f"{where}: a step named {entry.name!r} comes earlier too")
         # every {NAME} must be an earlier step (or {run})
-        for ref in _refs([args, options, config]):
-            if ref != "run" and ref not in seen:
-                later = " (it comes later)" if any(x.get("name") == ref for x in steps_raw) else ""
+        for ref in _refs([entry.args, entry.options, entry.config]):
+            if ref != "run" and ref not in steps:
+                later = " (it comes later)" if any(s.name == ref for s in spec.steps) else ""
                 raise LoopError(f"{where}: {{{ref}}} names no earlier step{later}")
-        seen.add(name)
-        steps.append(Step(name, s["run"], list(args), dict(options), config, index=i))
-    ablation = raw.get("ablation") or []
-    if not isinstance(ablation, list):
-        raise LoopError(f"{path}: `ablation` must be a list of {{arm, eval}}")
+        steps[entry.name] = Step(**entry.model_dump(), index=i)
     arms = []
-    for a in ablation:
-        if not isinstance(a, dict) or len(a) != 2 or "arm" not in a or not {"eval", "evals"} & set(a):
-            raise LoopError(
-                f"{path}: each ablation entry is {{arm: TEXT, eval: STEP}} or {{arm: TEXT, evals: [STEP, ...]}} "
-                f"(one eval per seed), got {a!r}"
-            )
-        evals = a["evals"] if "evals" in a else [a["eval"]]
-        if not isinstance(evals, list) or not evals:
-            raise LoopError(f"{path}: ablation arm {a['arm']!r}: `evals` must be a list of eval steps")
+    for a in spec.ablation or []:
+        evals = a.evals if a.evals is not None else [a.eval]
         for ev in evals:
-            if ev not in seen or next(s for s in steps if s.name == ev).run != "eval":
-                raise LoopError(f"{path}: ablation arm {a['arm']!r}: {ev!r} is not an eval step")
-        arms.append({"arm": str(a["arm"]), "evals": [str(ev) for ev in evals]})
-    ablation = arms
-    settings = {k: raw[k] for k in SHARED_SETTINGS if raw.get(k) is not None}
-    return LoopSpec(str(raw.get("name") or path.stem), Path(run_dir), steps, settings, ablation, path)
+            if ev not in steps or steps[ev].run != "eval":
+                raise LoopError(f"{path}: ablation arm {a.arm!r}: {ev!r} is not an eval step")
+        arms.append({"arm": a.arm, "evals": evals})
+    settings = {k: getattr(spec, k) for k in SHARED_SETTINGS if getattr(spec, k) is not None}
+    return LoopSpec(spec.name or path.stem, Path(run_dir), list(steps.values()), settings, arms, path)
+
+
+def _where(raw: dict[str, Any], loc: Loc) -> str:
+    """A place in a loop file as its author knows it: ``step 2 (valid): `options```, ``ablation
+    arm 'x'``, `` `run_dir` ``."""
+    if len(loc) >= 2 and loc[0] in ("steps", "ablation") and isinstance(loc[1], int):
+        entries = raw.get(loc[0])
+        entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else None
+        label = entry.get("name" if loc[0] == "steps" else "arm") if isinstance(entry, dict) else None
+        if loc[0] == "steps":
+            head = f"step {loc[1] + 1}" + (f" ({label})" if label is not None else "")
+        else:
+            head = f"ablation arm {label!r}" if label is not None else f"ablation entry {loc[1] + 1}"
+        return head + (f": `{dotted(loc[2:])}`" if loc[2:] else "")
+    return f"`{dotted(loc)}`"
 
 
 def _refs(obj: Any) -> list[str]:
@@ -197,20 +236,24 @@ def _now() -> str:
 
 
 class Loop:
-    """Runs a :class:`LoopSpec`; see the module docstring."""
+    """Runs a loop file (a path, or the :class:`LoopSpec` ``load_loop`` read); see the module
+    docstring. ``Loop("examples/quickstart.yaml").run()`` from Python is ``assay loop`` on the
+    command line; each step's ``assay.Result`` is kept in ``results``."""
 
     def __init__(
         self,
-        spec: LoopSpec,
+        spec: LoopSpec | str | os.PathLike,
         *,
+        run_dir: str | os.PathLike | None = None,
         echo: Callable[[str], None] = print,
-        invoke: Callable[[list[str]], None] | None = None,
     ):
+        if not isinstance(spec, LoopSpec):
+            spec = load_loop(spec, run_dir=run_dir)
         self.spec = spec
+        self.results: dict[str, Any] = {}
         self.run_dir = spec.run_dir.resolve()
         self.steps_dir = self.run_dir / "steps"
         self.echo = echo
-        self._invoke = invoke or invoke_cli
 
     # -- the state of each step, on disk
 
@@ -264,12 +307,19 @@ class Loop:
         return obj
 
     def resolve(self, step: Step) -> tuple[list[str], dict[str, Any] | None, dict[str, Any]]:
-        """The step's argv (after ``assay``), its train config (train steps) and its expected outputs."""
+        """The step's argv (after ``assay``: the command line it is the same as, recorded and
+        fingerprinted), its train config (train steps) and its expected outputs."""
+        call = self.call(step)
+        return call.argv, call.config, call.outputs
+
+    def call(self, step: Step) -> StepCall:
+        """What running ``step`` calls: the ``assay.pipelines.api`` function, its arguments and
+        keywords (the step's options with the loop's settings), and the command line it equals."""
         args = [str(a) for a in self._sub(step.args)]
         options = dict(self._sub(step.options))
         config: dict[str, Any] | None = None
         outputs: dict[str, Any] = {}
-        params = command_params(step.run)
+        params = stage_options(step.run)
         options = {str(k).replace("_", "-"): v for k, v in options.items()}
         unknown = sorted(k for k in options if k not in params)
         if unknown:
@@ -315,7 +365,8 @@ class Loop:
                     argv += [flag, str(v)]
             else:
                 argv += [flag, str(value)]
-        return argv, config, outputs
+        keywords = {k.replace("-", "_"): v for k, v in options.items()}
+        return StepCall(STAGES[step.run], args, keywords, argv, config, outputs)
 
     def fingerprint(self, step: Step, argv: list[str], config: dict[str, Any] | None) -> str:
         upstream = {}
@@ -398,7 +449,8 @@ class Loop:
         return ok
 
     def _run_step(self, step: Step) -> bool:
-        argv, config, outputs = self.resolve(step)
+        call = self.call(step)
+        argv, config, outputs = call.argv, call.config, call.outputs
         fp = self.fingerprint(step, argv, config)
         old = self.manifest(step)
         label = f"[{step.index + 1}/{len(self.spec.steps)}] {step.name}"
@@ -437,7 +489,7 @@ class Loop:
         _release_ray_unless_needed(argv)
         t0 = time.perf_counter()
         try:
-            self._invoke(argv)
+            self.results[step.name] = call.run()
             if step.run == "train":
                 record["outputs"] = {"checkpoint": _final_checkpoint(Path(outputs["train_dir"])), **outputs}
         except Exception as e:  # noqa: BLE001 - any failure of the step is recorded, then re-raised
@@ -523,32 +575,35 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}{where}"
 
 
-def command_params(run: str) -> set[str]:
-    """The long option names of ``assay RUN``, without the dashes (``format``, ``ray-address``)."""
-    import click
+#: The ``assay.pipelines.api`` function each step kind calls (``eval`` is ``evaluate``).
+STAGES = {run: ("evaluate" if run == "eval" else run) for run in COMMANDS}
 
-    from assay.pipelines.cli import cli
 
-    cmd = cli.commands.get(run)
-    if cmd is None:
-        raise LoopError(f"assay has no command {run!r}")
+def stage_options(run: str) -> set[str]:
+    """The options of the stage a step runs, spelled as on the command line (``format``,
+    ``ray-address``): the keyword parameters of its ``assay.pipelines.api`` function."""
+    from assay.pipelines import api
+
+    fn = getattr(api, STAGES[run])
     return {
-        o[2:]
-        for p in cmd.params
-        if isinstance(p, click.Option)
-        for o in (*p.opts, *p.secondary_opts)
-        if o.startswith("--")
+        name.replace("_", "-")
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
 
 
-def invoke_cli(argv: list[str]) -> None:
-    """Run ``assay ARGV`` in this process; a non-zero exit raises."""
-    from assay.pipelines.cli import cli
+@dataclass
+class StepCall:
+    """One step, resolved: ``api.<function>(*args, **keywords)``, and the command line it equals."""
 
-    try:
-        cli.main(args=argv, prog_name="assay", standalone_mode=False)
-    except SystemExit as e:  # click's ctx.exit inside a command
-        if e.code not in (0, None):
-            raise
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
+    function: str
+    args: list[str]
+    keywords: dict[str, Any]
+    argv: list[str]
+    config: dict[str, Any] | None
+    outputs: dict[str, Any]
+
+    def run(self) -> Any:
+        from assay.pipelines import api
+
+        return getattr(api, self.function)(*self.args, **self.keywords)

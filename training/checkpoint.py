@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from assay.curation.dataset import atomic_write_json, code_version, fingerprint
+from assay.curation.dataset import atomic_write_json, code_version, commit_dir, fingerprint, staging_dir
 from assay.curation.judge.scoring import TRAINER_STATE_FILE, weights_sha256
 from assay.curation.safety import UnsafeModelError, refuse_pickle
 from assay.training.model import MMEmbedder, load_embedder
@@ -62,7 +62,6 @@ STATE_JSON_FILE = "trainer_state.json"
 #: A LoRA run's adapter (peft's own files, safetensors), beside the merged weights.
 ADAPTER_DIR = "adapter"
 #: Hidden prefix of a checkpoint being written (not ``.tmp-``: curation's sweeper unlinks files).
-PARTIAL_PREFIX = ".partial-"
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 SCHEMA_VERSION = 1
 
@@ -282,24 +281,6 @@ def _load_trainer_state(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- save
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*"), reverse=True):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _whole(embedder: MMEmbedder) -> MMEmbedder:
     """The embedder as a whole model: a LoRA-wrapped one merged on a copy, else itself."""
     if not hasattr(embedder.model, "get_base_model"):
@@ -330,9 +311,9 @@ def save_checkpoint(
 ) -> CheckpointManifest:
     """Write a complete checkpoint at ``path`` atomically; returns its manifest.
 
-    Everything is written into ``.partial-<name>-<pid>`` beside ``path`` and renamed into place, so a
-    crash leaves the previous checkpoints intact and a hidden folder that ``latest_checkpoint``
-    ignores (and the next save of the same name clears). ``parent`` is the weights hash of the
+    Everything is written into ``.tmp-<name>-<pid>`` beside ``path`` and renamed into place
+    (``curation.dataset.staging_dir`` / ``commit_dir``), so a crash leaves the previous checkpoints
+    intact and a hidden folder that ``latest_checkpoint`` ignores (and the trainer clears). ``parent`` is the weights hash of the
     model this training started from, or a model directory to hash. An existing ``path`` is
     refused unless ``overwrite``; replacing it swaps two renames, so for an instant neither is
     there (a reader then finds the previous step). ``resume_key`` is the part of the config a
@@ -348,8 +329,7 @@ def save_checkpoint(
     if parent is not None and Path(parent).is_dir():
         parent = weights_hash(parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}-{os.getpid()}")
-    old = path.with_name(f"{PARTIAL_PREFIX}{path.name}-old-{os.getpid()}")
+    tmp = staging_dir(path)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
@@ -382,19 +362,10 @@ def save_checkpoint(
             code_version=code_version(),
         )
         atomic_write_json(tmp / MANIFEST_FILE, manifest.to_json())
-        _fsync_tree(tmp)
-        if path.exists():
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        commit_dir(tmp, path)
     except BaseException:
-        # A full disk, say: nothing half-written stays, and a checkpoint being replaced comes back.
+        # A full disk, say: nothing half-written stays (a checkpoint being replaced comes back).
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not path.exists():
-            os.replace(old, path)
         raise
     log.info("checkpoint %s: stage %s step %d weights %s", path, stage, step, manifest.weights_sha256[:12])
     return manifest
@@ -462,7 +433,7 @@ def restore_training_state(
 def latest_checkpoint(run_dir: str | os.PathLike, *, verify: bool = True) -> Path | None:
     """The highest-step complete checkpoint (``step-NNNNNN``) under ``run_dir``, else None.
 
-    Hidden folders (a ``.partial-`` save a crash left) are never candidates; a candidate without a
+    Hidden folders (a ``.tmp-`` save a crash left) are never candidates; a candidate without a
     manifest, or (with ``verify``) whose hashes do not check out, is skipped with a warning.
     """
     run_dir = Path(run_dir)

@@ -48,130 +48,31 @@ queries). Subsets with no scorable query report ``p_at_1: None`` and are left ou
 
 Memory: a first pass (``training.evaluate_index``) reads only the id, subset, task and label
 columns, keeping the query and doc ids (in dicts) and the pairs as flat integer arrays (about 9
-bytes a pair); then, subset by subset, the docs that subset needs are encoded once in batches of
-``batch_size`` (only the Parquet row groups holding them are read) and cached by doc_id for that
-subset only, and its queries are streamed and scored in batches.
+bytes a pair); then (``training.evaluate_subset``), subset by subset, the docs that subset needs
+are encoded once in batches of ``batch_size`` (only the Parquet row groups holding them are read)
+and cached by doc_id for that subset only, and its queries are streamed and scored in batches.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from assay.curation.dataset import Dataset, atomic_write_json
-from assay.curation.schema import CORPUS, QUERIES, SCHEMAS, resolve_image_cell
 from assay.curation.truth import Truth, read_truth
-from assay.training.evaluate_index import (
-    FN,
-    NEG,
-    NEGATIVE_LABELS,
-    NULL_KEY,
-    POS,
-    Index,
-    build_index,
-    subset_key,
-)
+from assay.training.evaluate_index import NEGATIVE_LABELS, NULL_KEY, build_index, subset_key
+from assay.training.evaluate_subset import NDCG_AT, Encoder, SubsetSums, evaluate_subset
 
 __all__ = ["NEGATIVE_LABELS", "NULL_KEY", "RETRIEVAL_TASKS", "evaluate", "write_metrics"]
 
 #: Meta-tasks that also get Recall@k and nDCG@10 against the whole subset corpus.
 RETRIEVAL_TASKS = ("retrieval", "visdoc")
-NDCG_AT = 10
-#: Query-by-doc score blocks are cut so that one holds at most this many floats.
-_SCORE_BLOCK = 1 << 24
-#: Discounts of ranks 1..NDCG_AT (binary relevance: the gain of a relevant doc at rank r is 1/log2(r+1)).
-_GAINS = 1.0 / np.log2(np.arange(2, NDCG_AT + 2))
-
-Encoder = Callable[[list[dict[str, Any]]], Any]
-
-
-def _subset_mask(col: pa.Array, subset: str) -> pa.Array:
-    if subset == NULL_KEY:
-        return pc.is_null(col)
-    return pc.fill_null(pc.equal(col, pa.scalar(subset, pa.string())), False)
-
-
-def _rows(batch: pa.RecordBatch, root: str) -> list[dict[str, Any]]:
-    rows = batch.to_pylist()
-    for r in rows:
-        if "image" in r:
-            r["image"] = resolve_image_cell(r["image"], root)
-    return rows
-
-
-def _embeddings(out: Any, n: int, who: str) -> np.ndarray:
-    if hasattr(out, "detach"):  # a torch tensor; torch is not imported here (it is an optional extra)
-        out = out.detach().float().cpu().numpy()
-    arr = np.asarray(out, dtype=np.float32)
-    if arr.ndim != 2 or arr.shape[0] != n:
-        raise ValueError(f"{who} returned an array of shape {arr.shape} for {n} rows; expected ({n}, dim)")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{who} returned non-finite values (NaN or inf)")
-    return arr
-
-
-def _read_units(
-    ds: Dataset, table: str, units: list[tuple[str, int]], batch_size: int
-) -> Iterator[pa.RecordBatch]:
-    by_shard: dict[str, list[int]] = {}
-    for name, rg in units:
-        by_shard.setdefault(name, []).append(rg)
-    columns = SCHEMAS[table].names
-    for name, rgs in by_shard.items():
-        pf = pq.ParquetFile(ds.shard_path(table, name))
-        have = [c for c in columns if c in pf.schema_arrow.names]
-        yield from pf.iter_batches(batch_size=batch_size, row_groups=rgs, columns=have)
-
-
-def _rebatch(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Lists of ``size`` items (the last may be shorter)."""
-    buf: list[Any] = []
-    for item in items:
-        buf.append(item)
-        if len(buf) >= size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` highest finite scores, highest first, ties by lower index (= doc order)."""
-    n = len(scores)
-    k = min(k, n)
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if k < n:
-        thr = np.partition(scores, n - k)[n - k]
-        sel = np.flatnonzero(scores >= thr)
-    else:
-        sel = np.arange(n)
-    top = sel[np.lexsort((sel, -scores[sel]))][:k]
-    return top[np.isfinite(scores[top])]
-
-
-@dataclass
-class _Acc:
-    """Running sums for one subset."""
-
-    queries: int = 0
-    hits: int = 0
-    candidates: int = 0
-    chance: float = 0.0
-    recall: dict[int, float] = field(default_factory=dict)
-    ndcg: float = 0.0
-    without_positive: int = 0
-    positives: int = 0  # relevant docs of the scored queries (labelled, or from the truth)
 
 
 def evaluate(
@@ -225,11 +126,11 @@ def evaluate(
         disable=not progress,
     )
     per_subset: dict[str, dict[str, Any]] = {}
-    accs: dict[str, _Acc] = {}
+    accs: dict[str, SubsetSums] = {}
     for s in names:  # pass 2: subset by subset
         task = index.tasks[s].most_common(1)[0][0]
         retrieval = task in retrieval_tasks
-        acc = accs[s] = _evaluate_subset(
+        acc = accs[s] = evaluate_subset(
             ds,
             index,
             s,
@@ -290,148 +191,6 @@ def evaluate(
             "truth": None if truth is None else truth.describe(),
         },
     }
-
-
-def _evaluate_subset(
-    ds: Dataset,
-    index: Index,
-    subset: str,
-    encode_queries: Encoder,
-    encode_candidates: Encoder,
-    *,
-    batch_size: int,
-    ks: list[int],
-    retrieval: bool,
-    candidate_set: str,
-    root: str,
-    bar: tqdm,
-    limit: int | None = None,
-) -> _Acc:
-    acc = _Acc()
-    depth = max([*ks, NDCG_AT])
-    qids = index.queries_of[subset][:limit]
-    code = index.subset_code.get(subset, -1)
-    n_docs = len(index.doc_subset)
-    # Which queries are scorable (doc numbers of positives, candidates, false negatives), and
-    # whether each one ranks its pair candidates or the whole subset.
-    plan: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = {}
-    needed = np.zeros(n_docs, dtype=bool)
-    whole = retrieval
-    for qid in qids:
-        qn = index.query_number[qid]
-        a, b = index.pair_offsets[qn], index.pair_offsets[qn + 1]
-        docs, labels = index.pair_doc[a:b], index.pair_label[a:b]
-        pos = np.unique(docs[labels == POS])
-        if not len(pos):
-            acc.without_positive += 1
-            continue
-        fn = np.setdiff1d(docs[labels == FN], pos)  # positive wins over false_negative
-        cands = np.setdiff1d(np.union1d(pos, docs[labels == NEG]), fn)
-        # the pairs make a candidate set only if they name a negative: all-positive pairs would
-        # make P@1 trivially 1 (a retrieval query with many gold images)
-        use_pairs = candidate_set == "pairs" and len(cands) > len(pos)
-        whole = whole or not use_pairs
-        plan[qid] = (pos, cands, fn, use_pairs)
-        needed[cands] = True
-    if not plan:
-        bar.update(len(qids))
-        return acc
-    if whole:
-        needed |= index.doc_subset == code
-
-    # Encode the docs this subset needs, once, in corpus order (column = tie-break order); only the
-    # row groups of the subsets those docs belong to are read.
-    names = {c: n for n, c in index.subset_code.items()}
-    units = index.corpus.of(names[int(c)] for c in np.unique(index.doc_subset[needed]))
-    claimed = np.zeros(n_docs, dtype=bool)  # a doc id's first row wins; later duplicates are skipped
-    colmap = np.full(n_docs, -1, dtype=np.int64)  # doc number -> column of ``emb``
-    col_doc: list[int] = []
-    blocks: list[np.ndarray] = []
-
-    def doc_rows() -> Iterator[tuple[int, dict[str, Any]]]:
-        for batch in _read_units(ds, CORPUS, units, batch_size):
-            keep, nums = [], []
-            for did in batch.column(batch.schema.get_field_index("doc_id")).to_pylist():
-                dn = index.doc_number.get(did, -1)
-                ok = dn >= 0 and needed[dn] and not claimed[dn]
-                if ok:
-                    claimed[dn] = True
-                    nums.append(dn)
-                keep.append(ok)
-            yield from zip(nums, _rows(batch.filter(pa.array(keep, pa.bool_())), root), strict=True)
-
-    for chunk in _rebatch(doc_rows(), batch_size):
-        rows = [r for _, r in chunk]
-        blocks.append(_embeddings(encode_candidates(rows), len(rows), "encode_candidates"))
-        for dn, _ in chunk:
-            colmap[dn] = len(col_doc)
-            col_doc.append(dn)
-    emb = np.concatenate(blocks)
-    in_subset = index.doc_subset[np.array(col_doc, dtype=np.int64)] == code
-    n_subset = int(in_subset.sum())
-    all_in_subset = n_subset == len(col_doc)
-
-    # Stream the subset's queries and score them.
-    seen: set[str] = set()
-
-    def query_rows() -> Iterator[dict[str, Any]]:
-        for batch in _read_units(ds, QUERIES, index.queries.of([subset]), batch_size):
-            batch = batch.filter(_subset_mask(batch.column(batch.schema.get_field_index("subset")), subset))
-            for r in _rows(batch, root):
-                if r["query_id"] in plan and r["query_id"] not in seen:
-                    seen.add(r["query_id"])  # a duplicated query id keeps its first row
-                    yield r
-
-    # Whole-corpus scores are computed a block of queries at a time (at most _SCORE_BLOCK floats).
-    step = max(1, _SCORE_BLOCK // len(col_doc))
-    for rows in _rebatch(query_rows(), batch_size):
-        qemb = _embeddings(encode_queries(rows), len(rows), "encode_queries")
-        if qemb.shape[1] != emb.shape[1]:
-            raise ValueError(
-                f"query embeddings have dim {qemb.shape[1]} but candidate embeddings {emb.shape[1]}"
-            )
-        for start in range(0, len(rows), step):
-            chunk = range(start, min(start + step, len(rows)))
-            full_idx = [i for i in chunk if retrieval or not plan[rows[i]["query_id"]][3]]
-            block = qemb[full_idx] @ emb.T if full_idx else None
-            full = {i: block[j] for j, i in enumerate(full_idx)}
-            for i in chunk:
-                pos, cands, fn, use_pairs = plan[rows[i]["query_id"]]
-                pcols = colmap[pos]
-                ranked: np.ndarray | None = None
-                if i in full:
-                    fcols = colmap[fn]
-                    fcols = fcols[fcols >= 0]  # a false negative outside the subset is not ranked anyway
-                    v = full[i]
-                    if not all_in_subset:
-                        v = np.where(in_subset, v, -np.inf)
-                        v[pcols] = full[i][pcols]
-                    v[fcols] = -np.inf  # the block is dropped after this chunk: writing into it is fine
-                    ranked = _top(v, depth)
-                    n_cands = n_subset + int((~in_subset[pcols]).sum()) - int(in_subset[fcols].sum())
-                if use_pairs:
-                    ccols = np.sort(colmap[cands])
-                    top1 = ccols[_top(emb[ccols] @ qemb[i], 1)]
-                    n_cands = len(ccols)
-                else:
-                    top1 = ranked[:1]
-                acc.queries += 1
-                acc.positives += len(pcols)
-                acc.hits += int(len(top1) > 0 and bool(np.isin(top1[0], pcols)))
-                acc.candidates += n_cands
-                acc.chance += len(pcols) / n_cands
-                if retrieval:
-                    rel = np.isin(ranked, pcols)
-                    for k in ks:
-                        acc.recall[k] = acc.recall.get(k, 0.0) + float(rel[:k].sum()) / len(pcols)
-                    dcg = float(_GAINS[: len(rel)][rel[:NDCG_AT]].sum())
-                    idcg = float(_GAINS[: min(len(pcols), NDCG_AT)].sum())
-                    acc.ndcg += dcg / idcg
-        bar.update(len(rows))
-    bar.update(acc.without_positive)
-    if acc.queries != len(plan):  # pragma: no cover - a query id read in pass 1 is read again here
-        raise RuntimeError(f"{subset}: {len(plan) - acc.queries} queries were not found on the second read")
-    return acc
 
 
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> Path:

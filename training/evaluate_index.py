@@ -30,11 +30,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from assay.curation.dataset import Dataset
-from assay.curation.schema import CORPUS, PAIRS, QUERIES
+from assay.curation.schema import CORPUS, NULL_KEY, PAIRS, QUERIES
 from assay.curation.truth import Truth
 
-#: The key used for a missing (null) subset or task (the same as ``assay stats``).
-NULL_KEY = "(none)"
 #: Pair labels that make a doc a candidate for its query (positives aside).
 NEGATIVE_LABELS = ("negative", "hard_negative")
 

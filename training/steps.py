@@ -46,7 +46,7 @@ from assay.training.losses import GradCache, InfoNCELoss
 from assay.training.model import MMEmbedder
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ValueError):
     """A run that cannot start or continue as configured."""
 
 

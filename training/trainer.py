@@ -14,7 +14,7 @@ reranker   (query, candidate) under the judge prompt -> yes / no  cross-entropy 
 In the contrastive stages a doc is never pushed away from a query it belongs to: the query's other
 positives and its false negatives (pairs labelled ``false_negative`` or judged ``yes``) are masked
 out of its softmax wherever they turn up in the batch. (``training.steps`` holds what one step of
-each stage does.)
+each stage does, and ``training.trainer_model`` the model a run starts from.)
 
 A step only computes. Its inputs (image tiles, token ids, labels, masks) are made on a background
 thread while the steps before it run (``training.inputs.Prefetcher``), from the input cache
@@ -28,7 +28,7 @@ Every ``save_every`` steps and at the end, a checkpoint ``step-NNNNNN`` (see ``t
 holds the weights, optimizer, scheduler and RNG state. A rerun of the same config resumes from the
 latest complete one and computes what the uninterrupted run would have: batches are a function of
 (seed, epoch) and the state is restored exactly; the unfinished save a kill may have left (a
-hidden ``.partial-*`` folder) is removed first. ``complete.json`` names the final checkpoint;
+hidden ``.tmp-*`` folder) is removed first. ``complete.json`` names the final checkpoint;
 a rerun of a complete stage returns it at once. With LoRA the checkpoint's weights are the merged
 model (usable as is for eval and mining) and ``adapter/`` holds the adapter the run resumes from,
 on top of the stage's ``init`` model (checked by its weights hash).
@@ -46,34 +46,31 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from assay.curation.dataset import atomic_write_bytes, atomic_write_json, fingerprint
+from assay.curation.dataset import TMP_PREFIX, atomic_write_bytes, atomic_write_json, fingerprint
 from assay.training.checkpoint import (
-    ADAPTER_DIR,
     CHECKPOINT_NAME,
-    PARTIAL_PREFIX,
-    TrainingState,
     checkpoint_name,
     latest_checkpoint,
-    load_checkpoint,
     restore_training_state,
     save_checkpoint,
     weights_hash,
 )
 from assay.training.config import TrainConfig
-from assay.training.data import CAPTION_PROMPT, LABEL_PROMPT, TrainingData, epoch_batches, steps_per_epoch
-from assay.training.inputs import Prefetcher, model_inputs
-from assay.training.model import MMEmbedder, load_embedder
+from assay.training.data import TrainingData, epoch_batches, steps_per_epoch
+from assay.training.inputs import CachedInputs, Prefetcher, ProcessorInputs, model_inputs
+from assay.training.model import MMEmbedder
 from assay.training.steps import Prepared, StageSteps, TrainingError, autocast
+from assay.training.trainer_model import freeze_vision, fresh_model, resumed_model
 
 __all__ = ["COMPLETE_FILE", "LOG_FILE", "TrainingError", "final_checkpoint", "resolve_device", "train"]
 
@@ -109,77 +106,6 @@ def final_checkpoint(output: str | os.PathLike) -> Path | None:
     return Path(output) / json.loads(file.read_text())["final"]
 
 
-# ---------------------------------------------------------------- the model
-
-
-def _dataset_texts(data: TrainingData) -> list[str]:
-    texts = [r[k] for r in data.queries for k in ("text", "instruction") if r.get(k)]
-    texts += [r[k] for r in data.corpus for k in ("text", "instruction") if r.get(k)]
-    return [*dict.fromkeys(texts), CAPTION_PROMPT, LABEL_PROMPT]
-
-
-def _initial_embedder(config: TrainConfig, data: TrainingData) -> tuple[MMEmbedder, str | None]:
-    """The model a fresh run starts from, and the weights hash of where it came from."""
-    if config.tiny is not None:
-        from assay.training.tiny import build_tiny
-
-        t = config.tiny
-        model, processor = build_tiny(
-            _dataset_texts(data),
-            tokens_per_tile=config.tokens_per_tile or 64,
-            image_size=t.image_size,
-            patch_size=t.patch_size,
-            hidden_size=t.hidden_size,
-            num_layers=t.num_layers,
-            vocab_size=t.vocab_size,
-            layer_scale=t.layer_scale,
-            seed=t.seed,
-        )
-        return MMEmbedder(model, processor), None
-    init = Path(config.init)
-    if not init.is_dir():
-        raise TrainingError(f"init {config.init}: no such model directory")
-    embedder = load_embedder(init, tokens_per_tile=config.tokens_per_tile)
-    return embedder, weights_hash(init)
-
-
-def _wrap_lora(embedder: MMEmbedder, config: TrainConfig) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    lora = config.lora
-    peft_config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
-    )
-    embedder.model = get_peft_model(embedder.model, peft_config)
-
-
-#: Parameter names of a vision tower: InternVL's ``vision_tower``, Qwen2-VL's ``visual``.
-VISION_PARAMETERS = re.compile(r"(^|\.)(vision_tower|visual)\.")
-
-
-def _freeze_vision(embedder: MMEmbedder) -> None:
-    """``freeze_vision``: the vision tower's parameters take no gradient (and no optimizer state)."""
-    frozen = [p for name, p in embedder.model.named_parameters() if VISION_PARAMETERS.search(name)]
-    if not frozen:
-        raise TrainingError(
-            "freeze_vision: this model has no vision tower (no vision_tower. / visual. parameters)"
-        )
-    for p in frozen:
-        p.requires_grad_(False)
-
-
-def _resume_lora(embedder: MMEmbedder, checkpoint: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    file = checkpoint / ADAPTER_DIR / "adapter_model.safetensors"
-    if not file.is_file():
-        raise TrainingError(f"{checkpoint} holds no LoRA adapter ({ADAPTER_DIR}/): cannot resume a LoRA run")
-    result = set_peft_model_state_dict(embedder.model, load_file(file))
-    if result.unexpected_keys:
-        raise TrainingError(f"{file}: adapter keys this model does not have: {result.unexpected_keys[:3]}")
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -209,13 +135,13 @@ def _prune(output: Path, keep: int) -> None:
 
 
 def _remove_partial_saves(output: Path) -> int:
-    """Delete the checkpoints a killed run was still writing: the hidden ``.partial-*`` folders that
+    """Delete the checkpoints a killed run was still writing: the hidden ``.tmp-*`` folders that
     ``save_checkpoint`` renames into place once complete. Nothing ever reads them, and each holds a
     whole model; named by the writer's pid, a rerun's saves never reuse (and so never clear) them.
     Returns how many were removed."""
     if not output.is_dir():
         return 0
-    stale = [p for p in output.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
+    stale = [p for p in output.iterdir() if p.name.startswith(TMP_PREFIX)]
     for p in stale:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -274,64 +200,80 @@ class _BatchSchedule:
 def train(config: TrainConfig, *, device: str | torch.device | None = None) -> Path:
     """Run (or resume, or return the result of) one stage; returns the final checkpoint's path."""
     output = Path(config.output)
-    done = final_checkpoint(output)
+    done = _completed_run(config, output)
     if done is not None:
-        stored = json.loads((output / COMPLETE_FILE).read_text())
-        if stored.get("config_fingerprint") != fingerprint(config.resume_key()):
-            raise TrainingError(
-                f"{output} holds a completed run of a different config; choose another output or delete it"
-            )
-        log.info("stage %s already complete: %s", config.stage, done)
         return done
+    run = _set_up(config, output, device)
+    _announce(run)
+    _loop(run)
+    return _finish(run)
+
+
+@dataclass
+class _Run:
+    """One stage run, as :func:`_set_up` made it: what every step reads and updates."""
+
+    config: TrainConfig
+    output: Path
+    rank: int  # this worker, of ``world`` (0 of 1 without torch.distributed); rank 0 writes
+    world: int
+    device: torch.device
+    started: float  # time.perf_counter() at the start, for complete.json's seconds
+    embedder: MMEmbedder
+    parent: str | None  # weights hash of the model the run started from
+    params: list[torch.nn.Parameter]  # the trainable ones
+    inputs: CachedInputs | ProcessorInputs
+    stage: StageSteps
+    per_epoch: int
+    total: int  # steps of the whole run
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start: int  # the first step this call runs: 0, or the step of the checkpoint it resumes from
+    resume: Path | None
+    precision: str  # "bf16" under autocast, else "fp32"
+
+
+def _completed_run(config: TrainConfig, output: Path) -> Path | None:
+    """The final checkpoint when ``output`` holds this config's completed run; None when it holds none."""
+    done = final_checkpoint(output)
+    if done is None:
+        return None
+    stored = json.loads((output / COMPLETE_FILE).read_text())
+    if stored.get("config_fingerprint") != fingerprint(config.resume_key()):
+        raise TrainingError(
+            f"{output} holds a completed run of a different config; choose another output or delete it"
+        )
+    log.info("stage %s already complete: %s", config.stage, done)
+    return done
+
+
+def _set_up(config: TrainConfig, output: Path, device: str | torch.device | None) -> _Run:
+    """The data, the model (fresh, or from the latest checkpoint), the optimizer and the schedule."""
     rank, world = _world()
     if rank == 0:
         _remove_partial_saves(output)  # a kill mid-save leaves one; no save of this run is under way yet
     device = torch.device(device) if device is not None else resolve_device(config.device)
-    t_start = time.perf_counter()
+    started = time.perf_counter()
     data = TrainingData.load(config.data, config.subsets)
 
     resume = latest_checkpoint(output)
-    state: TrainingState | None = None
     if resume is not None:
-        embedder, state = load_checkpoint(resume)
-        if state.stage != config.stage or state.manifest.training_config_fingerprint != fingerprint(
-            config.resume_key()
-        ):
-            raise TrainingError(
-                f"{resume} was written by a different config (stage {state.stage}); "
-                "resume with the same config, or give a new output directory"
-            )
-        parent = state.manifest.parent
-        if config.lora is not None:
-            embedder, init_hash = _initial_embedder(config, data)
-            if init_hash != parent:
-                raise TrainingError(
-                    f"init {config.init} changed since {resume} was written (weights hash "
-                    f"{(init_hash or '')[:12]} != {(parent or '')[:12]}): cannot resume its LoRA adapter"
-                )
-            _wrap_lora(embedder, config)
-            _resume_lora(embedder, resume)
+        embedder, parent, state = resumed_model(config, data, resume)
     else:
         if rank == 0:
             _rewrite_log(output, 0)  # a run that never reached a checkpoint starts its log afresh
-        torch.manual_seed(config.seed)
-        embedder, parent = _initial_embedder(config, data)
-        if config.lora is not None:
-            _wrap_lora(embedder, config)
+        embedder, parent = fresh_model(config, data)
+        state = None
     if config.freeze_vision:
-        _freeze_vision(embedder)
+        freeze_vision(embedder)
     embedder.to(device).train()
     params = [p for p in embedder.parameters() if p.requires_grad]
     inputs = model_inputs(embedder, config.input_cache, output)
     stage = StageSteps(config, data, embedder, device, inputs)
 
-    per_epoch = steps_per_epoch(
-        stage.unit_subsets, config.batch_size, config.batching, config.max_units_per_subset
-    )
-    total = math.ceil(config.epochs * per_epoch)
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
+    per_epoch, total = _steps(config, stage)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # linear warm-up over warmup_ratio of the steps, then linear decay to 0 at the last
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(total, int(config.warmup_ratio * total))
     )
@@ -341,95 +283,173 @@ def train(config: TrainConfig, *, device: str | torch.device | None = None) -> P
         start = state.step
         if rank == 0:
             _rewrite_log(output, start)
-    precision = "bf16" if isinstance(autocast(config, device), torch.autocast) else "fp32"
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-        n_train = sum(p.numel() for p in params)
-        print(
-            f"stage {config.stage}: {stage.describe()}, {per_epoch} steps/epoch, {total} steps, "
-            f"{n_train:,} trainable parameters on {device} ({precision})"
-            + (f" x {world} workers" if world > 1 else "")
-            + (f", resuming at step {start} from {resume.name}" if resume is not None else "")
-        )
-        if inputs.cache is not None:
-            print(f"input cache: {inputs.cache.directory} ({len(inputs.cache)} entries)")
-
-    saved = resume
-    schedule = _BatchSchedule(config, stage, per_epoch, rank, world, pin=device.type == "cuda")
-    bar = tqdm(
-        total=total, initial=start, desc=f"stage {config.stage}", disable=not config.progress or rank != 0
+    return _Run(
+        config=config,
+        output=output,
+        rank=rank,
+        world=world,
+        device=device,
+        started=started,
+        embedder=embedder,
+        parent=parent,
+        params=params,
+        inputs=inputs,
+        stage=stage,
+        per_epoch=per_epoch,
+        total=total,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        start=start,
+        resume=resume,
+        precision="bf16" if isinstance(autocast(config, device), torch.autocast) else "fp32",
     )
-    prefetch = Prefetcher(schedule.prepare, range(start, total))  # the next steps' inputs, meanwhile
+
+
+def _steps(config: TrainConfig, stage: StageSteps) -> tuple[int, int]:
+    """Steps per epoch, and steps of the whole run (``epochs`` of them, at most ``max_steps``)."""
+    per_epoch = steps_per_epoch(
+        stage.unit_subsets, config.batch_size, config.batching, config.max_units_per_subset
+    )
+    total = math.ceil(config.epochs * per_epoch)
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    return per_epoch, total
+
+
+def _announce(run: _Run) -> None:
+    """Rank 0 says what it trains: the stage, its steps, the trainable parameters, where it resumes."""
+    if run.rank != 0:
+        return
+    n_train = sum(p.numel() for p in run.params)
+    print(
+        f"stage {run.config.stage}: {run.stage.describe()}, {run.per_epoch} steps/epoch, {run.total} steps, "
+        f"{n_train:,} trainable parameters on {run.device} ({run.precision})"
+        + (f" x {run.world} workers" if run.world > 1 else "")
+        + (f", resuming at step {run.start} from {run.resume.name}" if run.resume is not None else "")
+    )
+    if run.inputs.cache is not None:
+        print(f"input cache: {run.inputs.cache.directory} ({len(run.inputs.cache)} entries)")
+
+
+def _loop(run: _Run) -> None:
+    """Steps ``start`` to ``total``: each trains, logs every ``log_every`` steps and saves a checkpoint
+    every ``save_every`` steps (and both at the last)."""
+    config = run.config
+    schedule = _BatchSchedule(
+        config, run.stage, run.per_epoch, run.rank, run.world, pin=run.device.type == "cuda"
+    )
+    bar = tqdm(
+        total=run.total,
+        initial=run.start,
+        desc=f"stage {config.stage}",
+        disable=not config.progress or run.rank != 0,
+    )
+    prefetch = Prefetcher(schedule.prepare, range(run.start, run.total))  # the next steps' inputs, meanwhile
     try:
-        for step in range(start, total):
+        for step in range(run.start, run.total):
             t0 = time.perf_counter()
             epoch, units, prepared = prefetch.get(step)
             waited = time.perf_counter() - t0
-            optimizer.zero_grad(set_to_none=True)
-            loss, combine = stage.step(prepared, world)
-            if world > 1:
-                divide = world if combine == "mean" else 1
-                _all_reduce_grads(params, divide)
-                reduced = torch.tensor([loss], dtype=torch.float64, device=device)
-                dist.all_reduce(reduced)
-                loss = float(reduced) / divide
-            if not math.isfinite(loss):  # before the step: a NaN never reaches the weights or a checkpoint
-                raise TrainingError(f"stage {config.stage}: loss is {loss} at step {step + 1}; lower lr?")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
-            optimizer.step()
-            scheduler.step()
+            loss, grad_norm = _train_step(run, step, prepared)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
-            if rank == 0 and ((step + 1) % config.log_every == 0 or step + 1 == total):
-                entry = {
-                    "step": step + 1,
-                    "epoch": epoch,
-                    "loss": loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "seconds": round(time.perf_counter() - t0, 4),  # the whole step, waiting included
-                    "input_wait_seconds": round(waited, 4),  # of which waiting for its inputs
-                    "units": units,
-                    "precision": precision,
-                }
-                with open(output / LOG_FILE, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-            if (step + 1) % config.save_every == 0 or step + 1 == total:
-                if rank == 0:
-                    saved = output / checkpoint_name(step + 1)
-                    save_checkpoint(
-                        saved,
-                        embedder,
-                        stage=config.stage,
-                        step=step + 1,
-                        training_config=config.to_dict(),
-                        optimizer=optimizer,
-                        scheduler=scheduler,
-                        parent=parent,
-                        overwrite=True,
-                        resume_key=config.resume_key(),
-                    )
-                    _prune(output, config.keep_checkpoints)
-                if world > 1:
-                    dist.barrier()
+            last = step + 1 == run.total
+            if run.rank == 0 and ((step + 1) % config.log_every == 0 or last):
+                _log_step(
+                    run, step, epoch, units, loss, grad_norm, seconds=time.perf_counter() - t0, waited=waited
+                )
+            if (step + 1) % config.save_every == 0 or last:
+                _save(run, step + 1)
     finally:
         prefetch.close()
-        inputs.close()  # the cache's pending entries become a shard, for the next run
+        run.inputs.close()  # the cache's pending entries become a shard, for the next run
     bar.close()
-    final = output / checkpoint_name(total)
-    if rank == 0:
+
+
+def _train_step(run: _Run, step: int, prepared: Prepared | None) -> tuple[float, float]:
+    """One optimizer step on this worker's inputs; returns the loss (over all workers) and the
+    gradient norm before clipping."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss, combine = run.stage.step(prepared, run.world)
+    if run.world > 1:
+        divide = run.world if combine == "mean" else 1
+        _all_reduce_grads(run.params, divide)
+        reduced = torch.tensor([loss], dtype=torch.float64, device=run.device)
+        dist.all_reduce(reduced)
+        loss = float(reduced) / divide
+    if not math.isfinite(loss):  # before the step: a NaN never reaches the weights or a checkpoint
+        raise TrainingError(f"stage {run.config.stage}: loss is {loss} at step {step + 1}; lower lr?")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, MAX_GRAD_NORM))
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss, grad_norm
+
+
+def _log_step(
+    run: _Run,
+    step: int,
+    epoch: int,
+    units: int,
+    loss: float,
+    grad_norm: float,
+    *,
+    seconds: float,
+    waited: float,
+) -> None:
+    """Append step ``step``'s line to ``train_log.jsonl``."""
+    entry = {
+        "step": step + 1,
+        "epoch": epoch,
+        "loss": loss,
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+        "seconds": round(seconds, 4),  # the whole step, waiting included
+        "input_wait_seconds": round(waited, 4),  # of which waiting for its inputs
+        "units": units,
+        "precision": run.precision,
+    }
+    with open(run.output / LOG_FILE, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _save(run: _Run, steps_done: int) -> None:
+    """Rank 0 writes checkpoint ``step-NNNNNN`` and prunes the old ones; every worker waits for it."""
+    if run.rank == 0:
+        save_checkpoint(
+            run.output / checkpoint_name(steps_done),
+            run.embedder,
+            stage=run.config.stage,
+            step=steps_done,
+            training_config=run.config.to_dict(),
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            parent=run.parent,
+            overwrite=True,
+            resume_key=run.config.resume_key(),
+        )
+        _prune(run.output, run.config.keep_checkpoints)
+    if run.world > 1:
+        dist.barrier()
+
+
+def _finish(run: _Run) -> Path:
+    """Rank 0 writes ``complete.json`` naming the final checkpoint; returns that checkpoint's path."""
+    final = run.output / checkpoint_name(run.total)
+    if run.rank == 0:
         atomic_write_json(
-            output / COMPLETE_FILE,
+            run.output / COMPLETE_FILE,
             {
                 "final": final.name,
-                "stage": config.stage,
-                "steps": total,
+                "stage": run.config.stage,
+                "steps": run.total,
                 "weights_sha256": weights_hash(final),
-                "config_fingerprint": fingerprint(config.resume_key()),
-                "seconds": round(time.perf_counter() - t_start, 1),
+                "config_fingerprint": fingerprint(run.config.resume_key()),
+                "seconds": round(time.perf_counter() - run.started, 1),
             },
         )
-        print(f"stage {config.stage}: done, {total} steps -> {final}")
-    if world > 1:
+        print(f"stage {run.config.stage}: done, {run.total} steps -> {final}")
+    if run.world > 1:
         dist.barrier()
     return final

@@ -6,8 +6,9 @@ cache. Each entry also stores ``content`` (a hash of the rendered prompt and the
 ids can be given by users, and the same ids in another dataset may name other content, in which case
 the entry is stale and the pair is judged afresh.
 
-SQLite in WAL mode, one transaction per batch of results: a run killed at any moment keeps every
-batch it finished and loses none it did not, so a rerun judges exactly the pairs still missing.
+SQLite in WAL mode (``curation.sqlite_cache``), one transaction per batch of results: a run killed
+at any moment keeps every batch it finished and loses none it did not, so a rerun judges exactly the
+pairs still missing.
 Failed judgments are stored too (with their error) so a run can report them; ``lookup`` treats them
 as misses, so the next run tries them again.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from assay.curation.judge.scoring import JudgeItem, Score
+from assay.curation.sqlite_cache import SQLiteCache, cache_root
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS judgments (
@@ -38,11 +39,6 @@ CREATE TABLE IF NOT EXISTS judgments (
     PRIMARY KEY (model_id, prompt_id, query_id, doc_id)
 )
 """
-
-
-def cache_root() -> Path:
-    """Where assay keeps its caches by default: ``$ASSAY_CACHE_DIR``, else ``~/.cache/assay``."""
-    return Path(os.environ.get("ASSAY_CACHE_DIR") or Path.home() / ".cache" / "assay")
 
 
 def default_cache_path() -> Path:
@@ -82,26 +78,11 @@ class Key:
     content: str
 
 
-class JudgmentCache:
+class JudgmentCache(SQLiteCache):
     """Cached judgments of one judge (``model_id``) under one prompt id at a time (see module docs)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
-        self._db.commit()
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> JudgmentCache:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        super().__init__(path, _SCHEMA)
 
     def lookup(
         self, model_id: str, prompt_id: str, keys: Sequence[Key], *, failures: bool = False

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from assay.curation.dataset import Dataset
-from assay.curation.schema import PAIRS, QUERIES
+from assay.curation.schema import NULL_KEY, PAIRS
 from assay.curation.truth import Truth
 
 HIST_BINS = 20
@@ -168,12 +168,10 @@ class JudgeQuality:
 def judge_quality(dataset: str | Path | Dataset, truth: Truth, bins: int = HIST_BINS) -> dict[str, Any]:
     """The quality of the verdicts a judged dataset holds, against ``truth`` (see the module docstring)."""
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    subset_of: dict[str, str | None] = {}
-    for batch in ds.iter_batches(QUERIES, columns=["query_id", "subset"]):
-        subset_of.update(zip(*(batch.column(c).to_pylist() for c in ("query_id", "subset")), strict=True))
+    subset_of = ds.query_subsets()
     quality = JudgeQuality(truth, bins)
     columns = ["query_id", "doc_id", "label", "judge_p_yes", "judge_verdict"]
     for batch in ds.iter_batches(PAIRS, columns=columns):
         cols = [batch.column(c).to_pylist() for c in columns]
-        quality.add([subset_of.get(q) for q in cols[0]], *cols)
+        quality.add([subset_of.get(q, NULL_KEY) for q in cols[0]], *cols)
     return quality.result()

@@ -42,7 +42,16 @@ from assay.curation.judge.prompts import PromptTemplate, family_for_task, images
 from assay.curation.judge.quality import JudgeQuality
 from assay.curation.judge.scoring import JudgeItem, Score, Scorer
 from assay.curation.judge.verdicts import VerdictRule
-from assay.curation.schema import CORPUS, ID_COLUMN, LABELS, PAIRS, QUERIES, ROW_COLUMNS, resolve_image_cell
+from assay.curation.schema import (
+    CORPUS,
+    ID_COLUMN,
+    LABELS,
+    NULL_KEY,
+    PAIRS,
+    QUERIES,
+    ROW_COLUMNS,
+    resolve_image_cell,
+)
 from assay.curation.truth import Truth, read_truth
 
 FAILURES_FILE = "judge_failures.parquet"
@@ -453,12 +462,10 @@ def iter_judged(ds: Dataset) -> Iterable[dict[str, Any]]:
 def p_yes_histograms(dataset: str | Path | Dataset, bins: int = 10) -> dict[str, dict[str, list[int]]]:
     """Per subset and label group (positive / other), counts of judged p_yes in ``bins`` equal bins."""
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    subset_of: dict[str, str] = {}
-    for batch in ds.iter_batches(QUERIES, columns=["query_id", "subset"]):
-        subset_of.update(zip(*(batch.column(c).to_pylist() for c in ("query_id", "subset")), strict=True))
+    subset_of = ds.query_subsets()
     out: dict[str, dict[str, list[int]]] = {}
     for row in iter_judged(ds):
         group = "positive" if row["label"] == "positive" else "candidate"
-        counts = out.setdefault(subset_of.get(row["query_id"]) or "", {}).setdefault(group, [0] * bins)
+        counts = out.setdefault(subset_of.get(row["query_id"], NULL_KEY), {}).setdefault(group, [0] * bins)
         counts[min(int(row["judge_p_yes"] * bins), bins - 1)] += 1
     return out

@@ -6,15 +6,14 @@ import contextlib
 import errno
 import functools
 import os
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from assay.curation.dataset import AlreadyComplete, Dataset, DatasetError, remove_stale_tmp
-from assay.curation.lock import OutputInUse, describe_holder, output_lock
+from assay.curation.dataset import TMP_PREFIX, AlreadyComplete, DatasetError
+from assay.curation.lock import OutputInUse, describe_holder, environment_error
 
 
 def executor_options(fn: Callable) -> Callable:
@@ -181,33 +180,6 @@ def judge_scoring_options(fn: Callable) -> Callable:
     return fn
 
 
-def build_executor(executor: str, ray_address: str | None, num_cpus: int | None):
-    from assay.pipelines.executors import make_executor
-
-    return make_executor(executor, address=ray_address, num_cpus=num_cpus)
-
-
-def open_truth(path: str | None):
-    """The ``--truth`` file (curation.truth) of ``assay eval`` and ``assay judge``, or None; a file
-    that cannot be read is a clean error naming it."""
-    if path is None:
-        return None
-    from assay.curation.truth import TruthError, read_truth
-
-    try:
-        return read_truth(path)
-    except TruthError as e:
-        raise click.ClickException(str(e)) from e
-
-
-def open_dataset(path: str) -> Dataset:
-    """Open a dataset or exit with a clear message."""
-    try:
-        return Dataset(path)
-    except DatasetError as e:
-        raise click.ClickException(str(e)) from e
-
-
 def friendly_errors(fn: Callable) -> Callable:
     """Turn the errors a user can fix (bad dataset, bad config, bad input file) into one clear line."""
 
@@ -236,20 +208,6 @@ def friendly_errors(fn: Callable) -> Callable:
 
 # -- writing an output: one writer at a time, and a clear line when the disk says no ---------------
 
-#: The errors of the place an output goes rather than of assay: (errno, what the OS calls it).
-ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC: "No space left on device",
-    errno.EDQUOT: "Disk quota exceeded",
-    errno.EROFS: "Read-only file system",
-    errno.EACCES: "Permission denied",
-}
-# How libraries that do not raise a plain OSError spell one: pyarrow "[errno 28]", Rust crates
-# (polars, safetensors) "(os error 28)" or "Os { code: 28, ...", Python "[Errno 28]".
-_ERRNO_IN_TEXT = re.compile(r"(?:\[errno |\(os error |Os \{ code: )(\d+)", re.IGNORECASE)
-#: Errors named in words only (a message without a number) are taken for these, never for
-#: "Permission denied", which a web service or a model hub says too.
-_BY_NAME = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
 #: What is left of OUT after each kind of failed write, and how to go on.
 _AFTER = {
     "dataset": "{out} has no manifest.json, so it is not a dataset yet: {fix} and rerun the same command "
@@ -261,46 +219,16 @@ _AFTER = {
 }
 
 
-def _causes(e: BaseException) -> Iterator[BaseException]:
-    """``e``, then what it wraps (``raise ... from``, the exception being handled, a Ray task's cause)."""
-    seen: set[int] = set()
-    todo = [e]
-    while todo:
-        x = todo.pop(0)
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        yield x
-        todo += [x.__cause__, x.__context__, getattr(x, "cause", None)]
-
-
-def environment_error(e: BaseException) -> tuple[int, str, str | None] | None:
-    """(errno, strerror, file or None) when ``e`` is, or wraps, a full disk, a read-only file system
-    or a permission denied; else None."""
-    for x in _causes(e):
-        if not isinstance(x, BaseException):
-            continue
-        code = getattr(x, "errno", None) if isinstance(x, OSError) else None
-        if code not in ENVIRONMENT_ERRNOS:
-            m = _ERRNO_IN_TEXT.search(str(x))
-            code = int(m.group(1)) if m else None
-            if code not in ENVIRONMENT_ERRNOS:
-                code = next((c for c in _BY_NAME if ENVIRONMENT_ERRNOS[c].lower() in str(x).lower()), None)
-        if code in ENVIRONMENT_ERRNOS:
-            filename = getattr(x, "filename", None) if isinstance(x, OSError) else None
-            return code, ENVIRONMENT_ERRNOS[code], os.fsdecode(filename) if filename else None
-    return None
-
-
 def _inside(path: Path, out: Path) -> bool:
     """``path`` is OUT, under it, a folder above it, or one of OUT's own files beside it (its lock
-    ``.OUT.lock``, an export's staging ``OUT.tmp-PID``)."""
+    ``.OUT.lock``, its staging ``.tmp-OUT-PID``)."""
     path, out = path.resolve(), out.resolve()
+    own = (out.name, f".{out.name}", f"{TMP_PREFIX}{out.name}")
     return (
         path == out
         or out in path.parents
         or path in out.parents
-        or (path.parent == out.parent and path.name.startswith((out.name, f".{out.name}")))
+        or (path.parent == out.parent and path.name.startswith(own))
     )
 
 
@@ -335,20 +263,11 @@ def output_error(
 
 @contextlib.contextmanager
 def writing(out: str | os.PathLike, command: str, kind: str = "dataset") -> Iterator[None]:
-    """Hold the lock of OUT while the body writes it (a second writer is refused at once), and turn
-    a full disk, a read-only or forbidden output into one clear line, with the temporary files of
-    the failed write removed. ``kind`` (dataset, file, train, run) says what a failure leaves."""
-    out = Path(out)
+    """Turn what can go wrong writing OUT (another writer holds its lock, a full disk, a read-only
+    or forbidden output) into one clear line. ``kind`` (dataset, file, train, run) says what a
+    failure leaves. The lock itself is taken by the library (``assay.curation.lock.writing``)."""
     try:
-        with output_lock(out, command=f"assay {command}"):
-            try:
-                yield
-            except BaseException as e:
-                if environment_error(e) is not None and out.is_dir():
-                    # Safe while we hold OUT's lock: no other writer's temporary files are there.
-                    with contextlib.suppress(OSError):
-                        remove_stale_tmp(out)
-                raise
+        yield
     except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
         raise
     except Exception as e:
@@ -358,26 +277,15 @@ def writing(out: str | os.PathLike, command: str, kind: str = "dataset") -> Iter
         raise clear from e
 
 
-def print_counts(manifest: Any, stage: str) -> None:
-    """The counts a stage prints when it finishes: rows per table, and quarantined rows per reason."""
-    c = manifest.counts
+def print_counts(result: Any) -> None:
+    """What a stage prints when it finishes (an ``assay.Result``): rows per table, and the rows it
+    quarantined per reason."""
+    c = result.counts
     click.echo(
-        f"{stage}: queries={c.get('queries', 0)} corpus={c.get('corpus', 0)} pairs={c.get('pairs', 0)} "
+        f"{result.stage}: queries={c.get('queries', 0)} corpus={c.get('corpus', 0)} pairs={c.get('pairs', 0)} "
         f"quarantine={c.get('quarantine', 0)}"
     )
-    mine = {k: v for k, v in manifest.quarantine_reasons.items() if k.startswith(f"{stage}:")}
-    if mine:
+    if result.quarantined:
         click.echo("quarantined by this stage, per reason:")
-        for k, v in sorted(mine.items(), key=lambda kv: (-kv[1], kv[0])):
-            click.echo(f"  {k.split(':', 1)[1]:<28} {v}")
-
-
-def quiet_transformers() -> None:
-    """No per-file progress bars or deprecation chatter from transformers / peft in assay's output."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+        for k, v in sorted(result.quarantined.items(), key=lambda kv: (-kv[1], kv[0])):
+            click.echo(f"  {k:<28} {v}")

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import click
 
-from assay.curation.dedup import dedup
 from assay.pipelines.commands.common import (
-    build_executor,
     dedup_options,
     executor_options,
     friendly_errors,
-    open_dataset,
     print_counts,
     writing,
 )
@@ -82,50 +79,52 @@ def command(
       assay dedup runs/train-valid runs/train-dedup --against runs/mmeb-eval --phash-distance 6
       assay dedup runs/train-valid runs/train-dedup --against runs/eval --decontaminate queries,corpus
     """
+    from assay.pipelines import api
+
     if decontaminate is not None and not against:
         raise click.UsageError(
             "--decontaminate chooses the tables checked against --against; give --against EVAL"
         )
     with writing(out, "dedup"):
-        source = open_dataset(dataset)
-        evals = [open_dataset(a) for a in against]
-        manifest = dedup(
-            source,
+        result = api.dedup(
+            dataset,
             out,
-            near=not no_near,
+            against=against,
+            decontaminate=decontaminate,
+            images_only=images_only,
             phash_distance=phash_distance,
-            against=evals,
-            decontaminate=decontaminate if decontaminate is not None else ("queries",),
-            decontaminate_text_only=not images_only,
-            executor=build_executor(executor, ray_address, num_cpus),
+            no_near=no_near,
+            executor=executor,
+            ray_address=ray_address,
+            num_cpus=num_cpus,
             overwrite=overwrite,
         )
-        print_counts(manifest, "dedup")
-        stats = manifest.extra.get("dedup", {})
-        for table in ("queries", "corpus"):
-            s = stats.get(table, {})
-            if s.get("images_unreadable"):
-                click.echo(
-                    f"note: {s['images_unreadable']} {table} image path(s) could not be read and were compared "
-                    "by path; run `assay validate` to quarantine them",
-                    err=True,
-                )
-            if s.get("images_not_phashed"):
-                click.echo(
-                    f"note: {s['images_not_phashed']} {table} image(s) could not be decoded and were left out "
-                    "of the near-duplicate check",
-                    err=True,
-                )
-            if s.get("near_duplicate_conflicts"):
-                click.echo(
-                    f"note: {s['near_duplicate_conflicts']} row(s) of {table} are near copies of an earlier row "
-                    "whose targets disagree: kept, not folded (a conflict in the data, not a copy); e.g. "
-                    + s["conflict_examples"][0],
-                    err=True,
-                )
-        if stats.get("pairs", {}).get("rewritten"):
-            click.echo(f"pairs rewritten to the kept rows: {stats['pairs']['rewritten']}")
-        click.echo(f"wrote {out}")
+    print_counts(result)
+    stats = result.details
+    for table in ("queries", "corpus"):
+        s = stats.get(table, {})
+        if s.get("images_unreadable"):
+            click.echo(
+                f"note: {s['images_unreadable']} {table} image path(s) could not be read and were compared "
+                "by path; run `assay validate` to quarantine them",
+                err=True,
+            )
+        if s.get("images_not_phashed"):
+            click.echo(
+                f"note: {s['images_not_phashed']} {table} image(s) could not be decoded and were left out "
+                "of the near-duplicate check",
+                err=True,
+            )
+        if s.get("near_duplicate_conflicts"):
+            click.echo(
+                f"note: {s['near_duplicate_conflicts']} row(s) of {table} are near copies of an earlier row "
+                "whose targets disagree: kept, not folded (a conflict in the data, not a copy); e.g. "
+                + s["conflict_examples"][0],
+                err=True,
+            )
+    if stats.get("pairs", {}).get("rewritten"):
+        click.echo(f"pairs rewritten to the kept rows: {stats['pairs']['rewritten']}")
+    click.echo(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import click
 
-from assay.pipelines.commands.common import (
-    friendly_errors,
-    open_dataset,
-    open_truth,
-    quiet_transformers,
-    writing,
-)
-
-#: "org/name": what a Hugging Face hub id looks like (a path that does not exist may still be one).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from assay.pipelines.commands.common import friendly_errors, writing
 
 
 def _fmt(v: Any, width: int = 7, digits: int = 3) -> str:
@@ -72,35 +62,6 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             f"{c.get('truth_labels_overruled', 0)} labels overruled"
         )
     return "\n".join(lines)
-
-
-def _checkpoint_ref(checkpoint: str) -> str:
-    """A local checkpoint directory (made absolute) or a hub id; a clear error otherwise."""
-    p = Path(checkpoint)
-    if p.exists():
-        if not p.is_dir():
-            raise click.ClickException(
-                f"checkpoint {checkpoint} is a file; pass the directory written by save_pretrained"
-            )
-        if not (p / "config.json").is_file():
-            raise click.ClickException(
-                f"checkpoint {checkpoint} has no config.json: not a model directory "
-                "(pass the directory written by `assay train` / MMEmbedder.save_pretrained)"
-            )
-        return str(p.resolve())
-    if _HUB_ID.match(checkpoint) and not checkpoint.startswith((".", "/")):
-        return checkpoint
-    raise click.ClickException(f"checkpoint not found: {checkpoint}")
-
-
-def _dataset_subsets(ds: Any) -> set[str]:
-    from assay.curation.schema import QUERIES
-    from assay.training.evaluate import NULL_KEY
-
-    found: set[str] = set()
-    for batch in ds.iter_batches(QUERIES, columns=["subset"]):
-        found |= {NULL_KEY if s is None else s for s in batch.column(0).to_pylist()}
-    return found
 
 
 @click.command("eval")
@@ -202,64 +163,21 @@ def command(
       assay eval runs/ckpt-final runs/mmeb/test --subset VOC2007 --subset MSCOCO_t2i \\
           --tokens-per-tile 64 --out runs/ckpt-final/mmeb.metrics.json
     """
+    from assay.pipelines import api
+
     out_path = Path(out) if out else Path.cwd() / f"{Path(dataset).resolve().name}.metrics.json"
     with writing(out_path, "eval", kind="file"):
-        ref = _checkpoint_ref(checkpoint)
-        ds = open_dataset(dataset)
-        truth_table = open_truth(truth)
-        if subsets:
-            missing = sorted(set(subsets) - _dataset_subsets(ds))
-            if missing:
-                have = ", ".join(sorted(_dataset_subsets(ds))) or "none"
-                raise click.ClickException(
-                    f"no queries in subset(s) {', '.join(missing)} of {dataset} (subsets: {have})"
-                )
-        try:
-            import torch
-
-            from assay.training.evaluate import evaluate, write_metrics
-            from assay.training.model import load_embedder
-        except ImportError as e:
-            raise click.ClickException(
-                f"assay eval needs the training extra (torch, transformers): {e}"
-            ) from e
-
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise click.ClickException("--device cuda: no CUDA device is available")
-
-        quiet_transformers()
-        click.echo(f"loading {ref} on {device}", err=True)
-        try:
-            embedder = load_embedder(
-                ref, tokens_per_tile=tokens_per_tile, trust_remote_code=False, device=device
-            )
-        except OSError as e:
-            raise click.ClickException(f"cannot load checkpoint {checkpoint}: {e}") from e
-
-        def encode_queries(rows: list[dict[str, Any]]) -> Any:
-            return embedder.encode_queries(rows, batch_size=batch_size)
-
-        def encode_candidates(rows: list[dict[str, Any]]) -> Any:
-            return embedder.encode_candidates(rows, batch_size=batch_size)
-
-        metrics = evaluate(
-            ds,
-            encode_queries,
-            encode_candidates,
+        result = api.evaluate(
+            checkpoint,
+            dataset,
+            out=out_path,
             batch_size=batch_size,
-            candidate_set=candidate_set,
-            subsets=list(subsets) or None,
-            progress=True,
-            max_queries_per_subset=max_queries,
-            truth=truth_table,
+            candidates=candidate_set,
+            subset=subsets,
+            tokens_per_tile=tokens_per_tile,
+            device=device,
+            truth=truth,
+            max_queries=max_queries,
         )
-        metrics["checkpoint"] = ref
-        metrics["dataset"] = str(Path(dataset).resolve())
-        metrics["settings"]["tokens_per_tile"] = embedder.tokens_per_tile
-        metrics["settings"]["device"] = device
-        metrics["settings"]["batch_size"] = batch_size
-        click.echo(format_metrics(metrics))
-        write_metrics(metrics, out_path)
-        click.echo(f"wrote {out_path}")
+    click.echo(format_metrics(result.details))
+    click.echo(f"wrote {result.out}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from assay.curation.export import FORMATS
-from assay.pipelines.commands.common import friendly_errors, open_dataset, writing
+from assay.pipelines.commands.common import friendly_errors, writing
 
 
 @click.command("export")
@@ -96,14 +96,13 @@ def command(
       assay export data/ out.parquet --format parquet --where "judge_verdict == 'yes'"
       assay export data/ st/ --format n-tuple -n 3 --where "subset == 'msmarco'"
     """
-    with writing(out, "export", kind="file"):
-        from assay.curation.export import describe, export_dataset
+    from assay.pipelines import api
 
-        ds = open_dataset(dataset)
-        result = export_dataset(
-            ds,
+    with writing(out, "export", kind="file"):
+        result = api.export(
+            dataset,
             out,
-            fmt,
+            format=fmt,
             where=where,
             num_negatives=num_negatives,
             copy_images=copy_images,
@@ -111,5 +110,9 @@ def command(
             with_instruction=with_instruction,
             overwrite=overwrite,
         )
-        for line in describe(result):
-            click.echo(line)
+    d = result.details
+    click.echo(f"export: wrote {d['rows']:,} {d['format']} rows to {d['path']}")
+    if d["images_written"]:
+        click.echo(f"  images written: {d['images_written']:,} (to {d['images_dir']})")
+    for k, v in d["skipped"].items():
+        click.echo(f"  left out: {k}: {v:,}")

@@ -5,14 +5,7 @@ from __future__ import annotations
 import click
 
 from assay.curation.schema import DATA_TABLES
-from assay.pipelines.commands.common import (
-    build_executor,
-    executor_options,
-    friendly_errors,
-    open_dataset,
-    print_counts,
-    writing,
-)
+from assay.pipelines.commands.common import executor_options, friendly_errors, print_counts, writing
 
 
 @click.command("filter")
@@ -69,29 +62,26 @@ def command(
       assay filter data/ out/ --where "label == 'hard_negative' and judge_p_yes < 0.5"
       assay filter data/ out/ --where "judge_p_yes >= 0.5 or is_null(judge_p_yes)" --prune
     """
-    from assay.curation.filter import filter_dataset, filter_targets
-    from assay.curation.filter_expr import parse_filter
+    from assay.pipelines import api
 
     with writing(out, "filter"):
-        source = open_dataset(dataset)
-        # Refuse a bad expression before starting Ray or touching OUT.
-        targets = filter_targets(parse_filter(where), table)
-        click.echo(f"filter: applying {where.strip()!r} to {', '.join(targets)}", err=True)
-        manifest = filter_dataset(
-            source,
+        click.echo(f"filter: applying {where.strip()!r}", err=True)
+        result = api.filter(
+            dataset,
             out,
-            where,
+            where=where,
             table=table,
             prune=prune,
-            executor=build_executor(executor, ray_address, num_cpus),
+            executor=executor,
+            ray_address=ray_address,
+            num_cpus=num_cpus,
             overwrite=overwrite,
         )
-        print_counts(manifest, "filter")
-        report = manifest.extra.get("filter", {})
-        dropped = report.get("dropped", {})
-        lines = [(t, r, n) for t in DATA_TABLES for r, n in sorted(dropped.get(t, {}).items()) if n]
-        if lines:
-            click.echo("dropped, per table and reason:")
-            for t, r, n in lines:
-                click.echo(f"  {t:<8} {r:<14} {n}")
-        click.echo(f"wrote {out}")
+    print_counts(result)
+    dropped = result.details.get("dropped", {})
+    lines = [(t, r, n) for t in DATA_TABLES for r, n in sorted(dropped.get(t, {}).items()) if n]
+    if lines:
+        click.echo("dropped, per table and reason:")
+        for t, r, n in lines:
+            click.echo(f"  {t:<8} {r:<14} {n}")
+    click.echo(f"wrote {out}")

@@ -4,24 +4,8 @@ from __future__ import annotations
 
 import click
 
-from assay.curation.ingest import (
-    DOC_TARGETS,
-    FORMATS,
-    TARGETS,
-    infer_format,
-    ingest,
-    ingest_split_folders,
-    load_mapping,
-    parse_map_flags,
-    split_folders,
-)
-from assay.pipelines.commands.common import (
-    build_executor,
-    executor_options,
-    friendly_errors,
-    print_counts,
-    writing,
-)
+from assay.curation.ingest import DOC_TARGETS, FORMATS, TARGETS
+from assay.pipelines.commands.common import executor_options, friendly_errors, print_counts, writing
 
 HELP = f"""Turn raw image+text pairs in SOURCE into a new assay dataset at OUT.
 
@@ -160,122 +144,36 @@ def command(
     num_cpus,
     overwrite,
 ):
+    from assay.pipelines import api
+
     with writing(out, "ingest"):
-        if fmt == "example" or (
-            fmt is None and not labels and not captions and infer_format(source) == "example"
-        ):
-            _ingest_example(
+        try:
+            result = api.ingest(
                 source,
                 out,
-                maps=maps,
+                format=fmt,
+                map=maps,
                 mapping=mapping,
                 data_root=data_root,
+                embed_images=embed_images,
                 subset=subset,
                 task=task,
                 labels=labels,
                 captions=captions,
-                documents_only=documents_only,
-                embed_images=embed_images,
+                documents=documents_only,
                 rows_per_shard=rows_per_shard,
-                executor=build_executor(executor, ray_address, num_cpus),
+                executor=executor,
+                ray_address=ray_address,
+                num_cpus=num_cpus,
                 overwrite=overwrite,
             )
-            return
-        if (
-            fmt in (None, "imagefolder")
-            and not (labels or captions or documents_only)
-            and split_folders(source)
-        ):
-            _refuse_flags(
-                "an image folder of splits",
-                {"--map": maps, "--mapping": mapping, "--data-root": data_root, "--task": task},
-            )
-            manifests = ingest_split_folders(
-                source,
-                out,
-                subset=subset,
-                embed_images=embed_images,
-                rows_per_shard=rows_per_shard,
-                executor=build_executor(executor, ray_address, num_cpus),
-                overwrite=overwrite,
-            )
-            _print_splits(manifests)
-            click.echo(f"wrote {', '.join(f'{out}/{s}' for s in manifests)} and {out}/truth")
-            return
-        columns = load_mapping(mapping) if mapping else {}
-        columns.update(parse_map_flags(maps))
-        manifest = ingest(
-            source,
-            out,
-            format=fmt,
-            mapping=columns or None,
-            data_root=data_root,
-            embed_images=embed_images,
-            subset=subset,
-            task=task,
-            labels=labels,
-            captions=captions,
-            rows_per_shard=rows_per_shard,
-            executor=build_executor(executor, ray_address, num_cpus),
-            overwrite=overwrite,
-            documents_only=documents_only,
-        )
-        print_counts(manifest, "ingest")
+        except api.OptionsNotApplicable as e:
+            raise click.UsageError(str(e)) from e
+    if not result.parts:
+        print_counts(result)
         click.echo(f"wrote {out}")
-
-
-def _ingest_example(
-    name,
-    out,
-    *,
-    maps,
-    mapping,
-    data_root,
-    subset,
-    task,
-    labels,
-    captions,
-    documents_only,
-    embed_images,
-    rows_per_shard,
-    executor,
-    overwrite,
-) -> None:
-    from assay.curation.examples import EXAMPLES, ingest_example
-
-    if name not in EXAMPLES:
-        raise click.BadParameter(
-            f"unknown example {name!r}; the bundled examples are {', '.join(EXAMPLES)}", param_hint="SOURCE"
-        )
-    _refuse_flags(
-        "a bundled example",
-        {
-            "--map": maps,
-            "--mapping": mapping,
-            "--data-root": data_root,
-            "--subset": subset,
-            "--task": task,
-            "--labels": labels,
-            "--captions": captions,
-            "--embed-images": embed_images,
-            "--documents": documents_only,
-        },
-    )
-    manifests = ingest_example(
-        name, out, executor=executor, overwrite=overwrite, rows_per_shard=rows_per_shard
-    )
-    _print_splits(manifests)
-    click.echo(f"wrote {out}/train and {out}/test (images in {out}/images)")
-
-
-def _refuse_flags(what: str, flags: dict[str, object]) -> None:
-    """A usage error naming every flag given (truthy) that does not apply to ``what``."""
-    unused = [flag for flag, value in flags.items() if value]
-    if unused:
-        raise click.UsageError(f"{', '.join(unused)} do not apply to {what}")
-
-
-def _print_splits(manifests: dict) -> None:
-    for split, manifest in manifests.items():
+        return
+    for split, part in result.parts.items():
         click.echo(f"[{split}]")
-        print_counts(manifest, "ingest")
+        print_counts(part)
+    click.echo(f"wrote {', '.join(str(p.out) for p in result.parts.values())}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
@@ -10,86 +9,12 @@ import click
 from assay.pipelines.commands.common import (
     friendly_errors,
     judge_scoring_options,
-    open_dataset,
-    open_truth,
     print_counts,
-    quiet_transformers,
     writing,
 )
+from assay.pipelines.judges import BACKENDS
 
-BACKENDS = ("transformers", "vllm", "openai")
 BARS = " ▁▂▃▄▅▆▇█"
-
-
-def _assay_checkpoint(model: str) -> bool:
-    from assay.training.model import EMBEDDER_FILE
-
-    return (Path(model) / EMBEDDER_FILE).is_file()
-
-
-def scorer_factory(
-    backend: str,
-    model: str,
-    *,
-    device: str,
-    batch_size: int,
-    trust_remote_code: bool,
-    image_root: str,
-    endpoint: str | None = None,
-    concurrency: int = 8,
-    timeout: float = 60.0,
-):
-    """A zero-argument function that builds the judge (called in this process or in each Ray actor)."""
-    if backend == "openai":
-        if not endpoint:
-            raise click.UsageError("--backend openai needs --endpoint (e.g. http://localhost:8000/v1)")
-
-        def openai_judge():
-            from assay.curation.judge.openai_backend import OpenAIScorer
-
-            return OpenAIScorer(
-                endpoint, model, concurrency=concurrency, timeout=timeout, image_root=image_root
-            )
-
-        return openai_judge
-    if not Path(model).is_dir():
-        raise click.BadParameter(
-            f"{model} is not a model directory (models are never downloaded)", param_hint="--model"
-        )
-    if backend == "vllm":
-
-        def vllm_judge():
-            from assay.curation.judge.vllm_backend import VLLMScorer
-
-            return VLLMScorer(model, trust_remote_code=trust_remote_code)
-
-        return vllm_judge
-
-    def transformers_judge():
-        import torch
-
-        if _assay_checkpoint(model):
-            # An assay reranker: training/ loads it (compressed InternVL) and hands its scorer over.
-            from assay.curation.judge.scoring import model_id_for
-            from assay.training.generative import Reranker
-            from assay.training.model import load_embedder
-
-            dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-            embedder = load_embedder(model).to(dev).eval()
-            embedder.image_root = image_root
-            return Reranker(embedder, batch_size=batch_size, model_id=model_id_for(model)).scorer
-        from assay.curation.judge.hf import TransformersScorer
-
-        dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        return TransformersScorer.from_pretrained(
-            model,
-            device=dev,
-            batch_size=batch_size,
-            trust_remote_code=trust_remote_code,
-            image_root=image_root,
-        )
-
-    return transformers_judge
 
 
 def format_histograms(hists: dict[str, dict[str, list[int]]]) -> str:
@@ -201,76 +126,53 @@ def command(
     The numbers go to OUT's manifest (extra.judge.quality) and the run report. The
     truth only measures: it never changes a label.
     """
+    from assay.curation.judge.stage import p_yes_histograms
+    from assay.pipelines import api
+
     with writing(out, "judge"):
-        quiet_transformers()
-        from tqdm import tqdm
-
-        from assay.curation.judge.cache import default_cache_path
-        from assay.curation.judge.stage import judge_dataset, p_yes_histograms
-        from assay.curation.judge.verdicts import parse_rule
-
-        src = open_dataset(dataset)
-        verdict_rule = parse_rule(rule)
-        truth_table = open_truth(truth)
-        chosen = [s.strip() for s in labels.split(",") if s.strip()]
-        factory = scorer_factory(
-            backend,
-            model,
-            device=device,
+        result = api.judge(
+            dataset,
+            out,
+            model=model,
+            backend=backend,
+            prompt=prompt,
+            rule=rule,
+            labels=labels,
             batch_size=batch_size,
+            max_chars=max_chars,
+            device=device,
+            cache=cache_path,
             trust_remote_code=trust_remote_code,
-            image_root=str(src.data_root.resolve()),
             endpoint=endpoint,
             concurrency=concurrency,
             timeout=timeout,
+            actors=actors,
+            gpus_per_actor=gpus_per_actor,
+            ray_address=ray_address,
+            keep=keep,
+            truth=truth,
+            no_progress=no_progress,
+            overwrite=overwrite,
         )
-        t0 = time.perf_counter()
-        if actors:
-            from assay.pipelines.judge_ray import RayPoolScorer
-
-            scorer = RayPoolScorer(factory, actors=actors, num_gpus=gpus_per_actor, address=ray_address)
-        else:
-            scorer = factory()
-        click.echo(f"judge {scorer.model_id} ({backend}) loaded in {time.perf_counter() - t0:.1f} s")
-        cache = Path(cache_path) if cache_path else default_cache_path()
-        bar = tqdm(desc="judge", unit="pair", disable=no_progress)
-        try:
-            manifest, report = judge_dataset(
-                src,
-                out,
-                scorer,
-                cache=cache,
-                prompt=prompt,
-                rule=verdict_rule,
-                labels=chosen,
-                batch_size=batch_size,
-                max_chars=max_chars,
-                keep_negatives=keep,
-                overwrite=overwrite,
-                progress=bar.update,
-                truth=truth_table,
-            )
-        finally:
-            bar.close()
-            if hasattr(scorer, "close"):
-                scorer.close()
-        print_counts(manifest, "judge")
-        click.echo(
-            f"judged {report.scored} pairs in {report.seconds:.1f} s ({report.pairs_per_second:.1f} pairs/s), "
-            f"{report.cached} from the cache ({cache}), {report.failed} failed"
-        )
-        click.echo(
-            f"verdicts: {report.verdicts.get('yes', 0)} yes, {report.verdicts.get('no', 0)} no (rule {report.rule}); "
-            f"{report.relabelled} relabelled false_negative; {report.positives_judged_no} gold positives judged no"
-        )
-        if report.failed:
-            click.echo(f"failures: {Path(out) / 'judge_failures.parquet'}")
-        click.echo(format_histograms(p_yes_histograms(out)))
-        if report.quality:
-            click.echo(format_quality(report.quality))
-        warning = constant_judge_warning(out)
-        if warning:
-            click.echo(warning, err=True)
+    r = result.details
+    print_counts(result)
+    click.echo(f"judge {r['model_id']} ({backend})")
+    click.echo(
+        f"judged {r['scored']} pairs in {r['seconds']:.1f} s ({r['pairs_per_second']:.1f} pairs/s), "
+        f"{r['cached']} from the cache ({r['cache']}), {r['failed']} failed"
+    )
+    click.echo(
+        f"verdicts: {r['verdicts'].get('yes', 0)} yes, {r['verdicts'].get('no', 0)} no (rule {r['rule']}); "
+        f"{r['relabelled']} relabelled false_negative; {r['positives_judged_no']} gold positives judged no"
+    )
+    if r["failed"]:
+        click.echo(f"failures: {Path(out) / 'judge_failures.parquet'}")
+    click.echo(format_histograms(p_yes_histograms(out)))
+    if r["quality"]:
+        click.echo(format_quality(r["quality"]))
+    warning = constant_judge_warning(out)
+    if warning:
+        click.echo(warning, err=True)
 
 
 def format_quality(quality: dict) -> str:
@@ -310,7 +212,9 @@ def constant_judge_warning(out: str | Path) -> str | None:
     import numpy as np
     import pyarrow.compute as pc
 
-    ds = open_dataset(str(out))
+    from assay.curation.dataset import Dataset
+
+    ds = Dataset(out)
     values = [
         pc.drop_null(ds.read_shard("pairs", name, ["judge_p_yes"])["judge_p_yes"]).to_numpy()
         for name in ds.shards("pairs")

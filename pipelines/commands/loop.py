@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from assay.pipelines.commands.common import quiet_transformers, writing
+from assay.pipelines.commands.common import writing
 
 
 @click.command("loop", short_help="Run a mine-train loop (YAML steps) into a run directory; resumable.")
@@ -56,7 +56,6 @@ def command(loop_file, run_dir, start, stop, dry_run, no_report):
             return
         click.echo(f"loop {spec.name}: {len(spec.steps)} steps into {loop.run_dir}")
         with writing(loop.run_dir, "loop", kind="run"):
-            quiet_transformers()
             ok = loop.run(start=start, stop=stop, report=not no_report)
     except LoopError as e:
         raise click.ClickException(str(e)) from e

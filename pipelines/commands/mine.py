@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import click
 
-from assay.pipelines.commands.common import (
-    friendly_errors,
-    open_dataset,
-    print_counts,
-    quiet_transformers,
-    writing,
-)
-
-PRESETS = {"stage2": "ranks:50-100,sample:random:2", "stage3": "top:20"}
+from assay.pipelines.commands.common import friendly_errors, print_counts, writing
 
 
 def format_stats(stats: dict[str, dict]) -> str:
@@ -159,108 +148,44 @@ def command(
     --corpus adds the documents of other datasets to the pools (the ones picked are copied to OUT).
     With --judge, the mined dataset goes to OUT.unjudged and the judged one to OUT.
     """
+    from assay.pipelines import api
+
     if keep is not None and judge_model is None:
         raise click.UsageError("--keep needs --judge")
-    mined_out = f"{out.rstrip('/')}.unjudged" if judge_model else out
-    unjudged = writing(mined_out, "mine") if judge_model else contextlib.nullcontext()
-    with writing(out, "mine"), unjudged:
-        quiet_transformers()
-        from tqdm import tqdm
-
-        from assay.mining.encoders import load_encoder
-        from assay.mining.stage import mine_dataset
-
-        src = open_dataset(dataset)
-        corpus = [open_dataset(p) for p in pools]
-        enc = load_encoder(
-            encoder,
+    with writing(out, "mine"):
+        result = api.mine(
+            dataset,
+            out,
+            encoder=encoder,
+            rules=rules,
+            depth=depth,
+            subset=subsets,
+            corpus=pools,
+            index=method,
             device=device,
             batch_size=batch_size,
-            image_root=str(src.data_root.resolve()),
+            cache=cache_dir,
+            seed=seed,
+            judge=judge_model,
+            keep=keep,
+            judge_cache=judge_cache,
             instructions=instructions,
             trust_remote_code=trust_remote_code,
-        )
-        if cache_dir is None:
-            from assay.curation.judge.cache import cache_root
-
-            cache_dir = cache_root() / "embeddings"
-        bars = {
-            "embed": tqdm(desc="embed", unit="row", disable=no_progress),
-            "mine": tqdm(desc="mine", unit="query", disable=no_progress),
-        }
-        try:
-            manifest, stats = mine_dataset(
-                src,
-                mined_out,
-                enc,
-                cache_dir=cache_dir,
-                rules=PRESETS.get(rules, rules),
-                depth=depth,
-                subsets=list(subsets) or None,
-                corpus=corpus,
-                method=method,
-                device=device,
-                seed=seed,
-                overwrite=overwrite,
-                progress=lambda what, n: bars[what].update(n),
-            )
-        finally:
-            for bar in bars.values():
-                bar.close()
-        print_counts(manifest, "mine")
-        click.echo(
-            f"encoder {enc.model_id}; rules {manifest.config['rules']}; depth {manifest.config['depth']}"
-        )
-        click.echo(format_stats(stats))
-        for pool in manifest.extra.get("corpus", []):
-            click.echo(format_pool(pool, mined_out))
-        if judge_model:
-            _judge(
-                mined_out,
-                out,
-                judge_model,
-                device,
-                batch_size,
-                keep,
-                judge_cache,
-                trust_remote_code,
-                no_progress,
-                overwrite,
-            )
-
-
-def _judge(mined, out, model, device, batch_size, keep, cache, trust_remote_code, no_progress, overwrite):
-    from tqdm import tqdm
-
-    from assay.curation.judge.cache import default_cache_path
-    from assay.curation.judge.stage import judge_dataset
-    from assay.pipelines.commands.judge import scorer_factory
-
-    src = open_dataset(mined)
-    scorer = scorer_factory(
-        "transformers",
-        model,
-        device="auto" if device == "cpu" else device,
-        batch_size=batch_size,
-        trust_remote_code=trust_remote_code,
-        image_root=str(src.data_root.resolve()),
-    )()
-    bar = tqdm(desc="judge", unit="pair", disable=no_progress)
-    try:
-        manifest, report = judge_dataset(
-            src,
-            out,
-            scorer,
-            cache=Path(cache) if cache else default_cache_path(),
-            labels=["hard_negative"],
-            keep_negatives=keep,
+            no_progress=no_progress,
             overwrite=overwrite,
-            progress=bar.update,
         )
-    finally:
-        bar.close()
-    print_counts(manifest, "judge")
-    click.echo(
-        f"judged {report.scored} mined pairs ({report.cached} cached): {report.verdicts.get('no', 0)} hard "
-        f"negatives, {report.relabelled} false negatives; {report.trimmed} beyond --keep dropped"
-    )
+    mined = result.parts.get("mine", result)
+    d = result.details
+    print_counts(mined)
+    click.echo(f"encoder {d['encoder']}; rules {d['rules']}; depth {d['depth']}")
+    click.echo(format_stats(d["stats"]))
+    for pool in d["corpus"]:
+        click.echo(format_pool(pool, str(mined.out)))
+    if "judge" in result.parts:
+        judged = result.parts["judge"]
+        j = judged.details
+        print_counts(judged)
+        click.echo(
+            f"judged {j['scored']} mined pairs ({j['cached']} cached): {j['verdicts'].get('no', 0)} hard "
+            f"negatives, {j['relabelled']} false negatives; {j['trimmed']} beyond --keep dropped"
+        )

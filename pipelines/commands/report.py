@@ -35,8 +35,9 @@ def command(run: str, out: str | None) -> None:
       assay report runs/loop-demo
       assay report runs/loop-demo --out /tmp/loop-demo.html && xdg-open /tmp/loop-demo.html
     """
-    from assay.pipelines.report import REPORT_FILE, build_report
+    from assay.pipelines import api
+    from assay.pipelines.report import REPORT_FILE
 
     with writing(out or Path(run) / REPORT_FILE, "report", kind="file"):
-        path = build_report(run, out)
-    click.echo(f"wrote {path}")
+        result = api.report(run, out=out)
+    click.echo(f"wrote {result.out}")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from assay.pipelines.commands.common import friendly_errors, open_dataset
+from assay.pipelines.commands.common import friendly_errors
 
 
 @click.command("stats")
@@ -22,10 +22,10 @@ def command(dataset: str, as_json: bool) -> None:
     inline or by path; and the lineage from the manifest: every stage that led to
     DATASET, when it ran, its counts and its settings.
     """
-    from assay.curation.stats import dataset_stats, format_stats
+    from assay.curation.stats import format_stats
+    from assay.pipelines import api
 
-    ds = open_dataset(dataset)
-    stats = dataset_stats(ds)
+    stats = api.stats(dataset).details
     if as_json:
         click.echo(json.dumps(stats, indent=2, sort_keys=False, default=str))
     else:

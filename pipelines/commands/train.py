@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from assay.pipelines.commands.common import friendly_errors, quiet_transformers, writing
+from assay.pipelines.commands.common import friendly_errors, writing
 
 
 @click.command("train")
@@ -51,30 +51,20 @@ def command(config_file, stage, device, output, max_steps, workers, use_gpu, ray
     config, optimizer state, weights hash); a rerun resumes from the latest complete one, and a
     finished stage is returned at once. The final checkpoint is printed on the last line.
     """
+    from assay.pipelines import api
     from assay.training.config import load_config
 
-    overrides = {"device": device, "output": output, "max_steps": max_steps}
-    if no_progress:
-        overrides["progress"] = False
-    config = load_config(config_file, **overrides)
-    if stage is not None and config.stage != stage:
-        raise click.ClickException(
-            f"{config_file} is a stage {config.stage} config, but --stage {stage} was given"
+    config = load_config(config_file)  # a bad config is one clear line before anything starts
+    with writing(output or config.output, "train", kind="train"):
+        result = api.train(
+            config_file,
+            stage=stage,
+            device=device,
+            output=output,
+            max_steps=max_steps,
+            workers=workers,
+            use_gpu=use_gpu,
+            ray_address=ray_address,
+            no_progress=no_progress,
         )
-    with writing(config.output, "train", kind="train"):  # before torch is imported: refuse at once
-        quiet_transformers()
-        from assay.training.trainer import TrainingError
-
-        try:
-            if workers > 1 or ray_address:
-                from assay.pipelines.train_ray import train_distributed
-
-                gpu = use_gpu if use_gpu is not None else config.device == "cuda"
-                final = train_distributed(config, num_workers=workers, use_gpu=gpu, address=ray_address)
-            else:
-                from assay.training.trainer import train
-
-                final = train(config)
-        except TrainingError as e:
-            raise click.ClickException(str(e)) from e
-    click.echo(f"final checkpoint: {final}")
+    click.echo(f"final checkpoint: {result.out}")

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import click
 
-from assay.curation.validate import ValidateConfig, validate
 from assay.pipelines.commands.common import (
-    build_executor,
     executor_options,
     friendly_errors,
-    open_dataset,
     print_counts,
     validate_limit_options,
     writing,
@@ -50,16 +47,20 @@ def command(
     Example:
       assay validate runs/easy-vqa/train runs/easy-vqa/train-valid
     """
+    from assay.pipelines import api
+
     with writing(out, "validate"):
-        source = open_dataset(dataset)
-        cfg = ValidateConfig(
+        result = api.validate(
+            dataset,
+            out,
             max_text_chars=max_text_chars,
             max_pixels=max_pixels,
-            max_image_bytes=int(max_image_mb * 2**20),
-            decode_images=not no_decode,
+            max_image_mb=max_image_mb,
+            no_decode=no_decode,
+            executor=executor,
+            ray_address=ray_address,
+            num_cpus=num_cpus,
+            overwrite=overwrite,
         )
-        manifest = validate(
-            source, out, cfg, executor=build_executor(executor, ray_address, num_cpus), overwrite=overwrite
-        )
-        print_counts(manifest, "validate")
-        click.echo(f"wrote {out}")
+    print_counts(result)
+    click.echo(f"wrote {out}")

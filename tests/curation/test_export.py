@@ -158,7 +158,7 @@ def test_parquet_flat_view_and_images(image_ds, tmp_path, make_png):
         and info["rows"] == 7
         and info["source"]["path"] == str(image_ds.root.resolve())
     )
-    assert not list(tmp_path.glob("out.tmp-*"))
+    assert not list(tmp_path.glob(".tmp-out-*"))
 
 
 def test_copy_images_and_file_output(image_ds, tmp_path, make_png):
@@ -322,7 +322,7 @@ def test_st_formats_refuse_image_rows(image_ds, tmp_path):
     msg = str(e.value)
     assert "7 of 8 pairs have an image (5 on the query side, 3 on the document side)" in msg
     assert "--skip-image-rows" in msg
-    assert not (tmp_path / "t").exists() and not list(tmp_path.glob("t.tmp-*"))
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".tmp-t-*"))
     res = export_dataset(image_ds, tmp_path / "t", "labeled-pair", skip_image_rows=True)
     rows = pl.read_parquet(tmp_path / "t" / "train.parquet").to_dicts()
     assert rows == [{"sentence1": "a cat", "sentence2": "a dog", "label": 0.0}]

@@ -263,7 +263,8 @@ def test_a_rule_of_ones_own_goes_query_by_query_to_the_same_result(docs_dataset,
     from dataclasses import dataclass
     from typing import ClassVar
 
-    from assay.mining.select import TopK, batch_supported
+    from assay.mining.select_batch import batch_supported
+    from assay.mining.select_rules import TopK
 
     @dataclass(frozen=True)
     class FirstThree:  # TopK(3) under another name: the batch path does not know it
@@ -276,7 +277,7 @@ def test_a_rule_of_ones_own_goes_query_by_query_to_the_same_result(docs_dataset,
         def token(self) -> str:
             return "first-three"
 
-    from assay.mining.select import AbsoluteMargin
+    from assay.mining.select_rules import AbsoluteMargin
 
     built_in, own = [AbsoluteMargin(0.01), TopK(3)], [AbsoluteMargin(0.01), FirstThree()]
     _, batch = mine_dataset(docs_dataset, tmp_path / "b", minilm, cache_dir=tmp_path / "c", rules=built_in)

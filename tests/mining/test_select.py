@@ -9,26 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from assay.mining.select import (
-    PAPER_STAGE2,
-    PAPER_STAGE3,
+from assay.mining.select import candidates, make_context, positive_score_of, query_seed, select_negatives
+from assay.mining.select_rules import (
     AbsoluteMargin,
     Candidate,
     MaxScore,
     MinScore,
     PercentOfPositive,
     RankWindow,
-    RuleSpecError,
     Sample,
     TopK,
-    candidates,
-    describe,
-    make_context,
-    parse_rules,
-    positive_score_of,
-    query_seed,
-    select_negatives,
 )
+from assay.mining.select_spec import PAPER_STAGE2, PAPER_STAGE3, RuleSpecError, describe, parse_rules
 
 
 def ranked(n: int, top: float = 1.0, step: float = 0.01) -> list[Candidate]:
@@ -299,8 +291,8 @@ def test_candidates_and_positive_score_of():
         (" ranks : 1 - 3 , top:2 ", [RankWindow(1, 3), TopK(2)]),
         ("min:-0.1,max:1", [MinScore(-0.1), MaxScore(1.0)]),
         ("", []),
-        ("paper-stage2", [RankWindow(50, 100), Sample(2, "random")]),
-        ("paper_stage3", [TopK(20)]),
+        ("stage2", [RankWindow(50, 100), Sample(2, "random")]),
+        ("Stage3", [TopK(20)]),
     ],
 )
 def test_parse_string_specs(spec, rules):

@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from assay.mining.select import (
+from assay.mining.select import select_negatives
+from assay.mining.select_batch import batch_supported, select_batch
+from assay.mining.select_rules import (
     AbsoluteMargin,
     Candidate,
     MaxScore,
@@ -19,11 +21,8 @@ from assay.mining.select import (
     RankWindow,
     Sample,
     TopK,
-    batch_supported,
-    parse_rules,
-    select_batch,
-    select_negatives,
 )
+from assay.mining.select_spec import parse_rules
 
 N_DOCS = 24
 # few distinct values, so scores tie with each other and with the rules' thresholds

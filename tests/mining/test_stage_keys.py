@@ -7,9 +7,9 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from assay.curation.content_key import content_key, normalize_text
+from assay.curation.content_key import content_key
 from assay.mining.embed_cache import row_key, table_keys
-from assay.mining.stage import _content_ids, _content_keys, _normalised_texts
+from assay.mining.stage import _content_ids, _content_keys
 
 # texts that exercise every branch: plain words, runs and kinds of whitespace (\x0b, \x1c: str.split
 # separators), edges, case, NFKC-changed characters (fullwidth, ligatures), control characters
@@ -37,13 +37,6 @@ PIECES = st.sampled_from(
     ]
 )
 TEXTS = st.one_of(st.none(), st.lists(PIECES, max_size=8).map("".join), st.text(max_size=12))
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(TEXTS, max_size=30))
-def test_normalised_texts_equal_normalize_text(texts):
-    got = _normalised_texts(pa.array(texts, pa.string())).to_pylist()
-    assert got == [normalize_text(t) or "" for t in texts]
 
 
 @settings(max_examples=100, deadline=None)

@@ -82,7 +82,19 @@ def colours(tmp_path_factory) -> Path:
         ([{"name": "a", "run": "validate"}, {"name": "a", "run": "validate"}], {}, "comes earlier too"),
         ([{"name": "s1", "run": "train"}], {}, "a train step needs `config:`"),
         ([{"name": "a", "run": "validate", "config": {}}], {}, "only train steps take `config`"),
-        ([{"name": "a", "run": "validate", "colour": 1}], {}, "unknown key"),
+        ([{"name": "a", "run": "validate", "colour": 1}], {}, r"step 1 \(a\): unknown key\(s\) colour"),
+        (
+            [{"name": "a", "run": "validate", "args": "x"}],
+            {},
+            r"step 1 \(a\): `args` must be a list, got 'x'",
+        ),
+        ([{"name": "a", "run": "validate"}], {"num_cpus": "4"}, r"`num_cpus` must be int, got '4'"),
+        ([{"name": "a", "run": "validate"}], {"executor": "lcoal"}, r"`executor` must be one of 'ray' or"),
+        (
+            [{"name": "a", "run": "eval"}],
+            {"ablation": [{"arm": "x", "eval": "a", "seed": 1}]},
+            r"ablation arm 'x': unknown key\(s\) seed",
+        ),
         ([{"name": "../x", "run": "validate"}], {}, "`name` must be"),
         (
             [{"name": "a", "run": "validate"}],
@@ -96,7 +108,7 @@ def colours(tmp_path_factory) -> Path:
         ),
         ([{"name": "a", "run": "validate"}], {"ablation": [{"arm": "x", "evals": []}]}, "must be a list"),
         ([{"name": "a", "run": "validate"}], {"ablation": [{"arm": "x"}]}, "one eval per seed"),
-        ([{"name": "a", "run": "validate"}], {"nope": 1}, "unknown key"),
+        ([{"name": "a", "run": "validate"}], {"nope": 1}, r"loop.yaml: unknown key\(s\) nope \(known: "),
     ],
 )
 def test_a_bad_loop_file_names_the_step_and_the_problem(tmp_path, steps, top, needle):

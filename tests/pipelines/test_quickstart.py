@@ -15,7 +15,7 @@ from helpers.cli import run_assay
 
 from assay.curation.dataset import Dataset
 from assay.curation.stats import dataset_stats
-from assay.pipelines.loop import Loop, command_params, load_loop
+from assay.pipelines.loop import Loop, load_loop, stage_options
 from assay.training.config import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def test_every_quickstart_step_names_real_options_and_a_valid_training_config(tm
     assert [n for n in names if n in order] == order
     steps = 0
     for step in spec.steps:
-        params = command_params(step.run)
+        params = stage_options(step.run)
         for key in step.options:
             assert key in params, f"step {step.name}: assay {step.run} has no --{key}"
         if step.run == "train":

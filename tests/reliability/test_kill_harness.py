@@ -356,7 +356,7 @@ def train_phase(out: Path) -> dict:
     if (out / "complete.json").is_file():
         return {"complete": True}
     ckpt = latest_checkpoint(out) if out.is_dir() else None
-    partial = sorted(p.name for p in out.glob(".partial-*")) if out.is_dir() else []
+    partial = sorted(p.name for p in out.glob(".tmp-*")) if out.is_dir() else []
     return {
         "checkpoint_step": int(ckpt.name.split("-")[1]) if ckpt else 0,
         **({"partial": partial} if partial else {}),
@@ -545,8 +545,8 @@ def case_train(work: Path, mode: str):
     tries = f"stage 2, LoRA rank 4, {steps} steps, a checkpoint every {every} (2 kept), 200 units"
     return tries, command, dict(watch=lambda r: r / "out", complete=lambda r: (r / "out" / "complete.json").is_file(),
                                 check=check, phase=lambda r: train_phase(r / "out"),
-                                triggers=[("out/.partial-*", 1), ("out/step-*", 2)],
-                                quick_trigger=("out/.partial-*", 1))  # fmt: skip
+                                triggers=[("out/.tmp-*", 1), ("out/step-*", 2)],
+                                quick_trigger=("out/.tmp-*", 1))  # fmt: skip
 
 
 def loop_steps(source: Path, stage2_steps: int, judge: bool = True) -> list[dict]:
@@ -683,7 +683,7 @@ def case_loop(work: Path, mode: str):
             triggers=[
                 ("run/mined/_progress/mined/*.parquet", 1),
                 ("run/judged/_progress/done/pairs/*.json", 1),
-                ("run/stage2/.partial-*", 1),
+                ("run/stage2/.tmp-*", 1),
             ],
         ),
     )

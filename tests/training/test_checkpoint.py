@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from assay.curation.dataset import TMP_PREFIX  # noqa: E402
 from assay.training.checkpoint import (  # noqa: E402
     MANIFEST_FILE,
-    PARTIAL_PREFIX,
     STATE_TENSORS_FILE,
     CheckpointError,
     UnsafeCheckpointError,
@@ -175,7 +175,7 @@ def test_latest_checkpoint(tmp_path, saved):
     for step in (5, 40, 120):
         shutil.copytree(path, run / checkpoint_name(step))
     # a save killed mid-way: hidden, never a candidate even with a higher step
-    shutil.copytree(path, run / f"{PARTIAL_PREFIX}{checkpoint_name(200)}-999")
+    shutil.copytree(path, run / f"{TMP_PREFIX}{checkpoint_name(200)}-999")
     # a complete-looking folder with a broken manifest is skipped
     shutil.copytree(path, run / checkpoint_name(300))
     (run / checkpoint_name(300) / MANIFEST_FILE).unlink()

@@ -78,6 +78,16 @@ def test_config_defaults_follow_the_paper(tmp_path):
         ("stage: '4'\ndata: [d]\noutput: o\ninit: m\n", "stage must be one of"),
         ("stage: '2'\ndata: [d]\noutput: o\ninit: m\nbatch_size: many\n", "batch_size must be int"),
         ("stage: '2'\ndata: [d]\noutput: o\ninit: m\nepochs: true\n", "epochs must be float"),
+        (
+            "stage: '2'\ndata: [d]\noutput: o\ninit: m\nlora: {rank: '16'}\n",
+            "lora.rank must be int, got '16'",
+        ),
+        (
+            "stage: '2'\ndata: [d]\noutput: o\ntiny: {hidden_size: 8, depth: 2}\n",
+            "tiny: unknown key(s) depth",
+        ),
+        ("stage: '2'\ndata: [d]\noutput: o\ninit: m\nnegatives: hard\n", "negatives must be one of"),
+        ("stage: '2'\ndata: [d]\noutput: o\ninit: m\nsubsets: [vqa, 3]\n", "subsets[1] must be str, got 3"),
         ("stage: '2'\ndata: [d]\noutput: o\n", "give init"),
         ("stage: '2'\ndata: [d]\noutput: o\ninit: m\ntrust_remote_code: true\n", "trust_remote_code"),
         ("!!python/object/apply:os.system ['echo hi']\n", "not valid YAML"),
@@ -89,6 +99,20 @@ def test_bad_configs_name_the_file_and_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_a_config_reports_every_problem_at_once_and_takes_an_int_for_a_float(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stage: '2'\ndata: [d]\noutput: o\ninit: m\nlr: 0\nbatchsize: 8\nwarmup_ratio: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: unknown key(s) batchsize (known: batch_size, ")
+    assert "lr must be > 0, got 0" in message and "warmup_ratio must be < 1, got 1" in message
+    assert "\n" not in message  # one line for the terminal
+    # YAML reads `lr: 1` and `epochs: 3` as ints: a float field takes them (as floats)
+    config = config_from_dict({"stage": "2", "data": ["d"], "output": "o", "init": "m", "lr": 1, "epochs": 3})
+    assert config.lr == 1.0 and isinstance(config.lr, float) and isinstance(config.epochs, float)
 
 
 # ---------------------------------------------------------------- units

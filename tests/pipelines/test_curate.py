@@ -1,11 +1,12 @@
-"""`assay curate`: validate -> dedup -> judge -> filter as one Ray Data pipeline gives what the four
-commands give run one after the other; its judge runs in an actor pool through the cache; bad rows
-are quarantined; a finished run is not redone; a killed run resumes; it runs on a Ray cluster."""
+"""`assay curate`: validate -> dedup -> judge -> filter, the stage functions composed, gives what the
+four commands give run one after the other; its judge runs in an actor pool through the cache; bad
+rows are quarantined; a finished run is not redone; a killed run resumes; it runs on a Ray cluster."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import random
 import shutil
@@ -134,8 +135,8 @@ def _tables(path: Path, sub: str) -> dict[str, list[dict]]:
 
 def _assert_same_result(chain: Path, dag: Path, p_tolerance: float = 0.0) -> int:
     """The same data shards (row for row; judge_p_yes within ``p_tolerance``) and the same quarantine
-    files, row for row, but for ``source`` and a duplicate_pair's detail, which name rows of the
-    datasets the chain writes in between (the pipeline names the input's rows)."""
+    files, row for row, but for ``source``, which names the dataset a row was refused from (curate's
+    steps write theirs under other names)."""
     rows = 0
     for sub in ("queries", "corpus", "pairs"):
         a, b = _tables(chain, sub), _tables(dag, sub)
@@ -153,8 +154,6 @@ def _assert_same_result(chain: Path, dag: Path, p_tolerance: float = 0.0) -> int
         for x, y in zip(a[name], b[name], strict=True):
             for row in (x, y):
                 row.pop("source")
-                if row["reason"] == "duplicate_pair":
-                    row.pop("detail")
             assert x == y, name
         rows += len(a[name])
     return rows
@@ -178,7 +177,7 @@ def curated(tmp_path_factory, reranker, ray_local):
     ds, ev, expected = _dataset(root)
     chain = _chain(ds, ev, root, reranker, root / "chain.sqlite")
     args = [ds.root, root / "dag", "--judge", reranker, "--cache", root / "dag.sqlite", "--where", WHERE]
-    args += ["--against", ev.root, "--max-text-chars", 1000, "--actors", 1, "--partitions", 3]
+    args += ["--against", ev.root, "--max-text-chars", 1000, "--actors", 1]
     start = time.perf_counter()
     output = _invoke(curate.command, args)
     seconds = time.perf_counter() - start
@@ -196,18 +195,26 @@ def test_curate_gives_what_the_four_commands_give(curated):
     assert _assert_same_result(run["chain"], dag, p_tolerance=1e-5) > 50
     m, chain = Dataset(dag).manifest, Dataset(run["chain"]).manifest
     assert m.counts == chain.counts
-    assert {k.split(":", 1)[1]: n for k, n in m.quarantine_reasons.items()} == chain.quarantine_reasons
-    assert {"exact_duplicate", "near_duplicate_image", "contaminated", "duplicate_pair"} <= set(
-        m.extra["dedup"]
-    )
-    # near copies whose targets disagree: kept and counted alike (one query, one document)
-    dedup_stats = Dataset(run["root"] / "dedup").manifest.extra["dedup"]
-    assert [dedup_stats[t]["near_duplicate_conflicts"] for t in ("queries", "corpus")] == [1, 1]
-    assert m.extra["dedup"]["near_duplicate_conflicts"] == 2
-    assert m.extra["filter"]["dropped"] == {"corpus": {"filter": 1}, "pairs": {"dangling": 1}}
-    judged = m.extra["judge"]
+    assert m.quarantine_reasons == chain.quarantine_reasons
+    assert [step["stage"] for step in m.lineage][-4:] == ["validate", "dedup", "judge", "filter"]
+    assert {"exact_duplicate", "near_duplicate_image", "contaminated", "duplicate_pair"} <= {
+        k.split(":", 1)[1] for k in m.quarantine_reasons
+    }
+    # what each step did, kept in OUT/curate.json: near copies whose targets disagree are kept and
+    # counted alike (one query, one document)
+    record = json.loads((dag / "curate.json").read_text())["details"]
+    assert [record["dedup"][t]["near_duplicate_conflicts"] for t in ("queries", "corpus")] == [1, 1]
+    assert record["filter"]["dropped"] == chain.extra["filter"]["dropped"]
+    assert {t: d for t, d in record["filter"]["dropped"].items() if d} == {
+        "corpus": {"filter": 1},
+        "pairs": {"dangling": 1},
+    }
+    judged = record["judge"]
     assert judged["scored"] == judged["selected"] > 0 and judged["cached"] == 0
-    assert "judge reranker" in output and "in 1 actor(s), on CPUs" in output
+    failures = "judge_failures.parquet"  # kept in OUT when the judge wrote one
+    assert (dag / failures).exists() == (run["root"] / "judged" / failures).exists()
+    assert not (run["root"] / ".dag.curate").exists()  # the datasets in between are gone
+    assert "judge reranker" in output and f"{judged['scored']} pairs scored" in output
     print(f"curate with a judge: {seconds:.1f} s")
 
 
@@ -227,7 +234,7 @@ def test_a_finished_run_is_not_redone(curated):
     before = {p: p.stat().st_mtime_ns for p in dag.rglob("*")}
     start = time.perf_counter()
     output = _invoke(curate.command, run["args"])
-    assert "already complete" in output and "actor(s)" not in output
+    assert "pairs scored" in output  # the stored figures, reported again
     assert {p: p.stat().st_mtime_ns for p in dag.rglob("*")} == before
     assert time.perf_counter() - start < 5
 
@@ -239,9 +246,9 @@ def test_the_pool_judges_through_the_cache(curated, reranker):
     cache = root / "dag.sqlite"
     args = [run["ds"].root, root / "unime", "--judge", reranker, "--cache", cache, "--rule", "unime:0.1"]
     args += ["--where", WHERE, "--against", run["ev"].root, "--max-text-chars", 1000]
-    args += ["--actors", 1, "--partitions", 2]
+    args += ["--actors", 1]
     output = _invoke(curate.command, args)
-    judged = Dataset(root / "unime").manifest.extra["judge"]
+    judged = json.loads((root / "unime" / "curate.json").read_text())["details"]["judge"]
     assert judged["scored"] == 0 and judged["cached"] == judged["selected"] > 0
     assert "0 pairs scored" in output
     # ... and gives what the chain gives with the same judgments (a copy of the cache: exact p_yes)
@@ -269,23 +276,20 @@ def _kill_dataset(root: Path) -> Dataset:
 def test_a_killed_run_resumes_to_the_same_output(tmp_path, ray_local):
     ds = _kill_dataset(tmp_path)
     args = [str(ds.root), "--where", "label != 'negative'", "--max-text-chars", "1000"]
-    _invoke(curate.command, [args[0], tmp_path / "clean", *args[1:], "--partitions", 2])
-    cmd = [
-        sys.executable,
-        "-m",
-        "assay.pipelines.commands.curate",
-        args[0],
-        str(tmp_path / "killed"),
-        *args[1:],
-    ]
-    cmd += ["--num-cpus", "2", "--partitions", "2"]
+    _invoke(curate.command, [args[0], tmp_path / "clean", *args[1:]])
     killed = tmp_path / "killed"
-    assert run_and_kill(cmd, killed, "_progress/done/*/*.json", count=3), "curate finished before the kill"
+    cmd = [sys.executable, "-m", "assay.pipelines.commands.curate", args[0], str(killed), *args[1:]]
+    cmd += ["--num-cpus", "2"]
+    # killed in its dedup step, once the validate step is complete and dedup has written shards
+    progress = ".killed.curate/dedup/_progress/done/*/*.json"
+    assert run_and_kill(cmd, tmp_path, progress, count=3), "curate finished before the kill"
     assert not (killed / "manifest.json").exists()
-    written = len(list(killed.glob("_progress/done/*/*.json")))
-    _invoke(curate.command, [args[0], killed, *args[1:], "--partitions", 2])  # resume, in this process
+    assert (tmp_path / ".killed.curate/validate/manifest.json").exists()
+    written = len(list(tmp_path.glob(progress)))
+    _invoke(curate.command, [args[0], killed, *args[1:]])  # resume, in this process
     assert assert_same_dataset(tmp_path / "clean", killed) > 100
     assert 3 <= written < sum(len(ds.shards(t)) for t in ("queries", "corpus", "pairs"))
+    assert not (tmp_path / ".killed.curate").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -344,6 +348,7 @@ def test_ray_address_runs_the_judge_on_the_clusters_gpu(curated, reranker, gpu_c
     args = [str(a) for a in run["args"]]
     args[1], args[5] = str(out), str(run["root"] / "cluster.sqlite")
     cmd = [sys.executable, "-m", "assay.pipelines.commands.curate", *args, "--ray-address", address]
+    cmd += ["--gpus-per-actor", "1"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"connected to the cluster at {address}" in res.stderr
