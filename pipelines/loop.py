@@ -34,7 +34,11 @@ checkpoint it reached (every stage does, see DESIGN.md). A complete step whose d
 is refused until ``--from NAME`` redoes it and every step after it (their outputs inside the run
 directory are removed first). ``RUN/report.html`` is written at the end, and after a failure.
 
-Steps run in this process, so a local Ray runtime started by the first Ray stage serves them all.
+A step runs in this process as a call of the stage's function in ``assay.pipelines.api`` (``eval``:
+``evaluate``) with the step's args and its options as keywords (``--max-text-chars`` is
+``max_text_chars``; an option the function does not take is refused before anything runs), so a
+local Ray runtime started by the first Ray stage serves them all, and each step's ``Result`` is kept
+in ``Loop.results``. The command line recorded for the step is the same call on the command line.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             "lacks: on a cluster give absolute paths on a file system every node shares"
         )
     if loop_config["quiet_transformers"]:  # as the driver is (assay train: no per-file bars)
-        from assay.pipelines.api import quiet_transformers
+        from assay.pipelines.result import quiet_transformers
 
         quiet_transformers()
     final = train(config, device=ray.train.torch.get_device())

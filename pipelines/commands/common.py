@@ -119,6 +119,24 @@ def dedup_options(fn: Callable) -> Callable:
     return fn
 
 
+def judge_pool_options(fn: Callable) -> Callable:
+    """--actors, --gpus-per-actor: where the judge runs (`assay judge`, `assay curate`)."""
+    fn = click.option(
+        "--gpus-per-actor",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        show_default=True,
+        help="GPUs per judge actor.",
+    )(fn)
+    return click.option(
+        "--actors",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Run the judge in N Ray actors (one per GPU with --gpus-per-actor 1); 0: in this process.",
+    )(fn)
+
+
 def judge_scoring_options(fn: Callable) -> Callable:
     """--prompt, --rule, --labels, --batch-size, --max-chars, --device, --cache, --trust-remote-code:
     how a judge scores pairs (`assay judge`, and the judge step of `assay curate`)."""
@@ -165,7 +183,6 @@ def judge_scoring_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--cache",
-            "cache_path",
             type=click.Path(dir_okay=False),
             default=None,
             help="Judgment cache (SQLite on this machine; default: $ASSAY_CACHE_DIR or "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from assay.curation.schema import DATA_TABLES
@@ -9,6 +11,7 @@ from assay.pipelines.commands.common import (
     dedup_options,
     executor_options,
     friendly_errors,
+    judge_pool_options,
     judge_scoring_options,
     print_counts,
     validate_limit_options,
@@ -21,7 +24,6 @@ from assay.pipelines.commands.common import (
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option(
     "--judge",
-    "judge_model",
     default=None,
     metavar="MODEL",
     help="Judge model directory (an assay reranker checkpoint, or a transformers/vLLM model). "
@@ -58,47 +60,10 @@ from assay.pipelines.commands.common import (
     help="Tables checked against --against: queries, corpus or queries,corpus.",
 )
 @validate_limit_options
-@click.option(
-    "--actors",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Run the judge in N Ray actors (one per GPU with --gpus-per-actor 1); 0: in this process.",
-)
-@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@judge_pool_options
 @executor_options
 @friendly_errors
-def command(
-    dataset,
-    out,
-    judge_model,
-    backend,
-    rule,
-    labels,
-    prompt,
-    batch_size,
-    max_chars,
-    device,
-    cache_path,
-    trust_remote_code,
-    where,
-    table,
-    against,
-    decontaminate,
-    images_only,
-    phash_distance,
-    no_near,
-    max_text_chars,
-    max_pixels,
-    max_image_mb,
-    no_decode,
-    actors,
-    gpus_per_actor,
-    executor,
-    ray_address,
-    num_cpus,
-    overwrite,
-):
+def command(dataset: str, out: str, **options: Any) -> None:
     """Curate DATASET into OUT: validate -> dedup -> judge -> filter.
 
     \b
@@ -128,42 +93,8 @@ def command(
     """
     from assay.pipelines import api
 
-    if decontaminate is not None and not against:
-        raise click.UsageError(
-            "--decontaminate chooses the tables checked against --against; give --against EVAL"
-        )
     with writing(out, "curate"):
-        result = api.curate(
-            dataset,
-            out,
-            judge=judge_model,
-            backend=backend,
-            prompt=prompt,
-            rule=rule,
-            labels=labels,
-            batch_size=batch_size,
-            max_chars=max_chars,
-            device=device,
-            cache=cache_path,
-            trust_remote_code=trust_remote_code,
-            where=where,
-            table=table,
-            against=against,
-            decontaminate=decontaminate,
-            images_only=images_only,
-            phash_distance=phash_distance,
-            no_near=no_near,
-            max_text_chars=max_text_chars,
-            max_pixels=max_pixels,
-            max_image_mb=max_image_mb,
-            no_decode=no_decode,
-            actors=actors,
-            gpus_per_actor=gpus_per_actor,
-            executor=executor,
-            ray_address=ray_address,
-            num_cpus=num_cpus,
-            overwrite=overwrite,
-        )
+        result = api.curate(dataset, out, **options)
     for part in result.parts.values():
         print_counts(part)
     judge = result.details.get("judge")

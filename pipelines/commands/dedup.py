@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from assay.pipelines.commands.common import (
@@ -28,19 +30,7 @@ from assay.pipelines.commands.common import (
 )
 @executor_options
 @friendly_errors
-def command(
-    dataset,
-    out,
-    phash_distance,
-    no_near,
-    against,
-    decontaminate,
-    images_only,
-    executor,
-    ray_address,
-    num_cpus,
-    overwrite,
-):
+def command(dataset: str, out: str, **options: Any) -> None:
     """Remove duplicate rows of DATASET, and rows copied from evaluation sets; write the rest to OUT.
 
     \b
@@ -81,50 +71,37 @@ def command(
     """
     from assay.pipelines import api
 
-    if decontaminate is not None and not against:
-        raise click.UsageError(
-            "--decontaminate chooses the tables checked against --against; give --against EVAL"
-        )
     with writing(out, "dedup"):
-        result = api.dedup(
-            dataset,
-            out,
-            against=against,
-            decontaminate=decontaminate,
-            images_only=images_only,
-            phash_distance=phash_distance,
-            no_near=no_near,
-            executor=executor,
-            ray_address=ray_address,
-            num_cpus=num_cpus,
-            overwrite=overwrite,
-        )
+        result = api.dedup(dataset, out, **options)
     print_counts(result)
-    stats = result.details
     for table in ("queries", "corpus"):
-        s = stats.get(table, {})
-        if s.get("images_unreadable"):
-            click.echo(
-                f"note: {s['images_unreadable']} {table} image path(s) could not be read and were compared "
-                "by path; run `assay validate` to quarantine them",
-                err=True,
-            )
-        if s.get("images_not_phashed"):
-            click.echo(
-                f"note: {s['images_not_phashed']} {table} image(s) could not be decoded and were left out "
-                "of the near-duplicate check",
-                err=True,
-            )
-        if s.get("near_duplicate_conflicts"):
-            click.echo(
-                f"note: {s['near_duplicate_conflicts']} row(s) of {table} are near copies of an earlier row "
-                "whose targets disagree: kept, not folded (a conflict in the data, not a copy); e.g. "
-                + s["conflict_examples"][0],
-                err=True,
-            )
-    if stats.get("pairs", {}).get("rewritten"):
-        click.echo(f"pairs rewritten to the kept rows: {stats['pairs']['rewritten']}")
+        for note in dedup_notes(table, result.details.get(table, {})):
+            click.echo(note, err=True)
+    if result.details.get("pairs", {}).get("rewritten"):
+        click.echo(f"pairs rewritten to the kept rows: {result.details['pairs']['rewritten']}")
     click.echo(f"wrote {out}")
+
+
+def dedup_notes(table: str, s: dict) -> list[str]:
+    """What a user should know of a table's dedup: unreadable images, near copies kept as conflicts."""
+    notes = []
+    if s.get("images_unreadable"):
+        notes.append(
+            f"note: {s['images_unreadable']} {table} image path(s) could not be read and were compared "
+            "by path; run `assay validate` to quarantine them"
+        )
+    if s.get("images_not_phashed"):
+        notes.append(
+            f"note: {s['images_not_phashed']} {table} image(s) could not be decoded and were left out "
+            "of the near-duplicate check"
+        )
+    if s.get("near_duplicate_conflicts"):
+        notes.append(
+            f"note: {s['near_duplicate_conflicts']} row(s) of {table} are near copies of an earlier row "
+            "whose targets disagree: kept, not folded (a conflict in the data, not a copy); e.g. "
+            + s["conflict_examples"][0]
+        )
+    return notes
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -82,7 +81,6 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 )
 @click.option(
     "--candidates",
-    "candidate_set",
     type=click.Choice(["pairs", "subset"]),
     default="pairs",
     show_default=True,
@@ -90,7 +88,6 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 )
 @click.option(
     "--subset",
-    "subsets",
     multiple=True,
     metavar="NAME",
     help="Evaluate only this subset (repeat for several; default: all).",
@@ -122,18 +119,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     help="Score only the first N queries of each subset (a quick estimate; candidates stay complete).",
 )
 @friendly_errors
-def command(
-    checkpoint: str,
-    dataset: str,
-    out: str | None,
-    batch_size: int,
-    candidate_set: str,
-    subsets: tuple[str, ...],
-    tokens_per_tile: int | None,
-    device: str | None,
-    truth: str | None,
-    max_queries: int | None,
-) -> None:
+def command(checkpoint: str, dataset: str, out: str | None, **options: Any) -> None:
     """Score the embedder CHECKPOINT on DATASET and write the metrics as JSON.
 
     \b
@@ -165,19 +151,8 @@ def command(
     """
     from assay.pipelines import api
 
-    out_path = Path(out) if out else Path.cwd() / f"{Path(dataset).resolve().name}.metrics.json"
-    with writing(out_path, "eval", kind="file"):
-        result = api.evaluate(
-            checkpoint,
-            dataset,
-            out=out_path,
-            batch_size=batch_size,
-            candidates=candidate_set,
-            subset=subsets,
-            tokens_per_tile=tokens_per_tile,
-            device=device,
-            truth=truth,
-            max_queries=max_queries,
-        )
+    out = api.metrics_path(dataset, out)
+    with writing(out, "eval", kind="file"):
+        result = api.evaluate(checkpoint, dataset, out=out, **options)
     click.echo(format_metrics(result.details))
     click.echo(f"wrote {result.out}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from assay.curation.export import FORMATS
@@ -14,7 +16,6 @@ from assay.pipelines.commands.common import friendly_errors, writing
 @click.option(
     "--format",
     "-f",
-    "fmt",
     type=click.Choice(FORMATS),
     required=True,
     help="What to write (see Formats above).",
@@ -53,17 +54,7 @@ from assay.pipelines.commands.common import friendly_errors, writing
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @friendly_errors
-def command(
-    dataset: str,
-    out: str,
-    fmt: str,
-    where: str | None,
-    num_negatives: int | None,
-    copy_images: bool,
-    skip_image_rows: bool,
-    with_instruction: bool,
-    overwrite: bool,
-) -> None:
+def command(dataset: str, out: str, **options: Any) -> None:
     """Export DATASET to OUT as Parquet, VLM2Vec JSONL, a Hugging Face dataset, or a
     sentence-transformers format.
 
@@ -99,18 +90,7 @@ def command(
     from assay.pipelines import api
 
     with writing(out, "export", kind="file"):
-        result = api.export(
-            dataset,
-            out,
-            format=fmt,
-            where=where,
-            num_negatives=num_negatives,
-            copy_images=copy_images,
-            skip_image_rows=skip_image_rows,
-            with_instruction=with_instruction,
-            overwrite=overwrite,
-        )
-    d = result.details
+        d = api.export(dataset, out, **options).details
     click.echo(f"export: wrote {d['rows']:,} {d['format']} rows to {d['path']}")
     if d["images_written"]:
         click.echo(f"  images written: {d['images_written']:,} (to {d['images_dir']})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from assay.curation.schema import DATA_TABLES
@@ -30,17 +32,7 @@ from assay.pipelines.commands.common import executor_options, friendly_errors, p
 )
 @executor_options
 @friendly_errors
-def command(
-    dataset: str,
-    out: str,
-    where: str,
-    table: str | None,
-    prune: bool,
-    executor: str,
-    ray_address: str | None,
-    num_cpus: int | None,
-    overwrite: bool,
-) -> None:
+def command(dataset: str, out: str, **options: Any) -> None:
     """Write the rows of DATASET that --where accepts as a new dataset OUT.
 
     \b
@@ -65,18 +57,8 @@ def command(
     from assay.pipelines import api
 
     with writing(out, "filter"):
-        click.echo(f"filter: applying {where.strip()!r}", err=True)
-        result = api.filter(
-            dataset,
-            out,
-            where=where,
-            table=table,
-            prune=prune,
-            executor=executor,
-            ray_address=ray_address,
-            num_cpus=num_cpus,
-            overwrite=overwrite,
-        )
+        click.echo(f"filter: applying {options['where'].strip()!r}", err=True)
+        result = api.filter(dataset, out, **options)
     print_counts(result)
     dropped = result.details.get("dropped", {})
     lines = [(t, r, n) for t in DATA_TABLES for r, n in sorted(dropped.get(t, {}).items()) if n]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from assay.curation.ingest import DOC_TARGETS, FORMATS, TARGETS
@@ -58,14 +60,12 @@ Examples:
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option(
     "--format",
-    "fmt",
     type=click.Choice(FORMATS),
     default=None,
     help="Input format (default: from the extension).",
 )
 @click.option(
     "--map",
-    "maps",
     multiple=True,
     metavar="TARGET=COLUMN",
     help="Read TARGET from input column COLUMN, e.g. --map query_text=question (repeatable).",
@@ -111,7 +111,6 @@ Examples:
 )
 @click.option(
     "--documents",
-    "documents_only",
     is_flag=True,
     help="Each row is one document (doc_id, doc_text, doc_image, doc_instruction, subset): write a "
     "corpus with no queries or pairs.",
@@ -125,55 +124,16 @@ Examples:
 )
 @executor_options
 @friendly_errors
-def command(
-    source,
-    out,
-    fmt,
-    maps,
-    mapping,
-    data_root,
-    embed_images,
-    subset,
-    task,
-    labels,
-    captions,
-    documents_only,
-    rows_per_shard,
-    executor,
-    ray_address,
-    num_cpus,
-    overwrite,
-):
+def command(source: str, out: str, **options: Any) -> None:
     from assay.pipelines import api
 
     with writing(out, "ingest"):
         try:
-            result = api.ingest(
-                source,
-                out,
-                format=fmt,
-                map=maps,
-                mapping=mapping,
-                data_root=data_root,
-                embed_images=embed_images,
-                subset=subset,
-                task=task,
-                labels=labels,
-                captions=captions,
-                documents=documents_only,
-                rows_per_shard=rows_per_shard,
-                executor=executor,
-                ray_address=ray_address,
-                num_cpus=num_cpus,
-                overwrite=overwrite,
-            )
+            result = api.ingest(source, out, **options)
         except api.OptionsNotApplicable as e:
             raise click.UsageError(str(e)) from e
-    if not result.parts:
-        print_counts(result)
-        click.echo(f"wrote {out}")
-        return
-    for split, part in result.parts.items():
-        click.echo(f"[{split}]")
+    for split, part in result.parts.items() or [(None, result)]:
+        if split:
+            click.echo(f"[{split}]")
         print_counts(part)
-    click.echo(f"wrote {', '.join(str(p.out) for p in result.parts.values())}")
+    click.echo(f"wrote {', '.join(str(p.out) for p in result.parts.values()) or out}")

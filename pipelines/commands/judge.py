@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from assay.pipelines.commands.common import (
     friendly_errors,
+    judge_pool_options,
     judge_scoring_options,
     print_counts,
     writing,
@@ -55,14 +57,7 @@ def format_histograms(hists: dict[str, dict[str, list[int]]]) -> str:
     help="Requests in flight (openai backend).",
 )
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per request (openai).")
-@click.option(
-    "--actors",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Run the judge in N Ray actors (one per GPU with --gpus-per-actor 1); 0: in this process.",
-)
-@click.option("--gpus-per-actor", type=float, default=0.0, show_default=True)
+@judge_pool_options
 @click.option("--ray-address", default=None, metavar="ADDRESS", help="Ray cluster for --actors.")
 @click.option(
     "--keep",
@@ -82,30 +77,7 @@ def format_histograms(hists: dict[str, dict[str, list[int]]]) -> str:
 @click.option("--no-progress", is_flag=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds a dataset or another run.")
 @friendly_errors
-def command(
-    dataset,
-    out,
-    model,
-    backend,
-    prompt,
-    rule,
-    labels,
-    batch_size,
-    device,
-    cache_path,
-    endpoint,
-    concurrency,
-    timeout,
-    actors,
-    gpus_per_actor,
-    ray_address,
-    max_chars,
-    trust_remote_code,
-    keep,
-    truth,
-    no_progress,
-    overwrite,
-):
+def command(dataset: str, out: str, **options: Any) -> None:
     """Judge the (query, doc) pairs of DATASET and write them, with judge_p_yes and judge_verdict, to OUT.
 
     \b
@@ -130,33 +102,10 @@ def command(
     from assay.pipelines import api
 
     with writing(out, "judge"):
-        result = api.judge(
-            dataset,
-            out,
-            model=model,
-            backend=backend,
-            prompt=prompt,
-            rule=rule,
-            labels=labels,
-            batch_size=batch_size,
-            max_chars=max_chars,
-            device=device,
-            cache=cache_path,
-            trust_remote_code=trust_remote_code,
-            endpoint=endpoint,
-            concurrency=concurrency,
-            timeout=timeout,
-            actors=actors,
-            gpus_per_actor=gpus_per_actor,
-            ray_address=ray_address,
-            keep=keep,
-            truth=truth,
-            no_progress=no_progress,
-            overwrite=overwrite,
-        )
+        result = api.judge(dataset, out, **options)
     r = result.details
     print_counts(result)
-    click.echo(f"judge {r['model_id']} ({backend})")
+    click.echo(f"judge {r['model_id']} ({r['backend']})")
     click.echo(
         f"judged {r['scored']} pairs in {r['seconds']:.1f} s ({r['pairs_per_second']:.1f} pairs/s), "
         f"{r['cached']} from the cache ({r['cache']}), {r['failed']} failed"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from assay.pipelines.commands.common import friendly_errors, print_counts, writing
@@ -56,12 +58,9 @@ def format_pool(p: dict, out: str) -> str:
 @click.option(
     "--depth", type=click.IntRange(min=1), default=None, help="kNN depth (default: from the rules)."
 )
-@click.option(
-    "--subset", "subsets", multiple=True, metavar="NAME", help="Mine only this subset (repeatable)."
-)
+@click.option("--subset", multiple=True, metavar="NAME", help="Mine only this subset (repeatable).")
 @click.option(
     "--corpus",
-    "pools",
     multiple=True,
     metavar="POOL",
     type=click.Path(exists=True, file_okay=False),
@@ -72,7 +71,6 @@ def format_pool(p: dict, out: str) -> str:
 )
 @click.option(
     "--index",
-    "method",
     type=click.Choice(["auto", "exact", "ivf", "hnsw"]),
     default="auto",
     show_default=True,
@@ -84,7 +82,6 @@ def format_pool(p: dict, out: str) -> str:
 )
 @click.option(
     "--cache",
-    "cache_dir",
     type=click.Path(file_okay=False),
     default=None,
     help="Embedding cache folder (default: $ASSAY_CACHE_DIR/embeddings or ~/.cache/assay/embeddings).",
@@ -92,7 +89,6 @@ def format_pool(p: dict, out: str) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random sampling rules.")
 @click.option(
     "--judge",
-    "judge_model",
     default=None,
     metavar="MODEL",
     help="Judge the mined candidates with this model (transformers backend; see `assay judge`): "
@@ -116,27 +112,7 @@ def format_pool(p: dict, out: str) -> str:
 @click.option("--no-progress", is_flag=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds a dataset or another run.")
 @friendly_errors
-def command(
-    dataset,
-    out,
-    encoder,
-    rules,
-    depth,
-    subsets,
-    pools,
-    method,
-    device,
-    batch_size,
-    cache_dir,
-    seed,
-    judge_model,
-    keep,
-    judge_cache,
-    instructions,
-    trust_remote_code,
-    no_progress,
-    overwrite,
-):
+def command(dataset: str, out: str, **options: Any) -> None:
     """Mine hard negatives for the queries of DATASET with ENCODER; write DATASET plus them to OUT.
 
     \b
@@ -150,30 +126,8 @@ def command(
     """
     from assay.pipelines import api
 
-    if keep is not None and judge_model is None:
-        raise click.UsageError("--keep needs --judge")
     with writing(out, "mine"):
-        result = api.mine(
-            dataset,
-            out,
-            encoder=encoder,
-            rules=rules,
-            depth=depth,
-            subset=subsets,
-            corpus=pools,
-            index=method,
-            device=device,
-            batch_size=batch_size,
-            cache=cache_dir,
-            seed=seed,
-            judge=judge_model,
-            keep=keep,
-            judge_cache=judge_cache,
-            instructions=instructions,
-            trust_remote_code=trust_remote_code,
-            no_progress=no_progress,
-            overwrite=overwrite,
-        )
+        result = api.mine(dataset, out, **options)
     mined = result.parts.get("mine", result)
     d = result.details
     print_counts(mined)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from assay.pipelines.commands.common import friendly_errors, writing
 
 
 @click.command("train")
-@click.argument("config_file", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("config", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option(
     "--stage",
     type=click.Choice(["1", "2", "3", "reranker"]),
@@ -36,7 +38,7 @@ from assay.pipelines.commands.common import friendly_errors, writing
 @click.option("--ray-address", default=None, metavar="ADDRESS", help="Run the workers on this Ray cluster.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the log file still gets every step).")
 @friendly_errors
-def command(config_file, stage, device, output, max_steps, workers, use_gpu, ray_address, no_progress):
+def command(config: str, **options: Any) -> None:
     """Train one stage of the recipe from CONFIG (YAML); resumes from the last checkpoint.
 
     \b
@@ -54,17 +56,7 @@ def command(config_file, stage, device, output, max_steps, workers, use_gpu, ray
     from assay.pipelines import api
     from assay.training.config import load_config
 
-    config = load_config(config_file)  # a bad config is one clear line before anything starts
-    with writing(output or config.output, "train", kind="train"):
-        result = api.train(
-            config_file,
-            stage=stage,
-            device=device,
-            output=output,
-            max_steps=max_steps,
-            workers=workers,
-            use_gpu=use_gpu,
-            ray_address=ray_address,
-            no_progress=no_progress,
-        )
+    output = options["output"] or load_config(config).output  # a bad config: one clear line, now
+    with writing(output, "train", kind="train"):
+        result = api.train(config, **options)
     click.echo(f"final checkpoint: {result.out}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from assay.pipelines.commands.common import (
@@ -19,18 +21,7 @@ from assay.pipelines.commands.common import (
 @validate_limit_options
 @executor_options
 @friendly_errors
-def command(
-    dataset,
-    out,
-    max_text_chars,
-    max_pixels,
-    max_image_mb,
-    no_decode,
-    executor,
-    ray_address,
-    num_cpus,
-    overwrite,
-):
+def command(dataset: str, out: str, **options: Any) -> None:
     """Check every row of DATASET and write the good ones to OUT.
 
     \b
@@ -50,17 +41,6 @@ def command(
     from assay.pipelines import api
 
     with writing(out, "validate"):
-        result = api.validate(
-            dataset,
-            out,
-            max_text_chars=max_text_chars,
-            max_pixels=max_pixels,
-            max_image_mb=max_image_mb,
-            no_decode=no_decode,
-            executor=executor,
-            ray_address=ray_address,
-            num_cpus=num_cpus,
-            overwrite=overwrite,
-        )
+        result = api.validate(dataset, out, **options)
     print_counts(result)
     click.echo(f"wrote {out}")

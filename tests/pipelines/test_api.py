@@ -153,15 +153,26 @@ def test_bad_options_are_refused_before_anything_is_written(raw, tmp_path):
     ds, _ = raw
     with pytest.raises(ValueError, match="unknown column"):
         assay.filter(ds, tmp_path / "f", where="no_such_column == 1", executor="local")
-    with pytest.raises(ValueError, match="keep needs judge"):
+    with pytest.raises(ValueError, match="--keep needs --judge"):
         assay.mine(ds, tmp_path / "m", encoder="all-MiniLM-L6-v2", keep=3)
     with pytest.raises(ValueError, match="not a model directory"):
         assay.judge(ds, tmp_path / "j", model=str(tmp_path / "nowhere"))
     assert not any((tmp_path / n).exists() for n in ("f", "m", "j"))
+    # options are checked against their types, converted where a text says a number (a loop file)
+    with pytest.raises(ValueError, match=r"assay.validate: max_image_mb: Input should be a valid number"):
+        assay.validate(ds, tmp_path / "v", max_image_mb="lots", executor="local")
+    assert not (tmp_path / "v").exists()
+    ok = assay.validate(ds, tmp_path / "v", max_text_chars="1000", no_decode="true", executor="local")
+    assert (
+        ok.dataset.manifest.config
+        == assay.validate(
+            ds, tmp_path / "w", max_text_chars=1000, no_decode=True, executor="local"
+        ).dataset.manifest.config
+    )
 
 
 def test_import_assay_is_cheap():
     code = "import sys, assay; print(sorted(m for m in ('torch', 'ray', 'pyarrow') if m in sys.modules))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"
-    assert set(api.__all__) <= set(assay.__all__)
+    assert {*api.__all__, "Loop", "__version__"} == set(assay.__all__)

@@ -4,19 +4,13 @@ rows are quarantined; a finished run is not redone; a killed run resumes; it run
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -29,6 +23,7 @@ from click.testing import CliRunner  # noqa: E402
 from helpers.badrows import make_fuzz_rows, marker_of, queries_table  # noqa: E402
 from helpers.colours import COLOURS, TINY  # noqa: E402
 from helpers.kill import assert_same_dataset, run_and_kill  # noqa: E402
+from helpers.ray_head import ray_head  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from assay.curation.dataset import Dataset, write_dataset  # noqa: E402
@@ -296,49 +291,12 @@ def test_a_killed_run_resumes_to_the_same_output(tmp_path, ray_local):
 # --ray-address: a `ray start --head` cluster in a subprocess, with a (declared) GPU
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def gpu_cluster():
     """A throwaway one-node cluster declaring one GPU (none is needed: the judge actor asks for it,
     Ray places it there, and torch finds no CUDA, so the model runs on the CPU)."""
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent))
-    if ray_bin is None:
-        pytest.skip("the ray CLI is not installed")
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # socket paths must stay under 107 bytes
-    env = {
-        **os.environ,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": uuid.uuid4().hex,
-    }
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=1"]
-        + ["--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}", env
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_head(num_gpus=1) as cluster:
+        yield cluster
 
 
 def test_ray_address_runs_the_judge_on_the_clusters_gpu(curated, reranker, gpu_cluster):
