@@ -22,7 +22,8 @@ from typing import Any
 from assay.curation.dataset import MANIFEST, Dataset, atomic_write_bytes, atomic_write_json
 from assay.curation.judge.stage import FAILURES_FILE
 from assay.curation.lock import writing
-from assay.pipelines.api_curation import dedup, filter, judge, validate
+from assay.pipelines.api_curation import dedup, filter, validate
+from assay.pipelines.api_curation import judge as run_judge  # `judge` is curate's option
 from assay.pipelines.result import PathLike, Result, Source, stage_function
 
 #: What ``curate`` leaves in OUT beside the dataset: its fingerprint and each step's figures.
@@ -69,7 +70,7 @@ def curate(
     given = {k: v for k, v in locals().items() if k not in ("dataset", "out", "overwrite")}
     steps = [("validate", validate, {}), ("dedup", dedup, {})]
     if judge:
-        steps.append(("judge", _judge_stage, {"model": judge}))
+        steps.append(("judge", run_judge, {"model": judge}))
     if where is not None:
         steps.append(("filter", filter, {}))
     plan = [(name, fn, {**_options_of(fn, given), **fixed}) for name, fn, fixed in steps]
@@ -90,10 +91,6 @@ def curate(
             source = target
         result = _commit(out, work, parts, fingerprint)
     return result
-
-
-#: ``curate`` has an option named ``judge`` (the judge model), which hides the stage function.
-_judge_stage = judge
 
 
 def _options_of(stage: Callable[..., Any], given: dict[str, Any]) -> dict[str, Any]:
