@@ -119,11 +119,12 @@ def staging_dir(path: str | os.PathLike) -> Path:
 
 
 def commit_file(written: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Rename the finished file ``written`` into place as ``path``, durably (fsynced first)."""
+    """Rename the finished file ``written`` into place as ``path``, its bytes fsynced first. (The
+    folder is not fsynced: this runs for every shard and progress marker, and a rename lost to a
+    crash is redone by the resume that follows.)"""
     written, path = Path(written), Path(path)
     _fsync(written)
     os.replace(written, path)
-    _fsync(path.parent)
 
 
 def commit_dir(staging: str | os.PathLike, path: str | os.PathLike) -> None:

@@ -307,7 +307,7 @@ def judge(
         scorer = start_scorer(factory, actors=actors, gpus_per_actor=gpus_per_actor, ray_address=ray_address)
         cache_path = Path(cache) if cache else default_cache_path()
         try:
-            with progress_bars("judge", disable=no_progress) as bars:
+            with progress_bars(no_progress, judge="pair") as bars:
                 manifest, report = judge_dataset(
                     source,
                     out,

@@ -71,7 +71,7 @@ def mine(
             instructions=instructions,
             trust_remote_code=trust_remote_code,
         )
-        with progress_bars("embed", "mine", disable=no_progress) as bars:
+        with progress_bars(no_progress, embed="row", mine="query") as bars:
             manifest, stats = mine_dataset(
                 source,
                 mined_out,

@@ -105,13 +105,11 @@ def quiet_transformers() -> None:
 
 
 @contextmanager
-def progress_bars(*names: str, disable: bool) -> Iterator[dict[str, Any]]:
+def progress_bars(disable: bool, **units: str) -> Iterator[dict[str, Any]]:
+    """One tqdm bar per keyword, named by it and counting its unit (``embed="row"``)."""
     from tqdm import tqdm
 
-    bars = {
-        n: tqdm(desc=n, unit="row" if n == "embed" else "query" if n == "mine" else "pair", disable=disable)
-        for n in names
-    }
+    bars = {name: tqdm(desc=name, unit=unit, disable=disable) for name, unit in units.items()}
     try:
         yield bars
     finally:
