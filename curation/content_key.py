@@ -26,12 +26,12 @@ import os
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from assay.curation import storage
 from assay.curation.schema import resolve_image_path
 
 #: Bump when the normalisation or the key layout changes: a stage's config records it, so a resumed
@@ -80,7 +80,7 @@ def image_data(image: dict[str, Any] | None, data_root: str | os.PathLike | None
     if not resolved.inside:
         return ImageData(None, "path", path, error=f"outside the data root {resolved.root}")
     try:
-        return ImageData(Path(resolved.full).read_bytes(), "path", path)
+        return ImageData(storage.read_bytes(resolved.full), "path", path)
     except OSError as e:
         return ImageData(None, "path", path, error=f"{type(e).__name__}: {e.strerror or e}")
 

@@ -2,12 +2,16 @@
 
 A reader never loads a table whole: ``Dataset.iter_batches`` streams record batches shard by shard.
 A writer puts every file under a temporary name and renames it when complete (``atomic_write``);
-``manifest.json`` is written last, so a directory with a manifest is a finished dataset and one
-without is an unfinished run that the same stage can resume.
+on an object store, which has no rename, it puts each file whole in one request. ``manifest.json``
+is written last and lists every shard: a directory with a manifest is a finished dataset, readers
+take the shards the manifest names and nothing else (a dead attempt's leftovers are never read),
+and a directory without one is an unfinished run that the same stage can resume. A dataset's root
+may be a local folder or a URI (``curation/storage.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from assay.curation import storage
 from assay.curation.schema import DATA_TABLES, NULL_KEY, QUARANTINE, SCHEMA_VERSION, SCHEMAS
 
 MANIFEST = "manifest.json"
@@ -36,8 +41,10 @@ class DatasetError(Exception):
 class AlreadyComplete(DatasetError):
     """The output already holds this very run, finished (same stage, inputs and settings)."""
 
-    def __init__(self, root: Path, manifest: Manifest):
-        super().__init__(f"{root} is already complete (same inputs and settings): nothing to do")
+    def __init__(self, root: Any, manifest: Manifest):
+        super().__init__(
+            f"{storage.display(root)} is already complete (same inputs and settings): nothing to do"
+        )
         self.manifest = manifest
 
 
@@ -61,6 +68,9 @@ def code_version() -> str:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
+    if storage.is_remote(path):
+        storage.put_bytes(path, data)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
@@ -77,7 +87,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
-    """Write a Parquet file under a temporary name, fsync it, then rename it into place."""
+    """Write a Parquet file under a temporary name, fsync it, then rename it into place (on an
+    object store: write it in memory, then put it whole)."""
+    if storage.is_remote(path):
+        storage.put_bytes(path, storage.parquet_bytes(table))
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
@@ -93,8 +107,12 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Put ``src``'s bytes at ``dst`` atomically: a hard link, or a copy across filesystems.
 
     Shards never change once written, so a stage that passes a table through unchanged (and every
-    stage carrying its ancestors' quarantine) shares the bytes instead of copying them.
+    stage carrying its ancestors' quarantine) shares the bytes instead of copying them. On an
+    object store: a server-side copy.
     """
+    if storage.is_remote(dst):
+        storage.copy_file(src, dst)
+        return
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}")
@@ -114,6 +132,11 @@ def staging_dir(path: str | os.PathLike) -> Path:
     """Where a directory output (an export, a checkpoint) is built before :func:`commit_dir` renames
     it into place: the hidden ``.tmp-<name>-<pid>`` beside ``path``. With :func:`atomic_write_bytes`
     for files, the one way an output is committed: nothing is ever seen half-written."""
+    if storage.is_remote(path):
+        raise DatasetError(
+            f"{storage.display(path)}: exports and checkpoints are written to a local folder "
+            "(copy them to object storage afterwards); datasets and run folders may be URIs"
+        )
     path = Path(path)
     return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
 
@@ -150,6 +173,8 @@ def commit_dir(staging: str | os.PathLike, path: str | os.PathLike) -> None:
 def remove_stale_staging(path: str | os.PathLike) -> int:
     """Remove the staging folders (and files) that killed writers of ``path`` left beside it: those
     of processes no longer alive. Returns how many."""
+    if storage.is_remote(path):
+        return 0  # nothing is staged on an object store
     path = Path(path)
     n = 0
     for p in path.parent.glob(f"{TMP_PREFIX}{path.name}-*"):
@@ -191,7 +216,10 @@ def _fsync_tree(path: Path) -> None:
 
 
 def remove_stale_tmp(root: str | os.PathLike) -> int:
-    """Delete temporary files a killed run left behind; returns how many."""
+    """Delete temporary files a killed run left behind; returns how many (none on an object
+    store, where nothing is written under a temporary name)."""
+    if storage.is_remote(root):
+        return 0
     n = 0
     for p in Path(root).rglob(f"{TMP_PREFIX}*"):
         p.unlink(missing_ok=True)
@@ -224,6 +252,9 @@ class Manifest:
     created: str = ""
     run_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: table -> its shard file names, and "quarantine" -> the quarantine files: what readers read.
+    #: None in a manifest written before the list existed (readers then list the folders).
+    files: dict[str, list[str]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -239,6 +270,7 @@ class Manifest:
             "lineage": self.lineage,
             "data_root": self.data_root,
             "extra": self.extra,
+            "files": self.files,
         }
 
     @classmethod
@@ -248,63 +280,76 @@ class Manifest:
 
 
 class Dataset:
-    """A finished dataset directory, read shard by shard."""
+    """A finished dataset directory (a local folder or a URI), read shard by shard."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = storage.path(root)
         mpath = self.root / MANIFEST
         if not mpath.is_file():
             if (self.root / PROGRESS).exists():
                 raise DatasetError(
-                    f"{self.root} is an unfinished run (no {MANIFEST}, a {PROGRESS}/ folder): "
-                    "rerun the stage that writes it to resume, or delete the folder"
+                    f"{storage.display(self.root)} is an unfinished run (no {MANIFEST}, a {PROGRESS}/ "
+                    "folder): rerun the stage that writes it to resume, or delete the folder"
                 )
-            raise DatasetError(f"{self.root} is not an assay dataset: {MANIFEST} not found")
+            raise DatasetError(f"{storage.display(self.root)} is not an assay dataset: {MANIFEST} not found")
         try:
             obj = json.loads(mpath.read_text())
         except (OSError, ValueError) as e:
-            raise DatasetError(f"{mpath}: unreadable manifest ({e})") from e
+            raise DatasetError(f"{storage.display(mpath)}: unreadable manifest ({e})") from e
         if not isinstance(obj, dict) or obj.get("schema_version") != SCHEMA_VERSION:
             raise DatasetError(
-                f"{mpath}: schema_version {obj.get('schema_version') if isinstance(obj, dict) else '?'}"
+                f"{storage.display(mpath)}: schema_version "
+                f"{obj.get('schema_version') if isinstance(obj, dict) else '?'}"
                 f" is not supported (this assay reads version {SCHEMA_VERSION})"
             )
         self.manifest = Manifest.from_json(obj)
 
     @property
-    def data_root(self) -> Path:
+    def data_root(self) -> Any:
         """Where relative image paths are resolved; the dataset directory unless the manifest says."""
         if self.manifest.data_root:
+            if storage.is_remote(self.manifest.data_root):
+                return storage.path(self.manifest.data_root)
             p = Path(self.manifest.data_root)
             return p if p.is_absolute() else (self.root / p)
         return self.root
 
     def shards(self, table: str) -> list[str]:
-        """Shard file names of ``table``, in order."""
-        d = self.root / table
-        if not d.is_dir():
-            return []
-        return sorted(p.name for p in d.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
+        """Shard file names of ``table``, in order: those the manifest lists (a manifest written
+        before it listed them: the Parquet files in the table's folder)."""
+        if self.manifest.files is not None:
+            return list(self.manifest.files.get(table, []))
+        return [
+            n for n in storage.names(self.root / table) if n.endswith(".parquet") and not n.startswith(".")
+        ]
 
-    def shard_path(self, table: str, name: str) -> Path:
+    def quarantine_files(self) -> list[str]:
+        """The quarantine's file names (``quarantine/<name>``), this stage's and its ancestors'."""
+        return self.shards(QUARANTINE)
+
+    def shard_path(self, table: str, name: str) -> Any:
         return self.root / table / name
 
     def read_shard(self, table: str, name: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(self.shard_path(table, name), columns=columns)
+        return storage.read_table(self.shard_path(table, name), columns=columns)
 
     def check_shards(self) -> None:
         """Every shard of every table must be a Parquet file whose footer can be read: a truncated
         or foreign file is an error that names it. Stages call this before they write anything
         (rows can be refused; a file cannot)."""
+        paths = [self.shard_path(table, name) for table in SCHEMAS for name in self.shards(table)]
+        with contextlib.suppress(pa.ArrowInvalid, OSError):
+            storage.footers(paths)  # all together (concurrently on an object store); if one fails,
+            return  # the loop below finds which
         for table in SCHEMAS:
             for name in self.shards(table):
                 path = self.shard_path(table, name)
                 try:
-                    pq.read_metadata(path)
+                    storage.read_metadata(path)
                 except (pa.ArrowInvalid, OSError) as e:
                     raise DatasetError(
-                        f"{path}: not a readable Parquet file ({e}); the dataset {self.root} is "
-                        "damaged: rerun the stage that wrote it"
+                        f"{storage.display(path)}: not a readable Parquet file ({e}); the dataset "
+                        f"{storage.display(self.root)} is damaged: rerun the stage that wrote it"
                     ) from None
 
     def query_subsets(self) -> dict[str, str]:
@@ -323,17 +368,17 @@ class Dataset:
     ) -> Iterator[pa.RecordBatch]:
         """Stream ``table`` in record batches, shard by shard, never holding it whole."""
         for name in self.shards(table):
-            pf = pq.ParquetFile(self.shard_path(table, name))
+            pf = storage.parquet_file(self.shard_path(table, name))
             yield from pf.iter_batches(batch_size=batch_size, columns=columns)
 
     def num_rows(self, table: str) -> int:
-        return sum(pq.ParquetFile(self.shard_path(table, n)).metadata.num_rows for n in self.shards(table))
+        return sum(storage.num_rows(self.shard_path(table, n)) for n in self.shards(table))
 
     def parent_ref(self) -> dict[str, Any]:
         """How a child dataset's manifest refers to this one."""
         mbytes = (self.root / MANIFEST).read_bytes()
         return {
-            "path": str(self.root.resolve()),
+            "path": storage.absolute(self.root),
             "stage": self.manifest.stage,
             "manifest_sha256": hashlib.sha256(mbytes).hexdigest(),
         }
@@ -342,29 +387,33 @@ class Dataset:
 @dataclass(frozen=True)
 class ShardSink:
     """Where one stage's output shards go. Each shard's data and quarantine files are written
-    atomically, then a marker ``_progress/done/<table>/<name>.json`` with its counts."""
+    atomically, then a marker ``_progress/done/<table>/<name>.json`` with its counts and the names
+    of the files it wrote (the manifest's list is made of them)."""
 
     root: str
     stage: str
     depth: int
 
-    def marker(self, table: str, name: str) -> Path:
-        return Path(self.root) / PROGRESS / "done" / table / f"{name}.json"
+    def marker(self, table: str, name: str) -> Any:
+        return storage.path(self.root) / PROGRESS / "done" / table / f"{name}.json"
 
     def is_done(self, table: str, name: str) -> bool:
         return self.marker(table, name).is_file()
 
-    def shard_path(self, table: str, name: str) -> Path:
-        return Path(self.root) / table / name
+    def shard_path(self, table: str, name: str) -> Any:
+        return storage.path(self.root) / table / name
 
-    def quarantine_path(self, table: str, name: str) -> Path:
-        return Path(self.root) / QUARANTINE / f"q{self.depth:02d}-{self.stage}-{table}-{name}"
+    def quarantine_name(self, table: str, name: str) -> str:
+        return f"q{self.depth:02d}-{self.stage}-{table}-{name}"
+
+    def quarantine_path(self, table: str, name: str) -> Any:
+        return storage.path(self.root) / QUARANTINE / self.quarantine_name(table, name)
 
     def link_shard(self, table: str, name: str, src: str | os.PathLike) -> dict[str, Any]:
         """Pass an input shard through unchanged (hard link, else copy), then mark it done."""
         link_or_copy(src, self.shard_path(table, name))
-        marker = {"table": table, "shard": name, "rows": pq.ParquetFile(src).metadata.num_rows}
-        marker |= {"quarantined": 0, "reasons": {}}
+        marker = {"table": table, "shard": name, "rows": storage.num_rows(src), "file": name}
+        marker |= {"quarantined": 0, "reasons": {}, "quarantine_file": None}
         atomic_write_json(self.marker(table, name), marker)
         return marker
 
@@ -377,24 +426,29 @@ class ShardSink:
         stats: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Write one output shard (and its quarantine) atomically, then mark it done."""
+        files = []
         rows = 0
         if data is not None and data.num_rows > 0:
-            atomic_write_parquet(
-                self.shard_path(table, name), data.select(SCHEMAS[table].names).cast(SCHEMAS[table])
+            files.append(
+                (self.shard_path(table, name), data.select(SCHEMAS[table].names).cast(SCHEMAS[table]))
             )
             rows = data.num_rows
         qrows = 0
         reasons: dict[str, int] = {}
         if quarantine is not None and quarantine.num_rows > 0:
-            atomic_write_parquet(self.quarantine_path(table, name), quarantine.cast(SCHEMAS[QUARANTINE]))
+            files.append((self.quarantine_path(table, name), quarantine.cast(SCHEMAS[QUARANTINE])))
             qrows = quarantine.num_rows
             for r in quarantine.column("reason").to_pylist():
                 reasons[r] = reasons.get(r, 0) + 1
+        # Both files before the marker; on an object store, both at once.
+        storage.each(lambda f: atomic_write_parquet(*f), files, storage.is_remote(self.root))
         marker = {
             "table": table,
             "shard": name,
             "rows": rows,
+            "file": name if rows else None,
             "quarantined": qrows,
+            "quarantine_file": self.quarantine_name(table, name) if qrows else None,
             "reasons": reasons,
             **(stats or {}),
         }
@@ -405,10 +459,10 @@ class ShardSink:
 class DatasetWriter:
     """Writes one stage's output dataset, shard by shard, resumably.
 
-    Each finished shard leaves a marker ``_progress/done/<table>/<name>.json`` (its counts), written
-    after the shard's data and quarantine files. A rerun with the same stage and config skips marked
-    shards; ``finish`` adds the counts, carries the parents' quarantine forward, writes the manifest
-    and removes ``_progress``.
+    Each finished shard leaves a marker ``_progress/done/<table>/<name>.json`` (its counts and
+    files), written after the shard's data and quarantine files. A rerun with the same stage and
+    config skips marked shards; ``finish`` adds the counts, carries the parents' quarantine forward,
+    writes the manifest (which lists the files the markers name) and removes ``_progress``.
     """
 
     def __init__(
@@ -421,7 +475,7 @@ class DatasetWriter:
         data_root: str | None = None,
         overwrite: bool = False,
     ):
-        self.root = Path(root)
+        self.root = storage.path(root)
         self.stage = stage
         self.config = config
         self.parents = list(parents)
@@ -429,39 +483,40 @@ class DatasetWriter:
         self.run_id = fingerprint(
             {"stage": stage, "config": config, "parents": [p.parent_ref() for p in self.parents]}
         )
+        shown = storage.display(self.root)
         if (self.root / MANIFEST).exists():
             done = json.loads((self.root / MANIFEST).read_text())
             if done.get("run_id") == self.run_id and not overwrite:
                 # A run killed after its manifest, while it removed _progress/: finish that cleanup.
-                shutil.rmtree(self.root / PROGRESS, ignore_errors=True)
+                storage.remove_tree(self.root / PROGRESS)
                 remove_stale_tmp(self.root)
                 raise AlreadyComplete(self.root, Manifest.from_json(done))
             if not overwrite:
                 raise DatasetError(
-                    f"{self.root} already holds a finished dataset made by other inputs or settings; "
+                    f"{shown} already holds a finished dataset made by other inputs or settings; "
                     "choose a new folder or pass --overwrite to replace it"
                 )
-            shutil.rmtree(self.root)
+            storage.remove_tree(self.root)
         run_file = self.root / PROGRESS / "run.json"
         if run_file.exists():
             prev = json.loads(run_file.read_text())
             if prev.get("run_id") != self.run_id:
                 if not overwrite:
                     raise DatasetError(
-                        f"{self.root} holds an unfinished '{prev.get('stage')}' run with other inputs or "
+                        f"{shown} holds an unfinished '{prev.get('stage')}' run with other inputs or "
                         "settings; rerun that command to resume it, or pass --overwrite to start over"
                     )
-                shutil.rmtree(self.root)
-        elif self.root.exists() and any(self.root.iterdir()):
+                storage.remove_tree(self.root)
+        elif storage.names(self.root):
             if not overwrite:
-                raise DatasetError(f"{self.root} exists and is not empty; choose a new folder or --overwrite")
-            shutil.rmtree(self.root)
-        self.root.mkdir(parents=True, exist_ok=True)
+                raise DatasetError(f"{shown} exists and is not empty; choose a new folder or --overwrite")
+            storage.remove_tree(self.root)
+        storage.makedirs(self.root)
         remove_stale_tmp(self.root)
         atomic_write_json(run_file, {"run_id": self.run_id, "stage": stage, "config": config})
 
     @property
-    def progress_dir(self) -> Path:
+    def progress_dir(self) -> Any:
         return self.root / PROGRESS
 
     @property
@@ -474,34 +529,56 @@ class DatasetWriter:
 
     def markers(self) -> list[dict[str, Any]]:
         done = self.progress_dir / "done"
-        return [json.loads(p.read_text()) for p in sorted(done.rglob("*.json"))] if done.exists() else []
+        found = storage.read_many([done / rel for rel in storage.files_under(done, ".json")])
+        return [json.loads(data) for data in found]  # read together: one request each is slow on S3
 
     def lineage_of_parents(self) -> list[dict[str, Any]]:
         return list(self.parents[0].manifest.lineage) if self.parents else []
+
+    def _files_of(self, marker: dict[str, Any]) -> tuple[str | None, str | None]:
+        """The data and quarantine files a shard marker names (a marker written before markers
+        named them, by a run this one resumes: the files that are there)."""
+        table, shard = marker["table"], marker["shard"]
+        if "file" in marker:
+            return marker["file"], marker.get("quarantine_file")
+        sink = self.sink
+        data = shard if sink.shard_path(table, shard).exists() else None
+        return data, sink.quarantine_name(table, shard) if marker.get("quarantined") else None
 
     def finish(self, extra: dict[str, Any] | None = None) -> Manifest:
         """Add up the shard markers, carry quarantine forward, write manifest.json last."""
         counts = {t: 0 for t in DATA_TABLES}
         reasons: dict[str, int] = {}
+        files: dict[str, list[str]] = {t: [] for t in DATA_TABLES}
+        quarantine: set[str] = set()
         for m in self.markers():
             counts[m["table"]] = counts.get(m["table"], 0) + m["rows"]
             for r, n in m.get("reasons", {}).items():
                 key = f"{self.stage}:{r}"
                 reasons[key] = reasons.get(key, 0) + n
+            written, refused = self._files_of(m)
+            if written:
+                files.setdefault(m["table"], []).append(written)
+            if refused:
+                quarantine.add(refused)
         # The parents' refused rows stay visible in every descendant: nothing is lost.
+        present = set(storage.names(self.root / QUARANTINE))  # one listing, not an exists() per file
         for parent in self.parents:
-            pq_dir = parent.root / QUARANTINE
-            if pq_dir.is_dir():
-                for src in sorted(pq_dir.glob("*.parquet")):
-                    dst = self.root / QUARANTINE / src.name
-                    if not dst.exists():
-                        dst.parent.mkdir(parents=True, exist_ok=True)
-                        link_or_copy(src, dst)
+            names = parent.quarantine_files()
+            storage.each(
+                lambda name, parent=parent: link_or_copy(
+                    parent.root / QUARANTINE / name, self.root / QUARANTINE / name
+                ),
+                [n for n in names if n not in present],
+                storage.is_remote(self.root),
+            )
+            quarantine.update(names)
             for r, n in parent.manifest.quarantine_reasons.items():
                 reasons[r] = reasons.get(r, 0) + n
-        qdir = self.root / QUARANTINE
-        counts[QUARANTINE] = (
-            sum(pq.ParquetFile(p).metadata.num_rows for p in qdir.glob("*.parquet")) if qdir.is_dir() else 0
+        quarantine |= set(files.pop(QUARANTINE, []))  # write_dataset's hand-made quarantine table
+        files = {t: sorted(names) for t, names in files.items()} | {QUARANTINE: sorted(quarantine)}
+        counts[QUARANTINE] = sum(  # the footers read together (concurrently on an object store)
+            m.num_rows for m in storage.footers([self.root / QUARANTINE / n for n in files[QUARANTINE]])
         )
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         step = {
@@ -509,7 +586,7 @@ class DatasetWriter:
             "created": created,
             "config": self.config,
             "counts": counts,
-            "path": str(self.root.resolve()),
+            "path": storage.absolute(self.root),
         }
         manifest = Manifest(
             stage=self.stage,
@@ -523,9 +600,10 @@ class DatasetWriter:
             created=created,
             run_id=self.run_id,
             extra=extra or {},
+            files=files,
         )
         atomic_write_json(self.root / MANIFEST, manifest.to_json())
-        shutil.rmtree(self.progress_dir, ignore_errors=True)
+        storage.remove_tree(self.progress_dir)
         return manifest
 
 

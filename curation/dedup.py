@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from assay.curation import storage
 from assay.curation.content_key import CONTENT_KEY_VERSION
 from assay.curation.dataset import PROGRESS, Dataset, Manifest
 from assay.curation.dedup_plan import plan_content_rows, plan_pair_rows
@@ -113,7 +114,7 @@ class _Planner:
                                 "table": table,
                                 "shard": name,
                                 "src": str(ev.shard_path(table, name)),
-                                "data_root": str(ev.data_root.resolve()),
+                                "data_root": storage.absolute(ev.data_root),
                                 "config": self.config,
                                 "scan_out": str(scan_out),
                             }
@@ -215,7 +216,7 @@ def dedup_config(
     evals = [a if isinstance(a, Dataset) else Dataset(a) for a in against]
     tables = _tables(decontaminate) if evals else ()
     for ev in evals:
-        if ev.root.resolve() in (source.root.resolve(), Path(out).resolve()):
+        if storage.absolute(ev.root) in (storage.absolute(source.root), storage.absolute(out)):
             raise ValueError(
                 f"{ev.root}: an eval dataset to decontaminate against must not be the "
                 "dataset being deduplicated or the output"
@@ -276,7 +277,7 @@ def dedup(
         decontaminate=decontaminate,
         decontaminate_text_only=decontaminate_text_only,
     )
-    near, tables, out = config["near"], tuple(config["decontaminate"]), Path(out)
+    near, tables, out = config["near"], tuple(config["decontaminate"]), storage.path(out)
     executor = executor or LocalExecutor()
     planner = _Planner(
         out,

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from assay.curation import storage
 from assay.curation.content_key import image_data, image_sha256, key_from_sha, text_key, text_only_keys
 from assay.curation.dataset import atomic_write_parquet
 from assay.curation.near_image import THUMB_BYTES, image_signature
@@ -46,7 +47,7 @@ SCAN_BATCH_ROWS = 256
 def scan_shard(task: dict[str, Any]) -> pa.Table:
     """The scan side table of one shard (``task`` as built by curation.shardstage)."""
     table, src = task["table"], task["src"]
-    pf = pq.ParquetFile(src)
+    pf = storage.parquet_file(src)
     if table == PAIRS:
         t = pf.read(columns=["query_id", "doc_id", "label"])
         return pa.table(

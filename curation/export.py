@@ -48,13 +48,37 @@ The view and the layouts are polars lazy queries over the shards run with the st
 images are extracted shard by shard, so an export never holds a whole table in Python. Outputs are
 written atomically (``curation.dataset.staging_dir`` / ``commit_dir``): a directory is built as
 ``.tmp-OUT-<pid>`` beside OUT and renamed into place; a file is written there and renamed.
+
+**Object storage.** The dataset may be a URI (``s3://bucket/ds``): its shards are then scanned as a
+pyarrow dataset over the same fsspec filesystem every other stage reads through (so the same
+credentials and endpoint), streamed batch by batch. ``OUT`` may be a URI too. An object store has no
+rename, so the export is built exactly as above in a local temporary folder
+(``$TMPDIR/assay-export-<pid>-*``; those of dead processes are removed by the next export) and then
+uploaded:
+
+- a file output (``s3://b/x/train.jsonl``) is put whole, in one object, after the images it refers
+  to (``s3://b/x/images/``, shared by the exports there: names already there are neither put again
+  nor counted); a failed upload removes the images it put (a killed one may leave some, which the
+  rerun finds there). A reader sees the whole file or none.
+- a folder output is uploaded by ``storage.put_tree``: first the marker object
+  ``OUT/.export-incomplete``, then (with ``--overwrite``) the old export's ``export.json`` and the
+  rest of it are deleted, then the images and data files, then the format's own entry files (the
+  table ``pairs.parquet`` / ``train.jsonl`` / ``train.parquet``; an HF dataset's
+  ``dataset_info.json`` and ``state.json``), then ``export.json`` last, and the marker is removed.
+  ``export.json`` is what makes it a finished export: a reader (or ``--overwrite``) takes a folder
+  without it for none, and any entry file appears only once everything it refers to is there. An
+  upload that fails removes the folder; one that is killed leaves the marker and no ``export.json``,
+  and the rerun (no ``--overwrite`` needed) clears the folder and uploads it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +88,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from assay.curation import export_formats
+from assay.curation import export_formats, storage
 from assay.curation.dataset import (
     Dataset,
     code_version,
@@ -95,6 +119,12 @@ _PROBLEMS = {
     "missing": "pairs whose image file is missing",
     "outside": "pairs whose image path leaves the data root",
 }
+#: What makes a folder export finished (and what --overwrite may replace).
+EXPORT_INFO = "export.json"
+#: On object storage: the marker of a folder export being uploaded (see the module docstring).
+INCOMPLETE = ".export-incomplete"
+#: Local folders where exports to a URI are built: ``<prefix><pid>-<random>`` in the temp folder.
+_LOCAL_PREFIX = "assay-export-"
 
 
 class ExportError(ValueError):
@@ -106,11 +136,11 @@ class ExportResult:
     """What an export wrote: the main file or directory, its rows, and what it left out."""
 
     format: str
-    path: Path
+    path: Any  # a Path, or a UPath for an export to a URI
     rows: int
     skipped: dict[str, int] = field(default_factory=dict)
     images_written: int = 0
-    images_dir: Path | None = None
+    images_dir: Any = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -127,10 +157,23 @@ class ExportResult:
 
 
 def _scan(ds: Dataset, table: str) -> pl.LazyFrame:
-    paths = [str(ds.shard_path(table, n)) for n in ds.shards(table)]
+    paths = [ds.shard_path(table, n) for n in ds.shards(table)]
     if not paths:
         return pl.from_arrow(SCHEMAS[table].empty_table()).lazy()
-    return pl.scan_parquet(paths)
+    if storage.is_remote(paths[0]):
+        # Through the fsspec filesystem every stage reads with (its credentials, its endpoint), not
+        # polars' own object-store client; streamed batch by batch, in shard order.
+        import pyarrow.dataset as pads
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        shards = pads.dataset(
+            [p.path for p in paths],
+            schema=SCHEMAS[table],
+            format="parquet",
+            filesystem=PyFileSystem(FSSpecHandler(paths[0].fs)),
+        )
+        return pl.scan_pyarrow_dataset(shards, allow_pyarrow_filter=False)
+    return pl.scan_parquet([str(p) for p in paths])
 
 
 def _has_image(col: str) -> pl.Expr:
@@ -196,23 +239,62 @@ def export_dataset(
     if fmt == "n-tuple" and not num_negatives:
         raise ExportError("--format n-tuple needs --num-negatives N (the number of negative columns, N >= 1)")
     progress = sys.stderr.isatty() if progress is None else progress
+    options = {
+        "where": where,
+        "num_negatives": num_negatives,
+        "copy_images": copy_images,
+        "skip_image_rows": skip_image_rows,
+        "with_instruction": with_instruction,
+        "progress": progress,
+    }
+    _check_apart(ds.root, out)
+    if storage.is_remote(out):
+        return _export_to_uri(ds, str(out), fmt, overwrite=overwrite, **options)
     out = Path(out)
-    src, dst = ds.root.resolve(), out.resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise ExportError("OUT must be outside the dataset being exported, and must not contain it")
     as_file = fmt != "hf" and out.suffix == _FILE_SUFFIX[fmt]
     if fmt == "hf" and out.suffix in (".parquet", ".jsonl"):
         raise ExportError("--format hf writes a directory (datasets.save_to_disk); give OUT without a suffix")
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; choose a new path or pass --overwrite to replace it")
-    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_INFO).is_file():
         # --overwrite replaces earlier exports, never a folder of something else
         raise ExportError(
             f"{out} is a folder that holds no earlier export (no export.json); not replacing it"
         )
     if as_file and out.is_dir():
         raise ExportError(f"{out} is a directory; a {fmt} file output needs a file path")
+    return _export_local(ds, out, fmt, as_file, **options)
 
+
+def _check_apart(root: Any, out: str | os.PathLike) -> None:
+    """OUT must be neither inside the dataset nor around it (local paths: symlinks resolved)."""
+    a, b = storage.absolute(root), storage.absolute(out)
+    if storage.is_remote(a) or storage.is_remote(b):
+        a, b = a.rstrip("/"), b.rstrip("/")
+        inside = a == b or b.startswith(a + "/") or a.startswith(b + "/")
+    else:
+        src, dst = Path(a), Path(b)
+        inside = dst == src or src in dst.parents or dst in src.parents
+    if inside:
+        raise ExportError("OUT must be outside the dataset being exported, and must not contain it")
+
+
+def _export_local(
+    ds: Dataset,
+    out: Path,
+    fmt: str,
+    as_file: bool,
+    *,
+    where: str | None,
+    num_negatives: int | None,
+    copy_images: bool,
+    skip_image_rows: bool,
+    with_instruction: bool,
+    progress: bool,
+    known_images: frozenset[str] = frozenset(),
+) -> ExportResult:
+    """The export into the local path ``out`` (checked by the caller), built in a staging folder
+    and renamed into place."""
     view = flat_view(ds, where)  # validates ``where`` before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
@@ -220,7 +302,12 @@ def export_dataset(
     shutil.rmtree(staging, ignore_errors=True)
     work = staging / "_work" if not as_file else staging
     # Images go into the staging folder, or beside a file output (shared by the exports there).
-    store = ImageStore((staging if not as_file else out.parent) / IMAGES_DIR, ds.data_root, copy=copy_images)
+    store = ImageStore(
+        (staging if not as_file else out.parent) / IMAGES_DIR,
+        ds.data_root,
+        copy=copy_images,
+        known=known_images,
+    )
     ok = False
     try:
         work.mkdir(parents=True)
@@ -364,12 +451,103 @@ def _export(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code_version": code_version(),
     }
-    (staging / "export.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
     shutil.rmtree(work, ignore_errors=True)
     if result.images_dir is not None:
         result.images_dir = out / IMAGES_DIR
     commit_dir(staging, out)
     return result
+
+
+# -- an export to a URI: built locally, then uploaded (see the module docstring) -------------------
+
+
+def _entry_files(fmt: str) -> tuple[str, ...]:
+    """A folder export's files that readers start from, in upload order, ``export.json`` last."""
+    if fmt == "hf":
+        return ("dataset_info.json", "state.json", EXPORT_INFO)
+    return (_DEFAULT_NAME[fmt], EXPORT_INFO)
+
+
+def _export_to_uri(ds: Dataset, out: str, fmt: str, *, overwrite: bool, **options: Any) -> ExportResult:
+    loc = storage.path(out)
+    shown = storage.display(out)
+    as_file = fmt != "hf" and loc.suffix == _FILE_SUFFIX[fmt]
+    if fmt == "hf" and loc.suffix in (".parquet", ".jsonl"):
+        raise ExportError("--format hf writes a directory (datasets.save_to_disk); give OUT without a suffix")
+    entries = storage.names(loc)
+    # a folder export killed while it was uploaded: no export.json, the marker there; redone as a
+    # killed local export is (whose staging folder never became OUT)
+    unfinished = INCOMPLETE in entries and EXPORT_INFO not in entries
+    is_file = not entries and loc.is_file()
+    if not unfinished:
+        if (entries or is_file) and not overwrite:
+            raise ExportError(f"{shown} already exists; choose a new path or pass --overwrite to replace it")
+        if entries and EXPORT_INFO not in entries:
+            raise ExportError(
+                f"{shown} is a folder that holds no earlier export (no {EXPORT_INFO}); not replacing it"
+            )
+    if as_file and entries:
+        raise ExportError(f"{shown} is a directory; a {fmt} file output needs a file path")
+    images = (loc.parent if as_file else loc) / IMAGES_DIR
+    known = frozenset(storage.names(images)) if as_file else frozenset()
+    _remove_stale_local()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_LOCAL_PREFIX}{os.getpid()}-"))
+    try:
+        local = tmp / loc.name
+        result = _export_local(ds, local, fmt, as_file, known_images=known, **options)
+        if as_file:
+            _upload_file(local, tmp / IMAGES_DIR, loc, images)
+        else:
+            if is_file:
+                storage.remove_file(loc)
+            _upload_folder(local, loc, fmt)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.path = loc
+    if result.images_dir is not None or known:
+        result.images_dir = images
+    return result
+
+
+def _upload_file(local: Path, local_images: Path, loc: Any, images: Any) -> None:
+    """The images first (each put whole), then the file whole; a failure removes the images put."""
+    put: list[str] = []
+    try:
+        if local_images.is_dir():
+            put = storage.files_under(local_images)
+            storage.put_tree(local_images, images, replace=False)
+        storage.put_file(local, loc)
+    except BaseException:
+        for rel in put:
+            with contextlib.suppress(Exception):
+                storage.remove_file(images / rel)
+        raise
+
+
+def _upload_folder(local: Path, loc: Any, fmt: str) -> None:
+    """``storage.put_tree`` with the marker and the entry files last; a failure removes the folder
+    (a kill cannot: it leaves the marker and no export.json)."""
+    try:
+        storage.put_tree(local, loc, last=_entry_files(fmt), marker=INCOMPLETE)
+    except Exception:
+        with contextlib.suppress(Exception):
+            storage.remove_tree(loc)
+        raise
+
+
+def _remove_stale_local() -> None:
+    """Remove the local build folders of exports to a URI whose process is gone (killed)."""
+    for p in Path(tempfile.gettempdir()).glob(f"{_LOCAL_PREFIX}*-*"):
+        pid = p.name[len(_LOCAL_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def _write_hf(lf: pl.LazyFrame, staging: Path, work: Path, progress: bool) -> tuple[Path, int]:

@@ -4,6 +4,10 @@ Inline image bytes go to ``images/<sha256>.<ext>`` (the extension from the magic
 export; images stored as paths are resolved against the dataset's data root and referenced by
 absolute path, or copied into ``images/`` the same way. ``extract_images`` streams one table's shards
 and writes, for the ids an export needs, a small side table ``id, path, problem``.
+
+The dataset and its data root may be on object storage (``curation.storage``): an image stored as a
+path is then referenced by its URI (its absolute name), or copied as above; the images folder itself
+is always local (an export to a URI is built locally and uploaded: ``curation.export``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import posixpath
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from assay.curation import storage
 from assay.curation.dataset import TMP_PREFIX, Dataset
 from assay.curation.schema import QUERIES, resolve_image_path
 
@@ -48,12 +55,15 @@ def image_extension(data: bytes, fallback: str | None = None) -> str:
 
 
 class ImageStore:
-    """Writes images once, content-addressed, to ``images_dir`` and says how the export refers to them."""
+    """Writes images once, content-addressed, to ``images_dir`` and says how the export refers to them.
+    ``known``: names already at the export's images folder elsewhere (on object storage, where the
+    export is uploaded to): not written again, and not counted."""
 
-    def __init__(self, images_dir: Path, data_root: Path, copy: bool = False):
+    def __init__(self, images_dir: Path, data_root: Any, copy: bool = False, known: Collection[str] = ()):
         self.dir = Path(images_dir)
-        self.data_root = Path(data_root)
+        self.data_root = storage.path(data_root)
         self.copy = copy
+        self.known = frozenset(known)
         self.written = 0
         #: The files this store created (an export that fails removes them again).
         self.created: list[Path] = []
@@ -64,7 +74,7 @@ class ImageStore:
         name = f"{hashlib.sha256(data).hexdigest()}.{image_extension(data, fallback_ext)}"
         if name not in self._seen:
             dst = self.dir / name
-            if not dst.exists():
+            if name not in self.known and not dst.exists():
                 if not self.dir.exists():
                     self.dir.mkdir(parents=True, exist_ok=True)
                     self.created.append(self.dir)
@@ -103,6 +113,12 @@ class ImageStore:
         resolved = resolve_image_path(self.data_root, path)
         if not resolved.inside:
             return None, "outside"
+        if storage.is_remote(resolved.full):  # a data root on object storage: the image's URI
+            if not storage.is_file(resolved.full):
+                return None, "missing"
+            if self.copy:
+                return self.put(storage.read_bytes(resolved.full), posixpath.splitext(resolved.full)[1]), None
+            return resolved.full, None
         src = Path(resolved.full)
         if not src.is_file():
             return None, "missing"
@@ -124,7 +140,7 @@ def extract_images(
         for name in tqdm(
             shards, desc=f"export: {table} images", unit="shard", disable=not progress or not shards
         ):
-            pf = pq.ParquetFile(ds.shard_path(table, name))
+            pf = storage.parquet_file(ds.shard_path(table, name))
             for batch in pf.iter_batches(batch_size=1024, columns=[id_col, "image"]):
                 df = pl.from_arrow(batch)
                 hit = df.filter(pl.col(id_col).is_in(wanted).fill_null(False))

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset, DatasetError, Manifest
 from assay.curation.executor import Executor
 from assay.curation.filter_expr import Filter, FilterError, parse_filter
@@ -99,7 +99,7 @@ def _scan_filter(task: dict[str, Any]) -> pa.Table:
     ids = _ID_COLUMNS[table]
     applies = table in targets
     columns = list(dict.fromkeys(ids + (list(flt.columns) if applies else [])))
-    data = pq.read_table(task["src"], columns=columns)
+    data = storage.read_table(task["src"], columns=columns)
     n = data.num_rows
     cols = {"row": pa.array(np.arange(n, dtype=np.int64)), "keep": keep_mask(flt, data, applies)}
     for c in ids:
@@ -198,7 +198,7 @@ def filter_dataset(
     not valid for the dataset's tables."""
     flt = parse_filter(where)
     targets = filter_targets(flt, table)
-    if Path(out).resolve() == source.root.resolve():
+    if storage.absolute(out) == storage.absolute(source.root):
         raise DatasetError("OUT must be a new folder, not the input dataset itself")
     config = {"where": flt.text, "table": table, "prune": bool(prune)}
     report: dict[str, Any] = {"where": flt.text, "applied_to": list(targets), "prune": bool(prune)}

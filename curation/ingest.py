@@ -17,11 +17,19 @@ Example::
     pool = ingest("docs.jsonl", "data/pool", mapping={"doc_text": "passage"}, subset="my-vqa",
                   documents_only=True)  # a corpus alone, e.g. a mining pool
     splits = ingest_split_folders("shapes/", "data/shapes")  # shapes/{train,test}/<class>/*.png
+
+Inputs and outputs may be URIs of any fsspec filesystem (``curation.storage``): a file, a folder of
+files or an image folder on ``s3://`` is read from there (the image paths stay relative to the
+data root, which is then a URI too), and an output URI gets the dataset and, while the run lasts,
+its ``_progress/`` objects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import posixpath
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,9 +38,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from assay.curation import storage
 from assay.curation.dataset import (
     Dataset,
     Manifest,
+    atomic_write_bytes,
     fingerprint,
 )
 from assay.curation.executor import Executor, LocalExecutor
@@ -42,6 +52,7 @@ from assay.curation.ingest_sources import (
     IMAGE_EXTENSIONS,
     csv_header,
     csv_tasks,
+    hf_local,
     hf_tasks,
     imagefolder_tasks,
     jsonl_has_key,
@@ -49,9 +60,11 @@ from assay.curation.ingest_sources import (
     list_images,
     parquet_tasks,
     read_file_csv,
+    read_range,
+    relative_name,
 )
 from assay.curation.schema import PAIRS
-from assay.curation.truth import split_truth_path, split_truth_ref, write_truth
+from assay.curation.truth import TRUTH_DIR, split_truth_path, split_truth_ref, write_truth
 
 __all__ = [
     "DOC_TARGETS",
@@ -125,16 +138,19 @@ def check_mapping(mapping: Mapping[str, Any], origin: str) -> dict[str, str]:
 
 def load_mapping(path: str | os.PathLike) -> dict[str, str]:
     """Read a YAML column mapping (``query_text: question`` per line)."""
-    path = Path(path)
+    path = storage.path(path)
+    shown = storage.display(path)
     try:
         obj = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: mapping file not found") from None
+        raise FileNotFoundError(f"{shown}: mapping file not found") from None
     except yaml.YAMLError as e:
-        raise IngestError(f"{path}: not valid YAML ({e})") from None
+        raise IngestError(f"{shown}: not valid YAML ({e})") from None
     if obj is None:
-        raise IngestError(f"{path}: the mapping file is empty; expected lines such as 'query_text: question'")
-    return check_mapping(obj, str(path))
+        raise IngestError(
+            f"{shown}: the mapping file is empty; expected lines such as 'query_text: question'"
+        )
+    return check_mapping(obj, shown)
 
 
 def parse_map_flags(flags: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -163,49 +179,59 @@ def infer_format(source: str | os.PathLike) -> str:
     """The format of ``source`` from its extension, or from what a folder holds."""
     from assay.curation.examples import EXAMPLES
 
-    path = Path(source)
+    path = storage.path(source)
     if not path.exists():
         if str(source) in EXAMPLES:
             return "example"
-        raise FileNotFoundError(f"{source}: no such file or folder")
+        raise FileNotFoundError(f"{storage.display(source)}: no such file or folder")
     if path.is_file():
         fmt = EXTENSIONS.get(path.suffix.lower())
         if fmt is None:
             raise IngestError(
-                f"{source}: cannot tell the format from the extension {path.suffix!r}; pass "
+                f"{storage.display(source)}: cannot tell the format from the extension {path.suffix!r}; pass "
                 f"--format ({', '.join(FORMATS[:-1])})"
             )
         return fmt
     if any((path / f).exists() for f in ("state.json", "dataset_info.json", "dataset_dict.json")):
         return "hf"
-    found = {
-        fmt
-        for p in path.rglob("*")
-        if p.is_file()
-        for ext, fmt in EXTENSIONS.items()
-        if p.suffix.lower() == ext
-    }
+    if storage.is_remote(path):
+        suffixes = {posixpath.splitext(rel)[1].lower() for rel in storage.files_under(path)}
+    else:
+        suffixes = {p.suffix.lower() for p in path.rglob("*") if p.is_file()}
+    found = {fmt for ext, fmt in EXTENSIONS.items() if ext in suffixes}
+    shown = storage.display(source)
     if len(found) == 1:
         return found.pop()
     if len(found) > 1:
-        raise IngestError(f"{source}: the folder holds {' and '.join(sorted(found))} files; pass --format")
+        raise IngestError(f"{shown}: the folder holds {' and '.join(sorted(found))} files; pass --format")
     if list_images(path):
         return "imagefolder"
-    raise IngestError(f"{source}: found no JSONL, CSV, Parquet, saved HF dataset or images in this folder")
+    raise IngestError(f"{shown}: found no JSONL, CSV, Parquet, saved HF dataset or images in this folder")
 
 
 def _input_files(src: Path, fmt: str) -> list[Path]:
     if src.is_file():
         return [src]
-    files = sorted(
-        p
-        for p in src.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in FILE_EXTENSIONS[fmt]
-        and not any(part.startswith((".", "_")) for part in p.relative_to(src).parts)
-    )
+    if storage.is_remote(src):  # one recursive listing; the same order as a local folder's
+        rels = [
+            rel
+            for rel in storage.files_under(src)
+            if posixpath.splitext(rel)[1].lower() in FILE_EXTENSIONS[fmt]
+            and not any(part.startswith((".", "_")) for part in rel.split("/"))
+        ]
+        files = [src / rel for rel in sorted(rels, key=lambda rel: rel.split("/"))]
+    else:
+        files = sorted(
+            p
+            for p in src.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in FILE_EXTENSIONS[fmt]
+            and not any(part.startswith((".", "_")) for part in p.relative_to(src).parts)
+        )
     if not files:
-        raise IngestError(f"{src}: no {fmt} files ({', '.join(FILE_EXTENSIONS[fmt])}) in this folder")
+        raise IngestError(
+            f"{storage.display(src)}: no {fmt} files ({', '.join(FILE_EXTENSIONS[fmt])}) in this folder"
+        )
     return files
 
 
@@ -213,27 +239,30 @@ def _check_files(src: Path, fmt: str, files: list[Path], delimiter: str) -> None
     """Refuse, before anything is written, input files that cannot be read at all: all empty, text
     in another encoding than UTF-8, a CSV without a usable header, a Parquet file without its footer.
     (A bad row inside a readable file is quarantined instead.) The error names the file."""
-    if all(p.stat().st_size == 0 for p in files):
-        what = f"{src}: the file is empty" if src.is_file() else f"{src}: every {fmt} file in it is empty"
+    sizes = [storage.size(p) for p in files]
+    if all(n == 0 for n in sizes):
+        shown = storage.display(src)
+        what = f"{shown}: the file is empty" if src.is_file() else f"{shown}: every {fmt} file in it is empty"
         raise IngestError(f"{what} (0 bytes): there are no rows to ingest")
-    for path in files:
-        if path.stat().st_size == 0:
+    for path, size in zip(files, sizes, strict=True):
+        if size == 0:
             continue
         if fmt == "parquet":
             try:
-                pq.read_metadata(path)
+                storage.read_metadata(path)
             except (pa.ArrowInvalid, OSError) as e:
                 raise IngestError(
-                    f"{path}: not a readable Parquet file ({e}); is it truncated, or still being written?"
+                    f"{storage.display(path)}: not a readable Parquet file ({e}); is it truncated, or "
+                    "still being written?"
                 ) from None
             continue
-        with open(path, "rb") as f:
-            head = f.read(4)
+        head = read_range(path, 0, min(4, size))
         for bom, encoding in FOREIGN_BOMS:
             if head.startswith(bom):
+                shown = storage.display(path)
                 raise IngestError(
-                    f"{path}: the file is {encoding} text (it starts with a {encoding} byte-order mark); "
-                    f"assay reads UTF-8: convert it first, e.g. iconv -f {encoding} -t UTF-8 {path} > "
+                    f"{shown}: the file is {encoding} text (it starts with a {encoding} byte-order mark); "
+                    f"assay reads UTF-8: convert it first, e.g. iconv -f {encoding} -t UTF-8 {shown} > "
                     f"{path.with_suffix('.utf8' + path.suffix).name}"
                 )
         if fmt == "csv":
@@ -241,9 +270,32 @@ def _check_files(src: Path, fmt: str, files: list[Path], delimiter: str) -> None
 
 
 def _inputs_fingerprint(files: list[Path]) -> dict[str, Any]:
-    """What the run read (sizes and modification times), so a changed input is not resumed into."""
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    """What the run read (sizes and modification times; on object storage sizes and ETags), so a
+    changed input is not resumed into."""
+    if files and storage.is_remote(files[0]):
+        stats = _remote_stats(files)
+    else:
+        stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return {"files": len(stats), "bytes": sum(s[1] for s in stats), "fingerprint": fingerprint(stats)}
+
+
+def _remote_stats(files: list[Any]) -> list[tuple[str, int, str]]:
+    """(URI, size, ETag or modification time) of files on object storage: one listing per folder,
+    not one request per file (an image folder holds thousands)."""
+    infos: dict[str, dict[str, Any]] = {}
+    for parent in sorted({posixpath.dirname(storage.path(p).path) for p in files}):
+        fs = storage.path(files[0]).fs
+        with contextlib.suppress(FileNotFoundError):
+            infos.update({i["name"].rstrip("/"): i for i in fs.ls(parent, detail=True)})
+    stats = []
+    for p in files:
+        loc = storage.path(p)
+        info = infos.get(loc.path.rstrip("/")) or loc.fs.info(loc.path)
+        tag = next(
+            (str(info[k]) for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified") if info.get(k)), ""
+        )
+        stats.append((str(p), int(info.get("size") or 0), tag))
+    return stats
 
 
 def _check_columns(fmt: str, files: list[Path], mapping: dict[str, str], delimiter: str) -> None:
@@ -254,16 +306,21 @@ def _check_columns(fmt: str, files: list[Path], mapping: dict[str, str], delimit
         for target, column in mapping.items():
             if not jsonl_has_key(files, column):
                 raise IngestError(
-                    f"--map {target}={column}: no row of {', '.join(str(f) for f in files)} "
+                    f"--map {target}={column}: no row of {', '.join(storage.display(f) for f in files)} "
                     f"has the key {column!r}"
                 )
         return
     for path in files:
-        columns = csv_header(path, delimiter) if fmt == "csv" else pq.read_schema(path).names
+        if fmt == "csv":
+            columns = csv_header(path, delimiter)
+        elif storage.is_remote(path):
+            columns = storage.read_metadata(path).schema.to_arrow_schema().names
+        else:
+            columns = pq.read_schema(path).names
         for target, column in mapping.items():
             if column not in columns:
                 raise IngestError(
-                    f"--map {target}={column}: {path} has no column {column!r} "
+                    f"--map {target}={column}: {storage.display(path)} has no column {column!r} "
                     f"(its columns: {', '.join(columns)})"
                 )
 
@@ -271,20 +328,21 @@ def _check_columns(fmt: str, files: list[Path], mapping: dict[str, str], delimit
 def _load_hf(src: Path):
     from datasets import DatasetDict, load_from_disk
 
+    shown = storage.display(src)
     if (src / "dataset_dict.json").exists():
         splits = sorted(p.name for p in src.iterdir() if p.is_dir())
         raise IngestError(
-            f"{src} is a DatasetDict with splits {', '.join(splits)}: ingest one split at a "
-            f"time, e.g. {src / splits[0]} (splits stay apart)"
+            f"{shown} is a DatasetDict with splits {', '.join(splits)}: ingest one split at a "
+            f"time, e.g. {storage.display(src / splits[0])} (splits stay apart)"
             if splits
-            else f"{src}: no splits"
+            else f"{shown}: no splits"
         )
     try:
-        ds = load_from_disk(str(src))
+        ds = load_from_disk(str(hf_local(src)))
     except FileNotFoundError as e:
-        raise IngestError(f"{src}: not a dataset saved with save_to_disk ({e})") from None
+        raise IngestError(f"{shown}: not a dataset saved with save_to_disk ({e})") from None
     if isinstance(ds, DatasetDict):
-        raise IngestError(f"{src} is a DatasetDict: ingest one split at a time")
+        raise IngestError(f"{shown} is a DatasetDict: ingest one split at a time")
     return ds
 
 
@@ -337,7 +395,7 @@ def ingest(
             subset). For an image folder, every image is a document (default subset: retrieval,
             as with ``captions``).
     """
-    src = Path(source)
+    src = storage.path(source)
     fmt = format or ("imagefolder" if labels or captions else infer_format(src))
     if fmt not in FORMATS:
         raise IngestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -347,7 +405,7 @@ def ingest(
             "assay.curation.examples.ingest_example(name, out)"
         )
     if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
+        raise FileNotFoundError(f"{storage.display(src)}: no such file or folder")
     if rows_per_shard < 1 or chunk_bytes < 1:
         raise IngestError("rows_per_shard and chunk_bytes must be positive")
     executor = executor or LocalExecutor()
@@ -357,7 +415,7 @@ def ingest(
         splits = [] if labels or captions or documents_only else split_folders(src)
         if splits:
             raise IngestError(
-                f"{src} holds split folders ({', '.join(splits)}), not classes: "
+                f"{storage.display(src)} holds split folders ({', '.join(splits)}), not classes: "
                 "ingest_split_folders writes one dataset per split (the CLI does this by itself)"
             )
         if mapping or task or data_root:
@@ -380,31 +438,34 @@ def ingest(
     if labels or captions:
         raise IngestError("--labels and --captions apply to image folders (--format imagefolder) only")
     explicit = _resolve_mapping(mapping)
-    root = Path(data_root) if data_root is not None else (src if src.is_dir() else src.parent)
+    root = storage.path(data_root) if data_root is not None else (src if src.is_dir() else src.parent)
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root}: no such folder")
-    root = root.resolve()
+        raise FileNotFoundError(f"data root {storage.display(root)}: no such folder")
+    root = storage.path(storage.absolute(root))
     delimiter = "\t" if src.suffix.lower() == ".tsv" else ","
     default_subset = subset or src.stem
     if fmt == "hf":
         if src.is_file():
             raise IngestError(
-                f"{src}: a saved Hugging Face dataset is a folder (datasets.Dataset.save_to_disk)"
+                f"{storage.display(src)}: a saved Hugging Face dataset is a folder "
+                "(datasets.Dataset.save_to_disk)"
             )
         ds = _load_hf(src)
         missing = [(t, c) for t, c in explicit.items() if c not in ds.column_names]
         if missing:
             t, c = missing[0]
             raise IngestError(
-                f"--map {t}={c}: {src} has no column {c!r} (its columns: {', '.join(ds.column_names)})"
+                f"--map {t}={c}: {storage.display(src)} has no column {c!r} "
+                f"(its columns: {', '.join(ds.column_names)})"
             )
         files = sorted(p for p in src.iterdir() if p.is_file())
-        tasks = hf_tasks(src.resolve(), src.name, len(ds))
+        tasks = hf_tasks(storage.absolute(src), src.name, len(ds))
     else:
         files = _input_files(src, fmt)
         _check_files(src, fmt, files, delimiter)
         _check_columns(fmt, files, explicit, delimiter)
-        names = [p.name if src.is_file() else p.relative_to(src).as_posix() for p in files]
+        single = src.is_file()
+        names = [p.name if single else relative_name(p, src) for p in files]
         if fmt == "jsonl":
             tasks = jsonl_tasks(files, names, chunk_bytes)
         elif fmt == "csv":
@@ -420,7 +481,7 @@ def ingest(
     }
     config = {
         "format": fmt,
-        "source": str(src.resolve()),
+        "source": storage.absolute(src),
         "documents_only": bool(documents_only),
         "mapping": explicit,
         "subset": subset,
@@ -446,10 +507,10 @@ def ingest(
 def split_folders(source: str | os.PathLike) -> list[str]:
     """The split folders of an image folder laid out ``split/class/image`` (every top-level folder
     a split name of ``SPLIT_NAMES``, each holding class folders); ``[]`` for any other layout."""
-    src = Path(source)
+    src = storage.path(source)
     if not src.is_dir():
         return []
-    subs = [p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    subs = [p for p in src.iterdir() if not p.name.startswith(".") and p.is_dir()]
     if not subs or any(p.name not in SPLIT_NAMES for p in subs):
         return []
     if not any(q.is_dir() for p in subs for q in p.iterdir()):
@@ -476,14 +537,14 @@ def ingest_split_folders(
     complete): an image matches its own class and no other, so the labels are the whole truth and
     ``assay eval --truth`` / ``assay judge --truth`` work on this data as on the example. Each split
     resumes as ``ingest`` does; the truth is rewritten from the finished split (same bytes)."""
-    src = Path(source)
+    src = storage.path(source)
     splits = split_folders(src)
     if not splits:
         raise IngestError(
-            f"{src}: not an image folder of splits; expected only folders named "
+            f"{storage.display(src)}: not an image folder of splits; expected only folders named "
             f"{', '.join(SPLIT_NAMES)}, each holding one folder per class"
         )
-    out = Path(out)
+    out = storage.path(out)
     manifests = {}
     for split in splits:
         manifests[split] = _ingest_imagefolder(
@@ -503,7 +564,12 @@ def ingest_split_folders(
             for batch in Dataset(out / split).iter_batches(PAIRS, columns=["query_id", "doc_id"])
             for pair in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
         ]
-        write_truth(split_truth_path(out, split), pairs)
+        if storage.is_remote(out):  # written locally, then put whole
+            with tempfile.TemporaryDirectory(prefix="assay-truth-") as tmp:
+                local = write_truth(Path(tmp) / f"{split}.parquet", pairs)
+                atomic_write_bytes(out / TRUTH_DIR / f"{split}.parquet", local.read_bytes())
+        else:
+            write_truth(split_truth_path(out, split), pairs)
     return manifests
 
 
@@ -543,39 +609,40 @@ def _ingest_imagefolder(
     """One subfolder per class, a flat folder plus a labels/captions CSV, or every image as one
     document (``documents_only``); see ``ingest``. The class name, label or caption is content (a
     document's or query's text), never the pair's relevance label: every pair is positive."""
+    shown = storage.display(src)
     if not src.is_dir():
         raise IngestError(
-            f"{src} is not a folder: image folders (--format imagefolder, --labels, --captions) need one"
+            f"{shown} is not a folder: image folders (--format imagefolder, --labels, --captions) need one"
         )
     if labels and captions:
         raise IngestError("pass --labels or --captions, not both")
-    root = src.resolve()
+    root = storage.absolute(src)
     if documents_only:
         text_column, mode = None, "documents"
         inputs = list_images(src)
         if not inputs:
-            raise IngestError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
-        items = [[p.relative_to(src).as_posix()] * 2 + [None] for p in inputs]
+            raise IngestError(f"{shown}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        items = [[relative_name(p, src)] * 2 + [None] for p in inputs]
     elif labels or captions:
-        csv_path = Path(labels or captions)
+        csv_path = storage.path(labels or captions)
         if not csv_path.is_file():
-            raise FileNotFoundError(f"{csv_path}: no such file")
+            raise FileNotFoundError(f"{storage.display(csv_path)}: no such file")
         text_column = "label" if labels else "caption"
         items = read_file_csv(csv_path, text_column)
         inputs = [csv_path]
         mode = "labels" if labels else "captions"
     else:
-        classes = [p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        classes = [p for p in src.iterdir() if not p.name.startswith(".") and p.is_dir()]
         if not classes:
             raise IngestError(
-                f"{src}: no class subfolders; an image folder holds one subfolder per class "
+                f"{shown}: no class subfolders; an image folder holds one subfolder per class "
                 "(or pass --labels FILE.csv or --captions FILE.csv)"
             )
         text_column, mode = "label", "classes"
         inputs = list_images(src)
         items = []
         for p in inputs:
-            rel = p.relative_to(src).as_posix()
+            rel = relative_name(p, src)
             parts = rel.split("/")
             items.append([rel, rel, parts[0] if len(parts) > 1 else None])
     if documents_only:
@@ -603,20 +670,20 @@ def _ingest_imagefolder(
     spec = {
         "mapping": spec_map,
         "defaults": defaults,
-        "data_root": str(root),
+        "data_root": root,
         "embed_images": bool(embed_images),
         "documents_only": bool(documents_only),
     }
     config = {
         "format": "imagefolder",
         "documents_only": bool(documents_only),
-        "source": str(root),
+        "source": root,
         "mode": mode,
         "task": task,
-        "labels": str(Path(labels).resolve()) if labels else None,
-        "captions": str(Path(captions).resolve()) if captions else None,
+        "labels": storage.absolute(labels) if labels else None,
+        "captions": storage.absolute(captions) if captions else None,
         "subset": subset,
-        "data_root": str(root),
+        "data_root": root,
         "embed_images": bool(embed_images),
         "rows_per_shard": rows_per_shard,
         "inputs": _inputs_fingerprint(inputs),

@@ -20,6 +20,11 @@ folders, ``curation.examples`` for the bundled examples):
 
 The plan depends only on the input, so a run killed at any moment and rerun with the same
 arguments ends with the very same files as one never interrupted.
+
+``OUT`` may be a URI (``s3://bucket/ds``): the parts, plans and shards are then objects under its
+``_progress/`` and table prefixes, each put whole (``PartWriter``, ``ShardSink``); the tasks read
+them from there in whichever process runs them, and ``DatasetWriter.finish`` removes ``_progress/``
+once the manifest is written.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from assay.curation import storage
 from assay.curation.dataset import (
     AlreadyComplete,
     DatasetWriter,
@@ -77,9 +82,11 @@ def run_ingest(
         {**t, "spec": spec, "part_dir": str(parts_dir / f"{i:05d}")}
         for i, t in enumerate(plan_tasks(writer.progress_dir))
     ]
-    pending = [t for t in tasks if not (Path(t["part_dir"]) / DONE).exists()]
+    finished = set(storage.files_under(parts_dir, DONE))  # one listing, not a request per part
+    pending = [t for t in tasks if f"{storage.path(t['part_dir']).name}/{DONE}" not in finished]
     executor.map(run_parse_task, pending, desc=f"{STAGE}: read")
-    stats = [json.loads((Path(t["part_dir"]) / DONE).read_text()) for t in tasks]
+    done_files = storage.read_many([storage.path(t["part_dir"]) / DONE for t in tasks])
+    stats = [json.loads(data) for data in done_files]
     shard_tasks, unique, refused = _plan_shards(writer, parts_dir, stats, rows_per_shard)
     pending = [t for t in shard_tasks if not writer.is_done(t["table"], t["name"])]
     executor.map(write_shard_task, pending, desc=f"{STAGE}: write")
@@ -120,7 +127,7 @@ def _plan_shards(
         columns = [KEY, ID_COLUMN[table]] if table in ID_COLUMN else [KEY]
         pieces = []
         for p in range(n_parts):
-            t = pq.read_table(parts_dir / f"{p:05d}" / f"{table}.parquet", columns=columns)
+            t = storage.read_table(parts_dir / f"{p:05d}" / f"{table}.parquet", columns=columns)
             if t.num_rows:
                 order = (np.int64(p) << 32) | np.arange(t.num_rows, dtype=np.int64)
                 cols = {"k": t.column(KEY), "o": pa.array(order)}
@@ -148,7 +155,7 @@ def _plan_shards(
         if table == QUARANTINE:
             orders = []
             for p in range(n_parts + (conflict_rows is not None)):
-                n = pq.ParquetFile(parts_dir / f"{p:05d}" / f"{table}.parquet").metadata.num_rows
+                n = storage.num_rows(parts_dir / f"{p:05d}" / f"{table}.parquet")
                 orders.append((np.int64(p) << 32) | np.arange(n, dtype=np.int64))
             order = np.concatenate(orders) if orders else np.zeros(0, np.int64)
         else:
@@ -201,7 +208,7 @@ def _conflicts(
         return None
     pieces = []
     for p in range(n_parts):
-        t = pq.read_table(parts_dir / f"{p:05d}" / f"{INPUT_ROWS}.parquet")
+        t = storage.read_table(parts_dir / f"{p:05d}" / f"{INPUT_ROWS}.parquet")
         order = (np.int64(p) << 32) | np.arange(t.num_rows, dtype=np.int64)
         pieces.append(t.append_column("o", pa.array(order)))
     links = pa.concat_tables(pieces) if pieces else PART_SCHEMAS[INPUT_ROWS].empty_table()
@@ -297,7 +304,7 @@ def _gather(parts_dir: Path, table: str, order: np.ndarray) -> tuple[pa.Table, n
     parts, rows = order >> 32, order & 0xFFFFFFFF
     pieces = []
     for seg in np.split(np.arange(len(order)), np.flatnonzero(np.diff(parts)) + 1):
-        pf = pq.ParquetFile(parts_dir / f"{int(parts[seg[0]]):05d}" / f"{table}.parquet")
+        pf = storage.parquet_file(parts_dir / f"{int(parts[seg[0]]):05d}" / f"{table}.parquet")
         sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         r = rows[seg]
@@ -312,8 +319,8 @@ def write_shard_task(task: dict[str, Any]) -> dict[str, Any]:
     """Write one output shard from its plan (a task function: runs under any executor)."""
     sink = ShardSink(**task["sink"])
     table, name = task["table"], task["name"]
-    order = pq.read_table(task["plan"]).column("order").to_numpy()
-    data, parts = _gather(Path(task["parts_dir"]), table, order)
+    order = storage.read_table(task["plan"]).column("order").to_numpy()
+    data, parts = _gather(storage.path(task["parts_dir"]), table, order)
     if table != QUARANTINE:
         return sink.write_shard(table, name, data.drop_columns([KEY]))
     offsets = task["line_offsets"]

@@ -26,14 +26,19 @@ cannot be used raises ``RowError`` with a reason the quarantine records.
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from assay.curation import storage
 from assay.curation.dataset import TMP_PREFIX, atomic_write_json
 from assay.curation.quarantine import QuarantineBuilder
 from assay.curation.schema import CORPUS, LABELS, PAIRS, QUARANTINE, QUERIES, SCHEMAS, resolve_image_path
@@ -192,8 +197,8 @@ def _decode_b64(data: str, target: str, spec: dict[str, Any]) -> bytes:
 
 
 def _relative_path(path: str, root: str) -> str:
-    """An absolute path inside the data root becomes relative to it; anything else is kept."""
-    if os.path.isabs(path):
+    """An absolute path (or URI) inside the data root becomes relative to it; anything else is kept."""
+    if os.path.isabs(path) or storage.is_remote(path):
         prefix = root.rstrip(os.sep) + os.sep
         if path.startswith(prefix):
             return path[len(prefix) :]
@@ -257,9 +262,11 @@ def _embed(path: str, target: str, spec: dict[str, Any]) -> bytes:
             f"{_where(target, spec)} {path!r} resolves outside the data root {resolved.root}",
         )
     try:
-        return Path(resolved.full).read_bytes()
+        return storage.read_bytes(resolved.full)
     except OSError as e:
-        raise RowError("image_not_found", f"{_where(target, spec)} {path!r}: {e.strerror or e}") from None
+        # an object store's "no such key" carries no strerror: say what the local error says
+        why = e.strerror or (os.strerror(errno.ENOENT) if isinstance(e, FileNotFoundError) else e)
+        raise RowError("image_not_found", f"{_where(target, spec)} {path!r}: {why}") from None
 
 
 def _serialise(fields: tuple) -> bytes:
@@ -374,14 +381,22 @@ def plain(value: Any) -> Any:
 class PartWriter:
     """Writes the parsed output of one task: queries, corpus, pairs and quarantine Parquet files
     under ``part_dir``, streamed in row groups, each renamed into place when complete, then
-    ``done.json`` with the task's counts. Exact repeats within the task are written once."""
+    ``done.json`` with the task's counts. Exact repeats within the task are written once.
+
+    A ``part_dir`` on object storage (an output that is a URI): the files are streamed to a local
+    temporary folder, then each is put whole under ``part_dir``, ``done.json`` last; ``discard``
+    removes the local folder (``close`` does too)."""
 
     ROWS_PER_GROUP = 4096
     BYTES_PER_GROUP = 32 << 20
 
     def __init__(self, part_dir: str | os.PathLike, source: str):
-        self.dir = Path(part_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.remote = storage.path(part_dir) if storage.is_remote(part_dir) else None
+        if self.remote is not None:
+            self.dir = Path(tempfile.mkdtemp(prefix="assay-ingest-part-"))
+        else:
+            self.dir = Path(part_dir)
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.source = source
         self.buffers: dict[str, list[dict]] = {t: [] for t in PART_TABLES}
         self.buffer_bytes = dict.fromkeys(PART_TABLES, 0)
@@ -467,5 +482,18 @@ class PartWriter:
             "repeats_in_task": self.repeats,
             **(stats or {}),
         }
+        if self.remote is not None:
+            storage.put_tree(self.dir, self.remote, replace=False)
+            atomic_write_json(self.remote / DONE, done)
+            self.discard()
+            return done
         atomic_write_json(self.dir / DONE, done)
         return done
+
+    def discard(self) -> None:
+        """Remove the local folder of a part written for object storage (nothing for a local part)."""
+        if self.remote is not None:
+            for w in self.writers.values():
+                with contextlib.suppress(Exception):
+                    w.close()
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -12,18 +12,26 @@ A task is a JSON-able dict (``kind`` picks the reader) that an executor runs in 
 ``curation.ingest_rows.normalise_row`` and writes them, with the refused rows, to its part folder
 under ``_progress/parts/``. A row that cannot be read never stops the task: it is quarantined with
 its location (``file:line`` or ``file#row=N``) and a reason.
+
+Inputs may be URIs (``s3://bucket/pairs.jsonl``, a folder of images on object storage,
+``curation.storage``): a task names its file by URI and reads it (or its byte range) from there, in
+whichever process runs it; a saved Hugging Face dataset on object storage is copied once per machine
+into the temporary folder (``storage.local_copy``), since ``datasets`` opens it by path.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import posixpath
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from assay.curation import storage
 from assay.curation.ingest_rows import DONE, PartWriter, RowError, normalise_document, normalise_row
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
@@ -67,9 +75,7 @@ def ingest_row(
 def read_jsonl(task: dict[str, Any], w: PartWriter) -> dict[str, Any]:
     """One byte range of a JSONL file. Line numbers are relative to the range; the merge adds the
     number of lines before it, so quarantine locations are ``file:line`` of the whole file."""
-    with open(task["file"], "rb") as f:
-        f.seek(task["start"])
-        data = f.read(task["end"] - task["start"])
+    data = read_range(task["file"], task["start"], task["end"])
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -112,7 +118,30 @@ def read_jsonl(task: dict[str, Any], w: PartWriter) -> dict[str, Any]:
     return {"file_index": task["file_index"], "lines": len(lines)}
 
 
-def _csv_open(path: str):
+def read_range(path: str | os.PathLike, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` of a file (one ranged GET for a URI)."""
+    if storage.is_remote(path):
+        loc = storage.path(path)
+        return loc.fs.cat_file(loc.path, start=start, end=end) if end > start else b""
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def open_binary(path: str | os.PathLike, block_size: int | None = None):
+    """A file opened for reading bytes; a URI's read ``block_size`` bytes per request (the
+    filesystem's default when None: large, for reading a whole file)."""
+    if not storage.is_remote(path):
+        return open(path, "rb")
+    loc = storage.path(path)
+    return loc.fs.open(loc.path, "rb", **({"block_size": block_size} if block_size else {}))
+
+
+def _csv_open(path: str, block_size: int | None = None):
+    if storage.is_remote(path):
+        return io.TextIOWrapper(
+            open_binary(path, block_size), newline="", encoding="utf-8-sig", errors="surrogateescape"
+        )
     return open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
 
 
@@ -170,7 +199,7 @@ def read_csv(task: dict[str, Any], w: PartWriter) -> dict[str, Any]:
 
 def read_parquet(task: dict[str, Any], w: PartWriter) -> dict[str, Any]:
     """One row group of a Parquet file; locations are ``file#row=N`` (0-based, whole file)."""
-    pf = pq.ParquetFile(task["file"])
+    pf = storage.parquet_file(task["file"])
     n = task["row_offset"]
     for batch in pf.iter_batches(batch_size=1024, row_groups=[task["row_group"]]):
         for row in batch.to_pylist():
@@ -185,7 +214,7 @@ def read_hf(task: dict[str, Any], w: PartWriter) -> dict[str, Any]:
     ``{bytes, path}`` without being decoded, ``ClassLabel`` integers become their names."""
     from datasets import ClassLabel, load_from_disk
 
-    ds = load_from_disk(task["path"])
+    ds = load_from_disk(str(hf_local(task["path"])))
     class_labels = {c: f for c, f in ds.features.items() if isinstance(f, ClassLabel)}
     table = ds.with_format("arrow")[task["start"] : task["end"]]
     n = task["start"]
@@ -227,12 +256,15 @@ READERS = {
 
 def run_parse_task(task: dict[str, Any]) -> dict[str, Any]:
     """Read one task's piece of the input into its part folder; a finished part is not redone."""
-    done = Path(task["part_dir"]) / DONE
+    done = storage.path(task["part_dir"]) / DONE
     if done.exists():
         return json.loads(done.read_text())
     w = PartWriter(task["part_dir"], task["name"])
-    stats = READERS[task["kind"]](task, w)
-    return w.close({"name": task["name"], **stats})
+    try:
+        stats = READERS[task["kind"]](task, w)
+        return w.close({"name": task["name"], **stats})
+    finally:
+        w.discard()  # a part for a URI is written locally first: nothing left behind
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -242,9 +274,9 @@ def jsonl_tasks(files: list[Path], names: list[str], chunk_bytes: int) -> list[d
     """Byte ranges of about ``chunk_bytes``, each ending just after a newline (or at the end)."""
     tasks = []
     for fi, (path, name) in enumerate(zip(files, names, strict=True)):
-        size = path.stat().st_size
+        size = storage.size(path)
         cuts = [0]
-        with open(path, "rb") as f:
+        with open_binary(path, block_size=1 << 16) as f:
             while cuts[-1] + chunk_bytes < size:
                 f.seek(cuts[-1] + chunk_bytes - 1)
                 pos = cuts[-1] + chunk_bytes - 1
@@ -280,7 +312,7 @@ def csv_tasks(files: list[Path], names: list[str], delimiter: str) -> list[dict[
 def parquet_tasks(files: list[Path], names: list[str]) -> list[dict[str, Any]]:
     tasks = []
     for path, name in zip(files, names, strict=True):
-        meta = pq.ParquetFile(path).metadata
+        meta = storage.read_metadata(path)
         offset = 0
         for rg in range(meta.num_row_groups):
             tasks.append(
@@ -290,7 +322,15 @@ def parquet_tasks(files: list[Path], names: list[str]) -> list[dict[str, Any]]:
     return tasks
 
 
-def hf_tasks(path: Path, name: str, num_rows: int, rows_per_task: int = HF_ROWS_PER_TASK) -> list[dict]:
+def hf_local(path: str | os.PathLike) -> Path:
+    """A saved Hugging Face dataset as a local folder: a URI's files are downloaded once into the
+    temporary folder (per machine, per content: ``storage.local_copy``); a local path as it is."""
+    if not storage.is_remote(path):
+        return Path(path)
+    return storage.local_copy(path, Path(tempfile.gettempdir()) / "assay-hf-inputs")
+
+
+def hf_tasks(path: Path | str, name: str, num_rows: int, rows_per_task: int = HF_ROWS_PER_TASK) -> list[dict]:
     return [
         {"kind": "hf", "path": str(path), "name": name, "start": s, "end": min(s + rows_per_task, num_rows)}
         for s in range(0, num_rows, rows_per_task)
@@ -314,7 +354,7 @@ def imagefolder_tasks(
 def csv_header(path: Path, delimiter: str) -> list[str]:
     """The header row of a CSV file (an error names the file when there is none)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with _csv_open(str(path)) as f:
+    with _csv_open(str(path), block_size=1 << 20) as f:
         try:
             header = next(csv.reader(f, delimiter=delimiter), None)
         except csv.Error as e:
@@ -340,7 +380,7 @@ def jsonl_has_key(files: list[Path], key: str, sample_lines: int = 1000) -> bool
     """Whether any row of the JSONL files has ``key``: parse the first lines, then search the bytes
     for the quoted key (a cheap check that never loads a file whole)."""
     for path in files:
-        with open(path, "rb") as f:
+        with open_binary(path, block_size=1 << 20) as f:
             for _, raw in zip(range(sample_lines), f, strict=False):
                 try:
                     obj = json.loads(raw)
@@ -350,7 +390,7 @@ def jsonl_has_key(files: list[Path], key: str, sample_lines: int = 1000) -> bool
                     return True
     needle = json.dumps(key).encode()
     for path in files:
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             tail = b""
             while block := f.read(8 << 20):
                 if needle in tail + block:
@@ -360,7 +400,17 @@ def jsonl_has_key(files: list[Path], key: str, sample_lines: int = 1000) -> bool
 
 
 def list_images(root: Path) -> list[Path]:
-    """Image files under ``root``, sorted, hidden files and folders skipped."""
+    """Image files under ``root``, sorted, hidden files and folders skipped. (A URI's: listed
+    with one recursive listing, in the same order as a local folder's.)"""
+    if storage.is_remote(root):
+        loc = storage.path(root)
+        rels = [
+            rel
+            for rel in storage.files_under(loc)
+            if posixpath.splitext(rel)[1].lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in rel.split("/"))
+        ]
+        return [loc / rel for rel in sorted(rels, key=lambda rel: rel.split("/"))]
     return sorted(
         p
         for p in root.rglob("*")
@@ -368,6 +418,14 @@ def list_images(root: Path) -> list[Path]:
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
+
+
+def relative_name(p: Any, root: Any) -> str:
+    """``p``'s path below the folder ``root``, with ``/`` (a local path or a URI)."""
+    if storage.is_remote(p):
+        base = str(storage.path(root)).rstrip("/") + "/"
+        return str(p)[len(base) :] if str(p).startswith(base) else str(p)
+    return p.relative_to(root).as_posix()
 
 
 def read_file_csv(path: Path, text_column: str) -> list[list]:

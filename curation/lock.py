@@ -34,9 +34,11 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from assay.curation import lease, storage
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +46,19 @@ LOCK_SUFFIX = ".lock"
 #: flock is not supported there: run unlocked rather than not at all.
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
-_held: dict[str, list[Any]] = {}  # lock path -> [fd, depth]
+_held: dict[str, list[int]] = {}  # lock path -> [how many nested holds]
 _mutex = threading.Lock()
 
 
 class OutputInUse(Exception):
     """Another process holds the lock of the output; ``holder`` is what its lock file says."""
 
-    def __init__(self, out: Path, lock: Path, holder: dict[str, Any]):
+    def __init__(self, out: Any, lock: Any, holder: dict[str, Any]):
         self.out, self.lock, self.holder = out, lock, holder
-        super().__init__(f"{out} is being written by {describe_holder(holder)} (lock file {lock})")
+        super().__init__(
+            f"{storage.display(out)} is being written by {describe_holder(holder)} "
+            f"(lock file {storage.display(lock)})"
+        )
 
 
 def describe_holder(holder: dict[str, Any]) -> str:
@@ -168,56 +173,69 @@ def _remove_dirs(made: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(out: str | os.PathLike, *, command: str = "") -> Iterator[Path]:
+def output_lock(out: str | os.PathLike, *, command: str = "") -> Iterator[Any]:
     """Hold the lock of ``out`` for the body; raise :class:`OutputInUse` at once if another process
     holds it. Creates OUT's parent folders (removed again on release if still empty). Yields the
-    lock file's path."""
-    out = Path(out)
-    path = lock_path(out)
+    lock file's path. An output on object storage is locked by a lease (``curation/lease.py``)."""
+    remote = storage.is_remote(out)
+    path = lease.lock_location(out) if remote else lock_path(out)
     key = str(path)
     with _mutex:
         mine = _held.get(key)
         if mine is not None:
-            mine[1] += 1
+            mine[0] += 1
     if mine is not None:
         try:
             yield path
         finally:
             with _mutex:
-                mine[1] -= 1
+                mine[0] -= 1
         return
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "command": command,
-        "out": str(out.resolve()),
+        "out": storage.absolute(out),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    fd, made = _acquire(out, path, info)
-    entry = [fd, 1]
+    release = lease.acquire(out, info, OutputInUse).release if remote else _local_lock(Path(out), path, info)
+    entry = [1]
     with _mutex:
         _held[key] = entry
     try:
         yield path
     finally:
         with _mutex:
-            entry[1] -= 1
-            done = entry[1] == 0
+            entry[0] -= 1
+            done = entry[0] == 0
             if done:
                 del _held[key]
-        if done and fd is not None:
-            # Unlink while still holding the lock, then let go (see the module docstring).
-            with contextlib.suppress(OSError):
-                if _same_file(fd, path):
-                    path.unlink()
-            os.close(fd)
-            _remove_dirs(made)
+        if done:
+            release()
+
+
+def _local_lock(out: Path, path: Path, info: dict[str, Any]) -> Callable[[], None]:
+    """flock the lock file; returns what releases it."""
+    fd, made = _acquire(out, path, info)
+
+    def release() -> None:
+        if fd is None:
+            return
+        # Unlink while still holding the lock, then let go (see the module docstring).
+        with contextlib.suppress(OSError):
+            if _same_file(fd, path):
+                path.unlink()
+        os.close(fd)
+        _remove_dirs(made)
+
+    return release
 
 
 def holds_lock(out: str | os.PathLike) -> bool:
     """Whether this process holds the lock of ``out``."""
+    path = lease.lock_location(out) if storage.is_remote(out) else lock_path(out)
     with _mutex:
-        return str(lock_path(out)) in _held
+        return str(path) in _held
 
 
 # -- the errors of the place an output goes, and one writer at a time -----------------------------
@@ -276,12 +294,11 @@ def writing(out: str | os.PathLike, *, command: str = "") -> Iterator[Path]:
     Every stage of ``assay.pipelines.api`` writes under it, so Python callers and the CLI alike."""
     from assay.curation.dataset import remove_stale_tmp
 
-    out = Path(out)
     with output_lock(out, command=command) as lock:
         try:
             yield lock
         except BaseException as e:
-            if environment_error(e) is not None and out.is_dir():
+            if environment_error(e) is not None and not storage.is_remote(out) and Path(out).is_dir():
                 with contextlib.suppress(OSError):
                     remove_stale_tmp(out)
             raise

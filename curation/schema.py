@@ -128,10 +128,11 @@ class ResolvedPath:
 
 def resolve_image_path(data_root: str | os.PathLike, path: str) -> ResolvedPath:
     """Where an ``image.path`` of the dataset really points. Every reader of image files goes
-    through this, so no stage reads outside the data root (``..``, absolute paths, symlinks)."""
-    root = os.path.realpath(data_root)
-    full = os.path.realpath(os.path.join(root, path))
-    return ResolvedPath(root, full, os.path.commonpath([root, full]) == root)
+    through this, so no stage reads outside the data root (``..``, absolute paths, symlinks). The
+    root may be a URI (images on object storage): then ``full`` is one too."""
+    from assay.curation import storage
+
+    return ResolvedPath(*storage.resolve_under(data_root, path))
 
 
 def resolve_image_cell(image: dict[str, Any] | None, data_root: str | os.PathLike) -> dict[str, Any] | None:
@@ -170,8 +171,14 @@ def load_image(value: Any, root: str | os.PathLike | None = None) -> Any:
         with Image.open(io.BytesIO(value)) as im:
             return im.convert("RGB")
     if isinstance(value, str | os.PathLike):
+        from assay.curation import storage
+
+        if storage.is_remote(value):
+            return load_image(storage.read_bytes(value))
         path = Path(value)
         if not path.is_absolute() and root is not None:
+            if storage.is_remote(root):
+                return load_image(storage.read_bytes(storage.join(root, str(path))))
             path = Path(root) / path
         with Image.open(path) as im:
             return im.convert("RGB")

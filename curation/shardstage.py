@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from assay.curation import storage
 from assay.curation.dataset import (
     AlreadyComplete,
     Dataset,
@@ -172,10 +172,8 @@ def apply_plan(
 
 def _apply_task(task: dict[str, Any]) -> dict[str, Any]:
     sink = ShardSink(**task["sink"])
-    src = Path(task["src"])
-    shard = pq.read_table(src)
-    plan_path = Path(task["plan"])
-    plan = pq.read_table(plan_path) if plan_path.exists() else None
+    shard = storage.read_table(task["src"])
+    plan = storage.read_table(task["plan"]) if task["plan"] else None  # None: the shard has no plan
     kept, quarantine = apply_plan(shard, plan, task["table"], sink.stage, f"{task['source_name']}")
     return sink.write_shard(task["table"], task["shard"], kept, quarantine)
 
@@ -202,7 +200,7 @@ def run_shard_stage(
             stage=stage,
             config=config,
             parents=[source],
-            data_root=str(source.data_root.resolve()),
+            data_root=storage.absolute(source.data_root),
             overwrite=overwrite,
         )
     except AlreadyComplete as done:
@@ -210,6 +208,9 @@ def run_shard_stage(
     progress = writer.progress_dir
     shards = {t: source.shards(t) for t in tables}
 
+    # What a killed run finished is found by one listing each of the scans and the shard markers, not
+    # an exists() per shard: on an object store each of those is a request or two (HEAD, then LIST).
+    scanned = set(storage.files_under(progress / "scan"))
     scan_tasks = []
     scans: dict[str, list[tuple[str, Path]]] = {}
     for t in tables:
@@ -217,14 +218,14 @@ def run_shard_stage(
         for name in shards[t]:
             scan_out = progress / "scan" / t / name
             scans[t].append((name, scan_out))
-            if not scan_out.exists():
+            if f"{t}/{name}" not in scanned:
                 scan_tasks.append(
                     {
                         "table": t,
                         "shard": name,
                         "src": str(source.shard_path(t, name)),
                         "source_name": f"{source.root.name}/{t}/{name}",
-                        "data_root": str(source.data_root.resolve()),
+                        "data_root": storage.absolute(source.data_root),
                         "config": config,
                         "scan_out": str(scan_out),
                     }
@@ -232,23 +233,29 @@ def run_shard_stage(
     if scan_tasks:
         executor.map(functools.partial(_scan_task, scan_fn=scan_fn), scan_tasks, desc=f"{stage}: scan")
 
-    plans = plan_fn(scans)
-    for (t, name), plan in plans.items():
-        if plan is not None and plan.num_rows:
-            atomic_write_parquet(progress / "plan" / t / name, plan.sort_by("row"))
+    plans = {key: plan for key, plan in plan_fn(scans).items() if plan is not None and plan.num_rows}
+    storage.each(
+        lambda item: atomic_write_parquet(
+            progress / "plan" / item[0][0] / item[0][1], item[1].sort_by("row")
+        ),
+        list(plans.items()),
+        storage.is_remote(progress),
+    )
+    planned = set(plans)
 
+    done = set(storage.files_under(progress / "done", ".json"))
     apply_tasks = [
         {
             "sink": vars(writer.sink),
             "table": t,
             "shard": name,
             "src": str(source.shard_path(t, name)),
-            "plan": str(progress / "plan" / t / name),
+            "plan": str(progress / "plan" / t / name) if (t, name) in planned else None,
             "source_name": f"{source.root.name}/{t}/{name}",
         }
         for t in tables
         for name in shards[t]
-        if not writer.is_done(t, name)
+        if f"{t}/{name}.json" not in done  # writer.is_done(t, name), from the one listing
     ]
     if apply_tasks:
         executor.map(_apply_task, apply_tasks, desc=f"{stage}: write")
@@ -257,10 +264,15 @@ def run_shard_stage(
 
 def read_scans(scans: list[tuple[str, Path]], columns: list[str] | None = None) -> pa.Table:
     """Concatenate one table's scan side tables, adding ``shard`` (index into ``scans``)."""
-    parts = []
-    for i, (_, path) in enumerate(scans):
-        t = pq.read_table(path, columns=columns)
-        parts.append(t.append_column("shard", pa.array(np.full(t.num_rows, i, dtype=np.int32))))
+    tables = storage.each(
+        lambda path: storage.read_table(path, columns=columns),
+        [path for _, path in scans],
+        bool(scans) and storage.is_remote(scans[0][1]),
+    )
+    parts = [
+        t.append_column("shard", pa.array(np.full(t.num_rows, i, dtype=np.int32)))
+        for i, t in enumerate(tables)
+    ]
     if not parts:
         return pa.table({})
     return pa.concat_tables(parts, promote_options="default")

@@ -15,9 +15,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset
 from assay.curation.schema import CORPUS, DATA_TABLES, NULL_KEY, PAIRS, QUARANTINE, QUERIES
 
@@ -52,7 +52,7 @@ def _image_kinds(batch: pa.RecordBatch, counts: Counter) -> None:
 
 def _batches(ds: Dataset, table: str, columns: list[str], bar: tqdm) -> Iterator[pa.RecordBatch]:
     for name in ds.shards(table):
-        pf = pq.ParquetFile(ds.shard_path(table, name))
+        pf = storage.parquet_file(ds.shard_path(table, name))
         yield from pf.iter_batches(batch_size=_BATCH, columns=columns)
         bar.update()
 
@@ -66,9 +66,8 @@ def dataset_stats(ds: Dataset, progress: bool | None = None) -> dict[str, Any]:
     total = sum(len(ds.shards(t)) for t in DATA_TABLES)
     bar = tqdm(total=total, desc="stats", unit="shard", disable=not progress or not total)
     rows = {t: ds.num_rows(t) for t in DATA_TABLES}
-    qdir = ds.root / QUARANTINE
-    qfiles = sorted(p for p in qdir.glob("*.parquet") if not p.name.startswith(".")) if qdir.is_dir() else []
-    rows[QUARANTINE] = sum(pq.ParquetFile(p).metadata.num_rows for p in qfiles)
+    qfiles = [ds.root / QUARANTINE / name for name in ds.quarantine_files()]
+    rows[QUARANTINE] = sum(storage.num_rows(p) for p in qfiles)
 
     # queries: per subset, per task, per (subset, task); images
     q_subset: Counter = Counter()
@@ -113,7 +112,7 @@ def dataset_stats(ds: Dataset, progress: bool | None = None) -> dict[str, Any]:
     q_stage: dict[str, Counter] = {}
     q_table: Counter = Counter()
     for path in qfiles:
-        pf = pq.ParquetFile(path)
+        pf = storage.parquet_file(path)
         for batch in pf.iter_batches(batch_size=_BATCH, columns=["table", "stage", "reason"]):
             _count(q_table, batch.column(0).to_pylist())
             for st, r in zip(batch.column(1).to_pylist(), batch.column(2).to_pylist(), strict=True):

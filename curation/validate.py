@@ -54,9 +54,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset, Manifest
 from assay.curation.executor import Executor
 from assay.curation.schema import (
@@ -193,13 +193,12 @@ def check_image(image: dict[str, Any], data_root: str, cfg: ValidateConfig) -> t
         root, full = resolved.root, resolved.full
         if not resolved.inside:
             return "image_path_outside_root", f"{path!r} resolves to {full}, outside the data root {root}"
-        if not os.path.isfile(full):
-            return "image_not_found", f"{path!r}: no such file under {root}"
-        size = os.path.getsize(full)
+        if not storage.is_file(full):
+            return "image_not_found", f"{path!r}: no such file under {storage.display(root)}"
+        size = storage.size(full)
         if size > cfg.max_image_bytes:
             return "image_too_large", f"{path!r} is {size} bytes (limit {cfg.max_image_bytes})"
-        with open(full, "rb") as f:
-            data = f.read()
+        data = storage.read_bytes(full)
     if data is None:
         return None
     if len(data) > cfg.max_image_bytes:
@@ -267,7 +266,7 @@ def _string_columns(table_name: str) -> list[str]:
 def scan_validate(task: dict[str, Any]) -> pa.Table:
     """Row checks of one shard; returns the scan table (row, id, doc_id, reason, detail)."""
     cfg = ValidateConfig(**_cfg_args(task["config"]))
-    return check_rows(task["table"], pq.read_table(task["src"]), task["data_root"], cfg)
+    return check_rows(task["table"], storage.read_table(task["src"]), task["data_root"], cfg)
 
 
 def check_rows(table_name: str, raw: pa.Table, data_root: str, cfg: ValidateConfig) -> pa.Table:

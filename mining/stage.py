@@ -28,6 +28,10 @@ pairs name, copied), every input pair kept except the negatives of an earlier mi
 under ``_progress/`` as it completes, so a killed run resumes at the subset it reached, and the
 embedding cache makes the rerun encode nothing it had encoded. The manifest's ``extra.mine`` holds
 per-subset statistics of positive and negative scores (and ``extra.corpus`` what each pool gave).
+
+DATASET, OUT, the pools and ``cache_dir`` may each be a URI (``s3://...``: ``curation.storage``);
+images referenced by path are read under DATASET's data root wherever it is, and a cache on object
+storage is kept as Parquet segments (``mining.embed_cache``).
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from assay.curation import storage
 from assay.curation.content_key import content_key, normalize_texts
 from assay.curation.dataset import (
     AlreadyComplete,
@@ -199,7 +203,9 @@ def mine_dataset(
     chosen = sorted(subsets) if subsets else all_subsets
     unknown = sorted(set(chosen) - set(all_subsets))
     if unknown:
-        raise MiningError(f"{ds.root}: no subset {unknown[0]!r}; it has {', '.join(all_subsets)}")
+        raise MiningError(
+            f"{storage.display(ds.root)}: no subset {unknown[0]!r}; it has {', '.join(all_subsets)}"
+        )
     docs = MiningCorpus(ds, [_open(p) for p in corpus], subsets=all_subsets, chosen=chosen)
     origin = f"{MINED_PREFIX}{encoder.model_id}:{spec}"
     config = {
@@ -215,7 +221,12 @@ def mine_dataset(
         config["corpus"] = docs.refs()
     try:
         writer = DatasetWriter(
-            out, stage="mine", config=config, parents=[ds], data_root=str(root.resolve()), overwrite=overwrite
+            out,
+            stage="mine",
+            config=config,
+            parents=[ds],
+            data_root=storage.absolute(root),
+            overwrite=overwrite,
         )
     except AlreadyComplete as done:
         return done.manifest, done.manifest.extra.get("mine", {})
@@ -248,7 +259,7 @@ def mine_dataset(
             atomic_write_json(stats_file, sub_stats.summary())
             stats[subset] = sub_stats.summary()
 
-    mined = [pq.read_table(_subset_file(writer.progress_dir, s)) for s in chosen]
+    mined = [storage.read_table(_subset_file(writer.progress_dir, s)) for s in chosen]
     mined_table = pa.concat_tables(mined) if mined else SCHEMAS[PAIRS].empty_table()
     is_gold = pc.equal(mined_table["label"], "positive")
     gold = mined_table.filter(is_gold)
@@ -547,8 +558,9 @@ def _content_keys(rows: pa.Table, root: Path) -> pa.Array | list[Any]:
     keys: list[Any] = norms.to_pylist()
     texts = rows["text"].to_pylist()
     for i in pc.indices_nonzero(pc.is_valid(rows["image"])).to_pylist():
-        cell = resolve_image_cell(rows["image"][i].as_py(), root)
-        keys[i] = content_key(texts[i], cell, root).digest
+        cell = rows["image"][i].as_py()
+        resolve_image_cell(cell, root)  # refuses a path that leaves the data root
+        keys[i] = content_key(texts[i], cell, root).digest  # resolves the path (a URI too) itself
     return keys
 
 

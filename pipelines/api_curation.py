@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from assay.curation import storage
 from assay.curation.lock import writing
 from assay.pipelines.result import (
     PathLike,
@@ -70,6 +71,11 @@ def ingest(
                 raise ValueError(
                     f"unknown example {str(source)!r}; the bundled examples are {', '.join(EXAMPLES)}"
                 )
+            if storage.is_remote(out):
+                raise ValueError(
+                    f"{storage.display(out)}: a bundled example is written to a local folder; ingest it "
+                    "there, or ingest your own files to object storage"
+                )
             _refuse_options("a bundled example", flags)
             splits = ingest_example(
                 str(source), out, executor=run, overwrite=overwrite, rows_per_shard=rows_per_shard
@@ -111,12 +117,12 @@ def ingest(
                 documents_only=documents,
             )
             return result_of("ingest", manifest, out)
-    parts = {split: result_of("ingest", m, Path(out) / split) for split, m in splits.items()}
+    parts = {split: result_of("ingest", m, storage.join(out, split)) for split, m in splits.items()}
     counts: dict[str, int] = {}
     for part in parts.values():
         for table, n in part.counts.items():
             counts[table] = counts.get(table, 0) + n
-    return Result("ingest", Path(out), counts, {}, {"splits": list(parts)}, parts)
+    return Result("ingest", storage.path(out), counts, {}, {"splits": list(parts)}, parts)
 
 
 class OptionsNotApplicable(ValueError):
@@ -297,7 +303,7 @@ def judge(
             device=device,
             batch_size=batch_size,
             trust_remote_code=trust_remote_code,
-            image_root=str(source.data_root.resolve()),
+            image_root=storage.absolute(source.data_root),
             endpoint=endpoint,
             concurrency=concurrency,
             timeout=timeout,
@@ -305,7 +311,8 @@ def judge(
         if backend != "openai":
             quiet_transformers()
         scorer = start_scorer(factory, actors=actors, gpus_per_actor=gpus_per_actor, ray_address=ray_address)
-        cache_path = Path(cache) if cache else default_cache_path()
+        # A URI cache is segments on object storage (curation.judge.cache); a path, SQLite here.
+        cache_path = (cache if storage.is_remote(cache) else Path(cache)) if cache else default_cache_path()
         try:
             with progress_bars(no_progress, judge="pair") as bars:
                 manifest, report = judge_dataset(
@@ -325,7 +332,7 @@ def judge(
                 )
         finally:
             close_scorer(scorer)
-    details = {**report.summary(), "backend": backend, "cache": str(cache_path)}
+    details = {**report.summary(), "backend": backend, "cache": storage.display(cache_path)}
     return result_of("judge", manifest, out, details)
 
 
@@ -364,4 +371,4 @@ def export(
             with_instruction=with_instruction,
             overwrite=overwrite,
         )
-    return Result("export", Path(done.path), {"rows": done.rows}, {}, done.to_json())
+    return Result("export", storage.path(done.path), {"rows": done.rows}, {}, done.to_json())

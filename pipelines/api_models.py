@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset
 from assay.curation.lock import writing
 from assay.pipelines.api_curation import judge as run_judge
@@ -47,18 +48,31 @@ def mine(
     trust_remote_code: bool = False,
     no_progress: bool = False,
     overwrite: bool = False,
+    ray_address: str | None = None,
 ) -> Result:
     """Hard negatives per query against ``encoder`` (``assay mine --help``). With ``judge`` the
     mined dataset goes to ``OUT.unjudged`` and the judged one to ``out``; ``parts`` holds both.
-    ``details["stats"]``: positive and negative scores per subset."""
+    ``details["stats"]``: positive and negative scores per subset. ``ray_address``: run the stage
+    as one task on that Ray cluster (``pipelines.mine_ray``: every location should be a URI)."""
     from assay.curation.judge.cache import cache_root
     from assay.mining.encoders import load_encoder
     from assay.mining.stage import mine_dataset
 
     if keep is not None and judge is None:
         raise ValueError("--keep needs --judge (keep= needs judge=: it keeps the judged hard negatives)")
-    out = Path(out)
-    mined_out = Path(f"{str(out).rstrip('/')}.unjudged") if judge else out
+    if ray_address:
+        from assay.pipelines.mine_ray import mine_on_cluster
+
+        options = {
+            "dataset": dataset, "out": str(out), "encoder": encoder, "rules": rules, "depth": depth,
+            "subset": subset, "corpus": corpus, "index": index, "device": device,
+            "batch_size": batch_size, "cache": None if cache is None else str(cache), "seed": seed,
+            "judge": judge, "keep": keep, "judge_cache": None if judge_cache is None else str(judge_cache),
+            "instructions": instructions, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+        }  # fmt: skip
+        return mine_on_cluster(ray_address, options)
+    out = storage.path(out)
+    mined_out = storage.path(f"{str(out).rstrip('/')}.unjudged") if judge else out
     with writing(out, command="assay mine"), writing(mined_out, command="assay mine"):
         quiet_transformers()
         source = open_dataset(dataset)
@@ -67,7 +81,7 @@ def mine(
             encoder,
             device=device,
             batch_size=batch_size,
-            image_root=str(source.data_root.resolve()),
+            image_root=storage.absolute(source.data_root),
             instructions=instructions,
             trust_remote_code=trust_remote_code,
         )
@@ -76,7 +90,7 @@ def mine(
                 source,
                 mined_out,
                 enc,
-                cache_dir=Path(cache) if cache else cache_root() / "embeddings",
+                cache_dir=cache if cache else cache_root() / "embeddings",
                 rules=rules,
                 depth=depth,
                 subsets=many(subset) or None,
@@ -155,8 +169,9 @@ def train(
             from assay.training.trainer import train as run_train
 
             final = run_train(cfg)
-    record = json.loads((Path(cfg.output) / COMPLETE_FILE).read_text())
-    return Result("train", Path(final), {"steps": record["steps"]}, {}, {"output": str(cfg.output), **record})
+    record = json.loads((storage.path(cfg.output) / COMPLETE_FILE).read_text())
+    details = {"output": storage.display(cfg.output), **record}
+    return Result("train", storage.path(final), {"steps": record["steps"]}, {}, details)
 
 
 #: "org/name": what a Hugging Face hub id looks like (a path that does not exist may still be one).
@@ -164,7 +179,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def checkpoint_ref(checkpoint: PathLike) -> str:
-    """A local checkpoint directory (made absolute) or a hub id; a clear error otherwise."""
+    """A local checkpoint directory (made absolute) or a hub id; a clear error otherwise. A URI
+    (``s3://...``) is read from its local copy (``training.checkpoint.local_model_path``: an assay
+    checkpoint must be committed, and is verified)."""
+    if storage.is_remote(checkpoint):
+        from assay.training.checkpoint import local_model_path
+
+        return str(local_model_path(checkpoint))
     p = Path(checkpoint)
     if p.exists():
         if not p.is_dir():
@@ -245,8 +266,8 @@ def evaluate(
             max_queries_per_subset=max_queries,
             truth=truth_table,
         )
-        metrics["checkpoint"] = ref
-        metrics["dataset"] = str(source.root.resolve())
+        metrics["checkpoint"] = storage.display(checkpoint) if storage.is_remote(checkpoint) else ref
+        metrics["dataset"] = storage.display(storage.absolute(source.root))
         metrics["settings"].update(
             tokens_per_tile=embedder.tokens_per_tile, device=device, batch_size=batch_size
         )
@@ -256,5 +277,8 @@ def evaluate(
 
 def metrics_path(dataset: Source, out: PathLike | None = None) -> Path:
     """Where ``evaluate`` writes its metrics: ``out``, or ``./<dataset name>.metrics.json``."""
-    root = dataset.root if isinstance(dataset, Dataset) else Path(dataset)
-    return Path(out) if out else Path.cwd() / f"{root.resolve().name}.metrics.json"
+    if out:
+        return storage.path(out)
+    root = dataset.root if isinstance(dataset, Dataset) else storage.path(dataset)
+    name = root.name if storage.is_remote(root) else Path(root).resolve().name
+    return Path.cwd() / f"{name}.metrics.json"

@@ -1,11 +1,12 @@
 """``assay curate`` / ``assay.curate``: validate -> dedup -> [judge] -> [filter], the stage functions
 composed, on the same executors; OUT is what the commands give run one after the other.
 
-Each step writes its dataset under ``.OUT.curate/`` beside OUT and the last one writes OUT; a
-killed run resumes at the step, and the shard, it reached (each stage resumes on its own). When OUT
-is complete, the judge's failure list is copied into it, ``OUT/curate.json`` records the run (a
-fingerprint of the input and every step's options, and each step's :class:`Result`), and the
-folder in between is removed. A rerun of a finished run finds that record and returns at once.
+Each step writes its dataset under ``.OUT.curate/`` beside OUT (on object storage, the prefix of
+that name beside OUT's) and the last one writes OUT; a killed run resumes at the step, and the
+shard, it reached (each stage resumes on its own). When OUT is complete, the judge's failure list
+is copied into it, ``OUT/curate.json`` records the run (a fingerprint of the input and every step's
+options, and each step's :class:`Result`), and the folder in between is removed
+(``storage.remove_tree``). A rerun of a finished run finds that record and returns at once.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
+from assay.curation import storage
 from assay.curation.dataset import MANIFEST, Dataset, atomic_write_bytes, atomic_write_json
 from assay.curation.judge.stage import FAILURES_FILE
 from assay.curation.lock import writing
@@ -74,7 +74,7 @@ def curate(
     if where is not None:
         steps.append(("filter", filter, {}))
     plan = [(name, fn, {**_options_of(fn, given), **fixed}) for name, fn, fixed in steps]
-    out = Path(out)
+    out = storage.path(out)
     work = out.parent / f".{out.name}.curate"
     with writing(out, command="assay curate"):
         fingerprint = _fingerprint(dataset, {name: options for name, _, options in plan})
@@ -82,11 +82,13 @@ def curate(
         if done is not None and not overwrite:
             return done
         if overwrite:
-            shutil.rmtree(work, ignore_errors=True)
+            storage.remove_tree(work)
         parts: dict[str, Result] = {}
         source: Source = dataset
         for i, (name, stage, options) in enumerate(plan):
             target = out if i == len(plan) - 1 else work / name
+            if storage.is_remote(target):  # a UPath is no os.PathLike: the stages take its URI
+                target = str(target)
             parts[name] = stage(source, target, overwrite=overwrite, **options)
             source = target
         result = _commit(out, work, parts, fingerprint)
@@ -99,7 +101,7 @@ def _options_of(stage: Callable[..., Any], given: dict[str, Any]) -> dict[str, A
     return {k: v for k, v in given.items() if k in names and k != "judge"}
 
 
-def _commit(out: Path, work: Path, parts: dict[str, Result], fingerprint: str) -> Result:
+def _commit(out: Any, work: Any, parts: dict[str, Result], fingerprint: str) -> Result:
     """OUT is complete: keep the judge's failure list in it, record the run, remove the steps' datasets."""
     failures = work / "judge" / FAILURES_FILE
     if "filter" in parts and failures.exists():
@@ -110,7 +112,7 @@ def _commit(out: Path, work: Path, parts: dict[str, Result], fingerprint: str) -
     result = Result("curate", out, last.counts, quarantined, details, parts)
     record = {"fingerprint": fingerprint, "run_id": last.dataset.manifest.run_id, **result.to_json()}
     atomic_write_json(out / CURATE_RECORD, record)
-    shutil.rmtree(work, ignore_errors=True)
+    storage.remove_tree(work)
     return result
 
 
@@ -120,7 +122,7 @@ def _fingerprint(dataset: Source, options: dict[str, dict[str, Any]]) -> str:
     def ref(x: Any) -> Any:  # a dataset by its run id, wherever it lies
         if isinstance(x, Dataset):
             return x.manifest.run_id
-        if isinstance(x, str | os.PathLike) and (Path(x) / MANIFEST).is_file():
+        if isinstance(x, str | os.PathLike) and (storage.path(x) / MANIFEST).is_file():
             return Dataset(x).manifest.run_id
         if isinstance(x, list | tuple):
             return [ref(v) for v in x]
@@ -133,7 +135,7 @@ def _fingerprint(dataset: Source, options: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _finished(out: Path, fingerprint: str) -> Result | None:
+def _finished(out: Any, fingerprint: str) -> Result | None:
     """The stored result when ``out`` already holds this very curate run, complete."""
     record_path = out / CURATE_RECORD
     if not (out / MANIFEST).exists() or not record_path.exists():

@@ -7,7 +7,11 @@ the actor. Results come back in order. On a laptop ``num_gpus=0`` runs CPU actor
 with ``--ray-address`` the actors land on the cluster's GPUs.
 
 Image cells travel inside the items: inline bytes go as they are; paths must be readable on the
-actor's node (shared storage), as for every other stage on a cluster.
+actor's node: a dataset whose data root is a URI (``s3://...``) is, since each actor reads the image
+from the store; a local data root needs storage every node mounts, as for every other stage on a
+cluster. A model directory given as a URI is copied by each actor to its own node
+(``pipelines.judges``). The actors only score: the judgment cache is read and written by the process
+that runs the judge stage (``curation.judge.stage``), so no cache file is shared between nodes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,13 @@
 """Building a judge from what a user names: a model directory (an assay reranker or a transformers
 / vLLM model) or a served model behind an OpenAI-compatible endpoint, in this process or in a pool
 of Ray actors. ``assay judge``, ``assay mine --judge``, ``assay curate --judge`` and their Python
-functions (``assay.judge`` ...) all build theirs here."""
+functions (``assay.judge`` ...) all build theirs here.
+
+A model directory may be a URI (``s3://bucket/models/judge``): the process that builds the judge
+(this one, or each Ray actor on its own node) copies it once to its cache root and loads that copy
+(``training.checkpoint.local_model_path``: a published assay checkpoint is verified against its
+manifest, any other directory is copied by ``curation.remote_model``); the model id is the same as
+for a local copy."""
 
 from __future__ import annotations
 
@@ -9,7 +15,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from assay.curation import storage
+from assay.curation.remote_model import remote_files
+
 BACKENDS = ("transformers", "vllm", "openai")
+
+
+def _local(model: str) -> Any:
+    """``model`` itself when it is a local directory; a URI's copy on this machine (module docs): a
+    published assay checkpoint verified against its manifest, any other model directory as listed."""
+    if not storage.is_remote(model):
+        return model
+    from assay.training.checkpoint import local_model_path
+
+    return local_model_path(model)
 
 
 def _is_assay_checkpoint(model: str) -> bool:
@@ -56,31 +75,34 @@ def scorer_factory(
             )
 
         return openai_judge
-    if not Path(model).is_dir():
+    if storage.is_remote(model):
+        remote_files(model)  # there, and no pickle in it: refused here, before any actor starts
+    elif not Path(model).is_dir():
         raise ValueError(f"judge model {model} is not a model directory (models are never downloaded)")
     if backend == "vllm":
 
         def vllm_judge():
             from assay.curation.judge.vllm_backend import VLLMScorer
 
-            return VLLMScorer(model, trust_remote_code=trust_remote_code)
+            return VLLMScorer(_local(model), trust_remote_code=trust_remote_code)
 
         return vllm_judge
 
     def transformers_judge():
-        if _is_assay_checkpoint(model):
+        model_dir = _local(model)
+        if _is_assay_checkpoint(model_dir):
             # An assay reranker: training/ loads it (compressed InternVL) and hands its scorer over.
             from assay.curation.judge.scoring import model_id_for
             from assay.training.generative import Reranker
             from assay.training.model import load_embedder
 
-            embedder = load_embedder(model).to(_device(device)).eval()
+            embedder = load_embedder(model_dir).to(_device(device)).eval()
             embedder.image_root = image_root
-            return Reranker(embedder, batch_size=batch_size, model_id=model_id_for(model)).scorer
+            return Reranker(embedder, batch_size=batch_size, model_id=model_id_for(model_dir)).scorer
         from assay.curation.judge.hf import TransformersScorer
 
         return TransformersScorer.from_pretrained(
-            model,
+            model_dir,
             device=_device(device),
             batch_size=batch_size,
             trust_remote_code=trust_remote_code,

@@ -50,7 +50,6 @@ import inspect
 import json
 import os
 import re
-import shutil
 import sys
 import time
 import traceback
@@ -62,6 +61,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from assay.curation import storage
 from assay.curation.config_schema import Loc, StrictModel, dotted, explain
 from assay.curation.dataset import atomic_write_bytes, atomic_write_json
 from assay.curation.lock import output_lock
@@ -152,7 +152,7 @@ class LoopFile(StrictModel):
 @dataclass
 class LoopSpec:
     name: str
-    run_dir: Path
+    run_dir: Any  # a Path, or a UPath for a URI (curation.storage.path)
     steps: list[Step]
     settings: dict[str, Any]
     ablation: list[dict[str, Any]]  # {arm, evals: [eval step per seed]}
@@ -207,7 +207,7 @@ def load_loop(path: str | Path, run_dir: str | Path | None = None) -> LoopSpec:
                 raise LoopError(f"{path}: ablation arm {a.arm!r}: {ev!r} is not an eval step")
         arms.append({"arm": a.arm, "evals": evals})
     settings = {k: getattr(spec, k) for k in SHARED_SETTINGS if getattr(spec, k) is not None}
-    return LoopSpec(spec.name or path.stem, Path(run_dir), list(steps.values()), settings, arms, path)
+    return LoopSpec(spec.name or path.stem, storage.path(run_dir), list(steps.values()), settings, arms, path)
 
 
 def _where(raw: dict[str, Any], loc: Loc) -> str:
@@ -255,7 +255,7 @@ class Loop:
             spec = load_loop(spec, run_dir=run_dir)
         self.spec = spec
         self.results: dict[str, Any] = {}
-        self.run_dir = spec.run_dir.resolve()
+        self.run_dir = storage.path(storage.absolute(spec.run_dir))
         self.steps_dir = self.run_dir / "steps"
         self.echo = echo
 
@@ -347,16 +347,16 @@ class Loop:
             if not isinstance(config, dict) or "output" not in config:
                 raise LoopError(f"step {step.name}: the train config must be a mapping with `output`")
             args = [str(self.steps_dir / f"{step.name}.train.yaml")]
-            outputs = {"train_dir": str(Path(config["output"]).resolve())}
+            outputs = {"train_dir": storage.absolute(config["output"])}
         elif step.run == "eval":
             options.setdefault("out", str(self.run_dir / "metrics" / f"{step.name}.json"))
-            outputs = {"metrics": str(Path(options["out"]).resolve())}
+            outputs = {"metrics": storage.absolute(options["out"])}
         elif len(args) < 2:
             raise LoopError(f"step {step.name}: `assay {step.run}` takes INPUT and OUT as its two args")
         elif step.run == "export":
-            outputs = {"path": str(Path(args[1]).resolve())}
+            outputs = {"path": storage.absolute(args[1])}
         else:
-            outputs = {"dataset": str(Path(args[1]).resolve())}
+            outputs = {"dataset": storage.absolute(args[1])}
         argv = [step.run, *args]
         for key, value in options.items():
             flag = "--" + key
@@ -411,23 +411,24 @@ class Loop:
             if m is None:
                 continue
             for out in m.get("outputs", {}).values():
-                self._remove(step, Path(out))
-            self.manifest_path(step).unlink()
+                self._remove(step, out)
+            storage.remove_file(self.manifest_path(step))
             self.echo(f"{step.name}: forgotten; it will run again")
 
-    def _remove(self, step: Step, path: Path) -> None:
-        path = path.resolve()
-        if path == self.run_dir or self.run_dir not in path.parents:
+    def _remove(self, step: Step, out: str) -> None:
+        path, run_dir = storage.absolute(out), str(self.run_dir)
+        if not path.startswith(run_dir.rstrip("/") + "/"):
             raise LoopError(
-                f"step {step.name}: its output {path} is outside the run directory {self.run_dir}; "
-                "remove it yourself before --from"
+                f"step {step.name}: its output {storage.display(path)} is outside the run directory "
+                f"{storage.display(run_dir)}; remove it yourself before --from"
             )
-        if step.run == "train" and path.name.startswith("step-"):
-            path = path.parent  # the final checkpoint: remove the whole training output
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        loc = storage.path(path)
+        if step.run == "train" and loc.name.startswith("step-"):
+            loc = loc.parent  # the final checkpoint: remove the whole training output
+        if loc.is_dir():
+            storage.remove_tree(loc)
+        else:
+            storage.remove_file(loc)
 
     def run(self, *, start: str | None = None, stop: str | None = None, report: bool = True) -> bool:
         """Run every step that is not complete; returns True when all (up to ``stop``) completed.
@@ -435,7 +436,7 @@ class Loop:
         The run directory is locked meanwhile (``curation.lock``): a second loop on it is refused."""
         last = self.spec.step(stop).index if stop else len(self.spec.steps) - 1
         with output_lock(self.run_dir, command=f"assay loop {self.spec.source}"):
-            self.steps_dir.mkdir(parents=True, exist_ok=True)
+            storage.makedirs(self.steps_dir)
             if start:
                 self.redo_from(start)
             self._write_loop_record(finished=False)
@@ -471,7 +472,7 @@ class Loop:
                 f"rerun with --from {step.name} to redo it and every step after it"
             )
         if config is not None:
-            atomic_write_bytes(Path(argv[1]), yaml.safe_dump(config, sort_keys=False).encode())
+            atomic_write_bytes(argv[1], yaml.safe_dump(config, sort_keys=False).encode())
         resumed = old is not None and old.get("status") in ("running", "failed")
         seconds_before = float(old.get("seconds") or 0) if resumed else 0.0
         record = {
@@ -495,7 +496,7 @@ class Loop:
         try:
             self.results[step.name] = call.run()
             if step.run == "train":
-                record["outputs"] = {"checkpoint": _final_checkpoint(Path(outputs["train_dir"])), **outputs}
+                record["outputs"] = {"checkpoint": _final_checkpoint(outputs["train_dir"]), **outputs}
         except Exception as e:  # noqa: BLE001 - any failure of the step is recorded, then re-raised
             record.update(
                 status="failed",
@@ -553,18 +554,20 @@ def _ray_is_local(ray: Any) -> bool:
 def _missing_outputs(record: dict[str, Any]) -> list[str]:
     """The outputs a completed step's record names that are no longer there (deleted by hand): a
     dataset folder (or an ingest's folder of splits), a checkpoint, a metrics or export file."""
-    return [str(p) for p in map(Path, (record.get("outputs") or {}).values()) if not p.exists()]
+    return [str(p) for p in (record.get("outputs") or {}).values() if not storage.path(p).exists()]
 
 
-def _final_checkpoint(train_dir: Path) -> str:
+def _final_checkpoint(train_dir: str) -> str:
+    train_dir = storage.path(train_dir)
     done = train_dir / "complete.json"
     if not done.exists():
         raise LoopError(f"training finished without {done}")
     final = json.loads(done.read_text()).get("final")
     if not final:
         raise LoopError(f"{done} names no final checkpoint")
-    path = Path(final)
-    return str(path if path.is_absolute() else (train_dir / path).resolve())
+    if storage.is_remote(final) or Path(final).is_absolute():
+        return str(final)
+    return storage.absolute(train_dir / final)
 
 
 def _describe(e: BaseException) -> str:

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from assay.curation import storage
 from assay.curation.dataset import atomic_write_bytes
 from assay.curation.lock import writing
 from assay.pipelines import report_plots as plots
@@ -69,8 +70,8 @@ REPORT_FILE = "report.html"
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the HTML report of the run in ``run_dir`` to ``out`` (default ``run_dir/report.html``),
     atomically, holding its lock (a second writer is refused); returns its path."""
-    run_dir = Path(run_dir)
-    path = Path(out) if out is not None else run_dir / REPORT_FILE
+    run_dir = storage.path(run_dir)
+    path = storage.path(out) if out is not None else run_dir / REPORT_FILE
     with writing(path, command="assay report"):
         loop, steps = load_run(run_dir)
         atomic_write_bytes(path, render_report(run_dir, loop, steps).encode("utf-8"))
@@ -80,7 +81,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def render_report(run_dir: Path, loop: dict[str, Any], steps: list[Step]) -> str:
     """The whole HTML page."""
     now = datetime.now(UTC)
-    name = str(loop.get("name") or run_dir.resolve().name)
+    name = str(loop.get("name") or storage.path(storage.absolute(run_dir)).name)
     with plots.plot_settings():
         sections = [
             ("steps", "Steps and time", _steps_section(run_dir, steps, now)),
@@ -113,7 +114,7 @@ def _run_header(run_dir: Path, loop: dict[str, Any], steps: list[Step], now: dat
     rows = [
         ("status", f"{badge(run_status(loop, steps))} ({counts})"),
         ("loop file", f"<code>{esc(loop.get('file') or '–')}</code>"),
-        ("run directory", f"<code>{esc(run_dir.resolve())}</code>"),
+        ("run directory", f"<code>{esc(storage.display(storage.absolute(run_dir)))}</code>"),
         ("started", esc(loop.get("started") or "–")),
         ("finished", esc(loop.get("finished") or "–")),
         ("total time", f"{esc(wall_time(loop, now))} (time in steps: {dur(in_steps)})"),

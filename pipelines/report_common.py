@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset, DatasetError
 from assay.curation.schema import QUERIES
 from assay.pipelines import report_plots as plots
@@ -114,9 +115,11 @@ def parse_time(value: Any) -> datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
-def output_path(run_dir: Path, value: str) -> Path:
-    p = Path(value)
-    return p if p.is_absolute() else run_dir / p
+def output_path(run_dir: Any, value: str) -> Any:
+    """Where a step's recorded output is: an absolute path or a URI as recorded, else under the run."""
+    if storage.is_remote(value) or Path(value).is_absolute():
+        return storage.path(value)
+    return storage.path(run_dir) / value
 
 
 def no_output(s: Step) -> str:

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset
 from assay.pipelines.report_common import NOT_RUN, READ_ERRORS, Step, num, output_path
 
@@ -27,7 +28,7 @@ __all__ = ["load_run", "outputs_summary", "read_metrics", "read_train_log"]
 
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[Step]]:
     """``loop.json`` and the steps: those ``loop.json`` lists, in its order, then any other step file."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     loop_file, steps_dir = run_dir / "loop.json", run_dir / "steps"
     if not loop_file.is_file() and not steps_dir.is_dir():
         raise FileNotFoundError(

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ConfigDict, ValidationError, validate_call
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset, Manifest
 
 PathLike = str | os.PathLike
@@ -54,7 +55,9 @@ class Result:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Result:
         parts = {n: cls.from_json(p) for n, p in obj.get("parts", {}).items()}
-        return cls(obj["stage"], Path(obj["out"]), obj["counts"], obj["quarantined"], obj["details"], parts)
+        return cls(
+            obj["stage"], storage.path(obj["out"]), obj["counts"], obj["quarantined"], obj["details"], parts
+        )
 
     def __str__(self) -> str:
         counts = " ".join(f"{k}={v}" for k, v in self.counts.items())
@@ -67,7 +70,7 @@ def result_of(stage: str, manifest: Manifest, out: PathLike, details: dict[str, 
     this stage (not an earlier one) quarantined rows for."""
     prefix = f"{manifest.stage}:"
     refused = {k[len(prefix) :]: v for k, v in manifest.quarantine_reasons.items() if k.startswith(prefix)}
-    return Result(stage, Path(out), dict(manifest.counts), refused, dict(details or {}))
+    return Result(stage, storage.path(out), dict(manifest.counts), refused, dict(details or {}))
 
 
 def open_dataset(source: Source) -> Dataset:

@@ -18,10 +18,14 @@ any number of workers, or none. From the command line: ``assay train CONFIG --wo
 - ``address=None`` starts (or reuses) a local Ray runtime with this machine's CPUs and GPUs; an
   address such as ``ray://head:10001`` or ``auto`` runs on that cluster. Its nodes need assay
   installed with the ``train`` extra, in the same Python environment as the driver, and every
-  path of the config (data, init, output) must be on a file system all workers share. Relative
-  paths are taken from the driver's current directory, as in a single process.
+  path of the config (data, init, output) must be a URI (``s3://...``: nodes that share no disk)
+  or on a file system all workers share. Relative paths are taken from the driver's current
+  directory, as in a single process.
 
-Ray Train's own run state goes to ``<output>/.ray-train``, not ``~/ray_results``. A worker's
+With an output URI each worker trains in a local working folder of its node and rank 0 publishes
+every checkpoint to the URI, a commit marker last (``training.remote_run``); a rerun resumes from
+the URI's last committed checkpoint on any node. Ray Train's own run state goes to
+``<output>/.ray-train`` (on the output's store, through its fsspec filesystem), not ``~/ray_results``. A worker's
 error (say a ``TrainingError`` for a missing ``init``) is raised here as a ``TrainingError`` with
 the worker's message, not as Ray's wrapped traceback (the worker's log still shows its own).
 """
@@ -83,6 +87,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
     import torch.distributed as dist
 
+    from assay.curation import storage
     from assay.training.config import config_from_dict
     from assay.training.trainer import TrainingError, train
 
@@ -91,10 +96,12 @@ def _worker_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     cwd = loop_config["cwd"]
     if os.path.isdir(cwd):
         os.chdir(cwd)
-    elif not all(os.path.isabs(p) for p in [*config.data, config.output, config.init or "/"]):
+    elif not all(
+        os.path.isabs(p) or storage.is_remote(p) for p in [*config.data, config.output, config.init or "/"]
+    ):
         raise TrainingError(
             f"the config's relative paths are under {cwd}, which node {socket.gethostname()} "
-            "lacks: on a cluster give absolute paths on a file system every node shares"
+            "lacks: on a cluster give URIs (s3://...) or absolute paths on a file system every node shares"
         )
     if loop_config["quiet_transformers"]:  # as the driver is (assay train: no per-file bars)
         from assay.pipelines.result import quiet_transformers
@@ -135,6 +142,7 @@ def train_distributed(
     ``cpus_per_worker`` defaults to 1, or to an equal share of a local runtime's CPUs when it has
     fewer than ``num_workers``. A local runtime must have a GPU per worker when ``use_gpu``.
     """
+    from assay.curation import storage
     from assay.training.trainer import TrainingError, final_checkpoint
 
     if num_workers < 1:
@@ -177,6 +185,14 @@ def train_distributed(
         "cwd": os.getcwd(),
         "quiet_transformers": not hf_logging.is_progress_bar_enabled(),
     }
+    if storage.is_remote(config.output):  # Ray Train's state beside the run, on the same store
+        import pyarrow.fs
+
+        state = storage.path(storage.join(storage.absolute(config.output), ".ray-train"))
+        storage_path = state.path
+        storage_filesystem = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(state.fs))
+    else:
+        storage_path, storage_filesystem = str(Path(config.output).resolve() / ".ray-train"), None
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=loop_config,
@@ -186,7 +202,8 @@ def train_distributed(
         ),
         run_config=RunConfig(
             name=f"stage-{config.stage}",
-            storage_path=str(Path(config.output).resolve() / ".ray-train"),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -196,7 +213,8 @@ def train_distributed(
         raise TrainingError(_root_cause(e)) from None
     final = final_checkpoint(config.output)
     if final is None:
-        raise TrainingError(f"Ray Train finished, but {config.output} holds no complete run")
+        raise TrainingError(f"Ray Train finished, but {storage.display(config.output)} holds no complete run")
     world = (result.return_value or {}).get("world_size", num_workers)
-    print(f"ray train: stage {config.stage} trained by {world} workers -> {final}", file=sys.stderr)
+    shown = storage.display(final)
+    print(f"ray train: stage {config.stage} trained by {world} workers -> {shown}", file=sys.stderr)
     return final

@@ -27,6 +27,11 @@ never runs remote code. Resume::
     embedder, state = load_checkpoint(ckpt)
     optimizer, scheduler = build_optimizer(embedder), build_scheduler(...)   # same order as before
     restore_training_state(optimizer, scheduler, state)                       # then continue at state.step
+
+On object storage (a run folder given as ``s3://...``), a checkpoint is written locally as above and
+then published (``publish_checkpoint``): its files put whole, then a ``_committed.json`` marker
+last, which plays the rename's part; readers require the marker, and ``local_checkpoint(uri)``
+gives any reader (eval, mine, the judge, a resumed run) a verified local copy, cached per machine.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import os
 import random
 import re
 import shutil
+import threading
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +54,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from assay.curation import storage
 from assay.curation.dataset import atomic_write_json, code_version, commit_dir, fingerprint, staging_dir
 from assay.curation.judge.scoring import TRAINER_STATE_FILE, weights_sha256
 from assay.curation.safety import UnsafeModelError, refuse_pickle
@@ -386,9 +393,10 @@ def load_checkpoint(
     A directory holding pickle files is refused unless ``allow_pickle`` (transformers then reads
     them with ``torch.load(weights_only=True)``; assay's own state is never pickled). ``verify``
     rehashes every file first. The embedder comes back in eval mode; the state's tensors are on the
-    CPU (``optimizer.load_state_dict`` moves them to the parameters' device).
+    CPU (``optimizer.load_state_dict`` moves them to the parameters' device). A checkpoint URI
+    is read from its local copy (:func:`local_checkpoint`).
     """
-    path = Path(path)
+    path = local_checkpoint(path, allow_pickle=allow_pickle)
     refuse_pickle(path, allow_pickle, what="checkpoint", error=UnsafeCheckpointError)
     manifest = verify_checkpoint(path) if verify else read_manifest(path)
     embedder = load_embedder(path, trust_remote_code=False, device=device, allow_pickle=allow_pickle)
@@ -452,3 +460,219 @@ def latest_checkpoint(run_dir: str | os.PathLike, *, verify: bool = True) -> Pat
             continue
         return p
     return None
+
+
+# ---------------------------------------------------------------- checkpoints on object storage
+#
+# Object stores have no rename, so a checkpoint is published to a URI file by file (each object is
+# put whole: one PUT, or a multipart upload that appears on completion) and then ``_committed.json``
+# is put last: the marker plays the rename's part. A reader of a checkpoint URI trusts nothing
+# without it, and downloads only the files the manifest lists; replacing or deleting a published
+# checkpoint removes the marker first. The marker names the manifest by its sha256, so its bytes
+# identify the checkpoint's content: the local copy readers get (``local_checkpoint``) is cached
+# under their hash.
+
+#: The object put last when a checkpoint is published to a URI: it exists once the checkpoint does.
+COMMIT_MARKER = "_committed.json"
+#: Folder of the cache root holding local copies of checkpoints read from URIs.
+CHECKPOINT_CACHE = "checkpoints"
+_MARKER_FORMAT = "assay-checkpoint-commit"
+
+
+def commit_marker(path: str | os.PathLike) -> bytes:
+    """The marker bytes that commit the (local, complete) checkpoint ``path`` once published: what
+    its manifest says, and the manifest's sha256. The same checkpoint gives the same bytes."""
+    path = Path(path)
+    manifest_bytes = (path / MANIFEST_FILE).read_bytes()
+    manifest = read_manifest(path)
+    marker = {
+        "format": _MARKER_FORMAT,
+        "stage": manifest.stage,
+        "step": manifest.step,
+        "weights_sha256": manifest.weights_sha256,
+        "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        "files": len(manifest.files) + 1,
+        "bytes": sum(int(e["bytes"]) for e in manifest.files) + len(manifest_bytes),
+    }
+    return (json.dumps(marker, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _read_marker(uri: str | os.PathLike) -> tuple[bytes, dict[str, Any]] | None:
+    """The commit marker of the checkpoint at ``uri`` (its bytes and what they say); None without one."""
+    loc = storage.path(uri) / COMMIT_MARKER
+    try:
+        data = loc.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        marker = json.loads(data)
+        if not isinstance(marker, dict) or marker.get("format") != _MARKER_FORMAT:
+            raise ValueError(f"format is not {_MARKER_FORMAT}")
+        int(marker["step"]), str(marker["manifest_sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{storage.display(loc)} is not a checkpoint commit marker: {e}") from None
+    return data, marker
+
+
+def is_committed(uri: str | os.PathLike) -> bool:
+    """True when the checkpoint at ``uri`` (a URI) carries its commit marker: its upload finished."""
+    return _read_marker(uri) is not None
+
+
+def publish_checkpoint(path: str | os.PathLike, uri: str | os.PathLike) -> bytes:
+    """Copy the complete local checkpoint ``path`` to the URI ``uri`` so that no reader ever sees
+    half of it: what was at ``uri`` is uncommitted (its marker deleted) and removed, every file is
+    put whole, ``checkpoint.json`` after the others, and the commit marker last. Returns the marker's
+    bytes (they key the checkpoint in ``local_checkpoint``'s cache)."""
+    path, dest = Path(path), storage.path(uri)
+    marker = commit_marker(path)
+    storage.remove_file(dest / COMMIT_MARKER)  # uncommitted first: nobody trusts what follows
+    storage.put_tree(path, dest, last=[MANIFEST_FILE])  # what was there removed, each file whole
+    storage.put_bytes(dest / COMMIT_MARKER, marker)
+    log.info("published checkpoint %s to %s", path.name, storage.display(dest))
+    return marker
+
+
+def unpublish_checkpoint(uri: str | os.PathLike) -> None:
+    """Delete the checkpoint at ``uri``: its marker first, so a reader never takes a half-deleted one."""
+    storage.remove_file(storage.path(uri) / COMMIT_MARKER)
+    storage.remove_tree(uri)
+
+
+def committed_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """(step, URI) of every committed ``step-NNNNNN`` checkpoint under the run folder URI, by step."""
+    found = []
+    for name in storage.names(run_dir):
+        m = CHECKPOINT_NAME.match(name)
+        if m and is_committed(storage.join(run_dir, name)):
+            found.append((int(m.group(1)), storage.join(run_dir, name)))
+    return sorted(found)
+
+
+def checkpoint_cache_dir() -> Path:
+    """Where ``local_checkpoint`` keeps its copies: ``<cache root>/checkpoints``."""
+    from assay.curation.sqlite_cache import cache_root
+
+    return cache_root() / CHECKPOINT_CACHE
+
+
+def cached_checkpoint_path(marker: bytes, name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the checkpoint committed by ``marker`` is (or goes) in the cache: ``<key>/<name>``,
+    keeping the checkpoint's own folder name (judge and mining ids are ``<name>@<weights hash>``)."""
+    base = Path(cache_dir) if cache_dir is not None else checkpoint_cache_dir()
+    return base / hashlib.sha256(marker).hexdigest()[:24] / name
+
+
+def adopt_into_cache(
+    path: str | os.PathLike, marker: bytes, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """Move the local checkpoint ``path`` (just published with ``marker``) into the cache that
+    ``local_checkpoint`` reads, instead of downloading it again later; returns where it is now."""
+    path = Path(path)
+    dest = cached_checkpoint_path(marker, path.name, cache_dir)
+    if dest.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(path, dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+        shutil.rmtree(path, ignore_errors=True)
+    return dest
+
+
+def local_checkpoint(
+    uri: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """A local folder holding the checkpoint ``uri``: ``uri`` itself when it is a local path, else
+    a verified copy in ``<cache root>/checkpoints/<key>/<name>``, downloaded once per machine.
+
+    The checkpoint must be committed (its ``_committed.json`` marker there: an upload in progress or
+    killed is refused), ``<key>`` is a hash of the marker's bytes (so a replaced checkpoint is a new
+    copy and an unchanged one is fetched once), only the files its manifest lists are fetched, and
+    every one is checked against the manifest's sha256 before the copy is renamed into place whole
+    (two processes fetching at once both end with one complete folder). A checkpoint holding pickle
+    files is refused unless ``allow_pickle`` (``curation.safety``); so is one whose listing holds a
+    file the manifest does not name (a planted ``model.bin``), as ``verify_checkpoint`` refuses it.
+    """
+    from assay.curation.safety import ALLOW_ENV, PICKLE_SUFFIXES
+
+    if not storage.is_remote(uri):
+        return storage.path(uri)
+    loc = storage.path(uri)
+    shown = storage.display(loc)
+    found = _read_marker(loc)
+    if found is None:
+        raise CheckpointError(
+            f"checkpoint {shown} has no {COMMIT_MARKER}: not a committed checkpoint (its upload has "
+            "not finished, was killed, or it was not published by assay: put a local checkpoint on "
+            "object storage with assay.training.checkpoint.publish_checkpoint(path, uri))"
+        )
+    marker, info = found
+    dest = cached_checkpoint_path(marker, loc.name or "checkpoint", cache_dir)
+    if dest.is_dir():
+        return dest
+    manifest_bytes = (loc / MANIFEST_FILE).read_bytes()
+    if hashlib.sha256(manifest_bytes).hexdigest() != info["manifest_sha256"]:
+        raise CheckpointError(
+            f"checkpoint {shown}: {MANIFEST_FILE} is not the one its {COMMIT_MARKER} commits "
+            "(being replaced right now?)"
+        )
+    manifest = CheckpointManifest.from_json(json.loads(manifest_bytes))
+    listed = sorted(e["name"] for e in manifest.files)
+    present = set(storage.files_under(loc)) - {MANIFEST_FILE, COMMIT_MARKER}
+    extra = sorted(present - set(listed))
+    if extra:
+        raise CheckpointError(f"checkpoint {shown}: file {extra[0]} is not in the manifest (added later?)")
+    allowed = allow_pickle or os.environ.get(ALLOW_ENV, "") not in ("", "0")
+    pickled = [n for n in listed if os.path.splitext(n)[1].lower() in PICKLE_SUFFIXES]
+    if pickled and not allowed:
+        raise UnsafeCheckpointError(
+            f"checkpoint {shown} holds pickle files ({', '.join(pickled[:5])}), which can run arbitrary "
+            "code when loaded; refusing. Use safetensors weights, or run `assay --allow-pickle ...` "
+            "(ASSAY_ALLOW_PICKLE=1) only if you trust where they came from"
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for name in listed:
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = loc / name
+            src.fs.get_file(src.path, str(target))
+        (tmp / MANIFEST_FILE).write_bytes(manifest_bytes)
+        refuse_pickle(tmp, allow_pickle, what="checkpoint", error=UnsafeCheckpointError)
+        try:
+            verify_checkpoint(tmp)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint {shown}: {str(e).split(': ', 1)[-1]}") from None
+        try:
+            os.rename(tmp, dest)  # the whole copy appears at once
+        except OSError:
+            if not dest.is_dir():  # not another process's finished copy: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("checkpoint %s: local copy %s", shown, dest)
+    return dest
+
+
+def local_model_path(uri: str | os.PathLike, *, allow_pickle: bool = False) -> Path:
+    """A local folder holding the model directory ``uri``: itself when local; for a URI, an assay
+    checkpoint (it has a ``checkpoint.json`` or a commit marker) through :func:`local_checkpoint`
+    (committed and verified, or refused), any other model directory (a pretrained one, which has no
+    manifest to check) through ``curation.remote_model.local_model_dir``."""
+    if not storage.is_remote(uri):
+        return storage.path(uri)
+    loc = storage.path(uri)
+    if (loc / COMMIT_MARKER).is_file() or (loc / MANIFEST_FILE).is_file():
+        return local_checkpoint(uri, allow_pickle=allow_pickle)
+    from assay.curation.remote_model import local_model_dir
+
+    return local_model_dir(uri, allow_pickle=allow_pickle)

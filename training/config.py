@@ -29,12 +29,12 @@ Defaults follow PAPER.md per stage (``STAGE_DEFAULTS``): stage 1 full parameters
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from assay.curation import storage
 from assay.curation.config_schema import StrictModel, explain
 
 Stage = Literal["1", "2", "3", "reranker"]
@@ -130,6 +130,16 @@ class TrainConfig(StrictModel):
             raise ValueError("must be false: assay loads transformers-native models only")
         return value
 
+    @field_validator("input_cache")
+    @classmethod
+    def _local_input_cache(cls, value: str) -> str:
+        if storage.is_remote(value):
+            raise ValueError(
+                "must be a local directory (auto, off, or a path): the cache is read memory-mapped; "
+                "with an output URI, auto keeps it beside the run's local working folder"
+            )
+        return value
+
     @model_validator(mode="after")
     def _init_or_tiny(self) -> TrainConfig:
         if self.init is None and self.tiny is None:
@@ -179,8 +189,9 @@ def config_from_dict(raw: dict[str, Any], where: str = "config", **overrides: An
 
 
 def load_config(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
-    """Read and check a YAML config; relative paths in it are taken from the current directory."""
-    path = Path(path)
+    """Read and check a YAML config (a path or a URI); relative paths in it are taken from the
+    current directory."""
+    path = storage.path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:

@@ -30,6 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset
 from assay.curation.schema import resolve_image_path
 
@@ -75,7 +76,12 @@ class TrainingData:
         pairs: list[tuple[int, int, str, Any, Any]] = []
         for path in data.sources:
             ds = Dataset(path)
-            root = os.path.realpath(ds.data_root)  # once per dataset; each path is checked against it
+            # once per dataset; each path is checked against it (a URI: lexically, no symlinks there)
+            root = (
+                storage.absolute(ds.data_root)
+                if storage.is_remote(ds.data_root)
+                else os.path.realpath(ds.data_root)
+            )
             for row in _rows(ds, "queries", QUERY_COLUMNS, root):
                 if (keep is None or row["subset"] in keep) and row["query_id"] not in data.query_index:
                     data.query_index[row["query_id"]] = len(data.queries)
@@ -201,7 +207,7 @@ def _rows(ds: Dataset, table: str, columns: list[str], root: str) -> Iterable[di
                 else:
                     row["image"] = checked[path] = confine_image_cell(image, root)
             except ValueError as e:
-                raise TrainingDataError(f"{ds.root / table / name}: {e}") from None
+                raise TrainingDataError(f"{storage.display(ds.root / table / name)}: {e}") from None
             yield row
 
 
@@ -220,6 +226,14 @@ def confine_image_cell(image: dict[str, Any] | None, root: str) -> dict[str, Any
     path = image.get("path")
     if path is None:
         return {"bytes": image.get("bytes"), "path": None}
+    if storage.is_remote(root):  # an object store has no symlinks: the lexical check is the check
+        resolved = resolve_image_path(root, path)
+        if not resolved.inside:
+            raise ValueError(
+                f"image path {path!r} resolves to {storage.display(resolved.full)}, outside the data "
+                f"root {storage.display(resolved.root)}"
+            )
+        return {"bytes": image.get("bytes"), "path": resolved.full, "root": root}
     full = os.path.join(root, path)  # not normalised: "a/../b" must resolve as the file system does
     if not os.path.normpath(full).startswith(root.rstrip(os.sep) + os.sep):
         resolved = resolve_image_path(root, path)
@@ -242,6 +256,8 @@ def read_image_bytes(image: dict[str, Any]) -> bytes:
     path, root = image.get("path"), image.get("root")
     if path is None:
         raise TrainingDataError("image cell has neither bytes nor path")
+    if storage.is_remote(path) or (root is not None and storage.is_remote(root)):
+        return _read_remote_image(path, root)
     if root is not None:
         resolved = resolve_image_path(root, path)
         if not resolved.inside:
@@ -254,6 +270,20 @@ def read_image_bytes(image: dict[str, Any]) -> bytes:
             return f.read()
     except OSError as e:
         raise TrainingDataError(f"cannot read image {path}: {e.strerror or e}") from None
+
+
+def _read_remote_image(path: str, root: str | None) -> bytes:
+    """An image object under a data root URI (``confine_image_cell`` made ``path`` the full URI)."""
+    if root is not None:
+        base = str(root).rstrip("/") + "/"
+        if not str(path).startswith(base):
+            raise TrainingDataError(
+                f"image path {storage.display(path)} is outside the data root {storage.display(root)}"
+            )
+    try:
+        return storage.read_bytes(path)
+    except OSError as e:
+        raise TrainingDataError(f"cannot read image {storage.display(path)}: {e.strerror or e}") from None
 
 
 def generative_sample(query: dict[str, Any], doc: dict[str, Any]) -> tuple[dict[str, Any], str] | None:

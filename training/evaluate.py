@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset, atomic_write_json
 from assay.curation.truth import Truth, read_truth
 from assay.training.evaluate_index import NEGATIVE_LABELS, NULL_KEY, build_index, subset_key
@@ -140,7 +141,7 @@ def evaluate(
             ks=ks,
             retrieval=retrieval,
             candidate_set=candidate_set,
-            root=str(ds.data_root.resolve()),
+            root=storage.absolute(ds.data_root),
             bar=bar,
             limit=max_queries_per_subset,
         )
@@ -180,7 +181,7 @@ def evaluate(
         "chance_p_at_1": {s: accs[s].chance / accs[s].queries if accs[s].queries else None for s in names},
         "counts": dict(sorted(index.counts.items())),
         "settings": {
-            "dataset": str(ds.root),
+            "dataset": storage.display(ds.root),
             "candidate_set": candidate_set,
             "ks": ks,
             "ndcg_at": NDCG_AT,
@@ -194,8 +195,9 @@ def evaluate(
 
 
 def write_metrics(metrics: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``metrics`` as JSON, atomically (readers see the old file or the whole new one)."""
-    path = Path(path)
+    """Write ``metrics`` as JSON, atomically (readers see the old file or the whole new one; on an
+    object store, one whole object)."""
+    path = storage.path(path)
     atomic_write_json(path, _plain(metrics))
     return path
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset
 from assay.curation.schema import CORPUS, NULL_KEY, PAIRS, QUERIES
 from assay.curation.truth import Truth
@@ -83,7 +83,7 @@ def scan_ids(ds: Dataset, table: str, columns: list[str], on_row: Callable[[str,
     which units hold which subsets; ``on_row(subset, other_values)`` for every row."""
     info = Units()
     for name in ds.shards(table):
-        pf = pq.ParquetFile(ds.shard_path(table, name))
+        pf = storage.parquet_file(ds.shard_path(table, name))
         for rg in range(pf.num_row_groups):
             unit = len(info.units)
             info.units.append((name, rg))

@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from assay.curation import storage
 from assay.curation.dataset import Dataset
 from assay.curation.schema import CORPUS, QUERIES, SCHEMAS, resolve_image_cell
 from assay.training.evaluate_index import FN, NEG, NULL_KEY, POS, Index
@@ -67,7 +67,7 @@ def _read_units(
         by_shard.setdefault(name, []).append(rg)
     columns = SCHEMAS[table].names
     for name, rgs in by_shard.items():
-        pf = pq.ParquetFile(ds.shard_path(table, name))
+        pf = storage.parquet_file(ds.shard_path(table, name))
         have = [c for c in columns if c in pf.schema_arrow.names]
         yield from pf.iter_batches(batch_size=batch_size, row_groups=rgs, columns=have)
 

@@ -33,6 +33,10 @@ a rerun of a complete stage returns it at once. With LoRA the checkpoint's weigh
 model (usable as is for eval and mining) and ``adapter/`` holds the adapter the run resumes from,
 on top of the stage's ``init`` model (checked by its weights hash).
 
+The output may be a URI (``s3://bucket/run/stage1``): the run then trains in a local working
+folder and publishes each checkpoint to the URI, a commit marker put last, and resumes from the
+URI's last committed checkpoint on any machine (``training.remote_run``).
+
 Data parallelism: when ``torch.distributed`` is initialised (Ray Train's ``TorchTrainer`` does this,
 see ``pipelines/train_ray.py``), each of the W workers takes every W-th unit of the global batch
 and the gradients are averaged across workers by all-reduce before each optimizer step, which is
@@ -51,11 +55,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from assay.curation import storage
 from assay.curation.dataset import TMP_PREFIX, atomic_write_bytes, atomic_write_json, fingerprint
 from assay.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -71,6 +77,9 @@ from assay.training.inputs import CachedInputs, Prefetcher, ProcessorInputs, mod
 from assay.training.model import MMEmbedder
 from assay.training.steps import Prepared, StageSteps, TrainingError, autocast
 from assay.training.trainer_model import freeze_vision, fresh_model, resumed_model
+
+if TYPE_CHECKING:
+    from assay.training.remote_run import RemoteOutput
 
 __all__ = ["COMPLETE_FILE", "LOG_FILE", "TrainingError", "final_checkpoint", "resolve_device", "train"]
 
@@ -99,11 +108,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def final_checkpoint(output: str | os.PathLike) -> Path | None:
-    """The final checkpoint of a completed stage run, else None."""
-    file = Path(output) / COMPLETE_FILE
+    """The final checkpoint of a completed stage run, else None (a URI's location for a run on one)."""
+    file = storage.path(output) / COMPLETE_FILE
     if not file.is_file():
         return None
-    return Path(output) / json.loads(file.read_text())["final"]
+    return storage.path(output) / json.loads(file.read_text())["final"]
 
 
 # ---------------------------------------------------------------- the loop
@@ -198,7 +207,14 @@ class _BatchSchedule:
 
 
 def train(config: TrainConfig, *, device: str | torch.device | None = None) -> Path:
-    """Run (or resume, or return the result of) one stage; returns the final checkpoint's path."""
+    """Run (or resume, or return the result of) one stage; returns the final checkpoint's path.
+
+    An output URI (``s3://...``) is trained in a local working folder and each checkpoint published
+    to the URI as it is written (``training.remote_run``); the result is then the URI's location."""
+    if storage.is_remote(config.output):
+        from assay.training.remote_run import train_remote
+
+        return train_remote(config, device=device)
     output = Path(config.output)
     done = _completed_run(config, output)
     if done is not None:
@@ -231,6 +247,7 @@ class _Run:
     start: int  # the first step this call runs: 0, or the step of the checkpoint it resumes from
     resume: Path | None
     precision: str  # "bf16" under autocast, else "fp32"
+    remote: RemoteOutput | None = None  # an output URI: ``output`` is its local working folder
 
 
 def _completed_run(config: TrainConfig, output: Path) -> Path | None:
@@ -241,14 +258,19 @@ def _completed_run(config: TrainConfig, output: Path) -> Path | None:
     stored = json.loads((output / COMPLETE_FILE).read_text())
     if stored.get("config_fingerprint") != fingerprint(config.resume_key()):
         raise TrainingError(
-            f"{output} holds a completed run of a different config; choose another output or delete it"
+            f"{storage.display(output)} holds a completed run of a different config; "
+            "choose another output or delete it"
         )
     log.info("stage %s already complete: %s", config.stage, done)
     return done
 
 
-def _set_up(config: TrainConfig, output: Path, device: str | torch.device | None) -> _Run:
-    """The data, the model (fresh, or from the latest checkpoint), the optimizer and the schedule."""
+def _set_up(
+    config: TrainConfig, output: Path, device: str | torch.device | None, remote: RemoteOutput | None = None
+) -> _Run:
+    """The data, the model (fresh, or from the latest checkpoint), the optimizer and the schedule.
+    With ``remote``, ``output`` is the run's local working folder and the checkpoint to resume from
+    is the one ``remote`` found committed at the URI."""
     rank, world = _world()
     if rank == 0:
         _remove_partial_saves(output)  # a kill mid-save leaves one; no save of this run is under way yet
@@ -256,7 +278,7 @@ def _set_up(config: TrainConfig, output: Path, device: str | torch.device | None
     started = time.perf_counter()
     data = TrainingData.load(config.data, config.subsets)
 
-    resume = latest_checkpoint(output)
+    resume = latest_checkpoint(output) if remote is None else remote.resume
     if resume is not None:
         embedder, parent, state = resumed_model(config, data, resume)
     else:
@@ -304,6 +326,7 @@ def _set_up(config: TrainConfig, output: Path, device: str | torch.device | None
         start=start,
         resume=resume,
         precision="bf16" if isinstance(autocast(config, device), torch.autocast) else "fp32",
+        remote=remote,
     )
 
 
@@ -430,13 +453,17 @@ def _save(run: _Run, steps_done: int) -> None:
             resume_key=run.config.resume_key(),
         )
         _prune(run.output, run.config.keep_checkpoints)
+        if run.remote is not None:
+            run.remote.publish(run.output / checkpoint_name(steps_done), run.output / LOG_FILE)
     if run.world > 1:
         dist.barrier()
 
 
 def _finish(run: _Run) -> Path:
-    """Rank 0 writes ``complete.json`` naming the final checkpoint; returns that checkpoint's path."""
+    """Rank 0 writes ``complete.json`` naming the final checkpoint (and puts it at an output URI);
+    returns that checkpoint's path (its location at the URI)."""
     final = run.output / checkpoint_name(run.total)
+    result = final if run.remote is None else storage.path(run.remote.uri) / final.name
     if run.rank == 0:
         atomic_write_json(
             run.output / COMPLETE_FILE,
@@ -449,7 +476,9 @@ def _finish(run: _Run) -> Path:
                 "seconds": round(time.perf_counter() - run.started, 1),
             },
         )
-        print(f"stage {run.config.stage}: done, {run.total} steps -> {final}")
+        if run.remote is not None:
+            run.remote.complete(final, run.output / COMPLETE_FILE)
+        print(f"stage {run.config.stage}: done, {run.total} steps -> {storage.display(result)}")
     if run.world > 1:
         dist.barrier()
-    return final
+    return result

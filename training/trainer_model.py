@@ -13,8 +13,16 @@ from pathlib import Path
 
 import torch
 
+from assay.curation import storage
 from assay.curation.dataset import fingerprint
-from assay.training.checkpoint import ADAPTER_DIR, TrainingState, load_checkpoint, weights_hash
+from assay.training.checkpoint import (
+    ADAPTER_DIR,
+    CheckpointError,
+    TrainingState,
+    load_checkpoint,
+    local_model_path,
+    weights_hash,
+)
 from assay.training.config import TrainConfig
 from assay.training.data import CAPTION_PROMPT, LABEL_PROMPT, TrainingData
 from assay.training.model import MMEmbedder, load_embedder
@@ -83,11 +91,19 @@ def _initial_embedder(config: TrainConfig, data: TrainingData) -> tuple[MMEmbedd
             seed=t.seed,
         )
         return MMEmbedder(model, processor), None
-    init = Path(config.init)
+    init = _local_init(config.init) if storage.is_remote(config.init) else Path(config.init)
     if not init.is_dir():
         raise TrainingError(f"init {config.init}: no such model directory")
     embedder = load_embedder(init, tokens_per_tile=config.tokens_per_tile)
     return embedder, weights_hash(init)
+
+
+def _local_init(uri: str) -> Path:
+    """A local copy of an ``init`` given as a URI (``checkpoint.local_model_path``)."""
+    try:
+        return local_model_path(uri)
+    except (CheckpointError, ValueError, OSError) as e:
+        raise TrainingError(f"init {storage.display(uri)}: {e}") from None
 
 
 def _wrap_lora(embedder: MMEmbedder, config: TrainConfig) -> None:

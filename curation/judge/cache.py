@@ -11,19 +11,31 @@ at any moment keeps every batch it finished and loses none it did not, so a reru
 pairs still missing.
 Failed judgments are stored too (with their error) so a run can report them; ``lookup`` treats them
 as misses, so the next run tries them again.
+
+A cache whose location is a URI (``s3://bucket/cache/judgments``) is no SQLite file (none can be
+shared over a network) but a folder of immutable Parquet segments (``curation.segment_cache``), one
+folder per judge model and one segment per stored batch: ``JudgmentCache(uri)`` gives a
+:class:`SegmentJudgmentCache`, with the same ``lookup`` and ``store``. Any process on any node can
+write it; a batch lands whole or not at all, as in SQLite, so a rerun judges only what is missing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
+from assay.curation import storage
 from assay.curation.judge.scoring import JudgeItem, Score
+from assay.curation.segment_cache import SegmentCache
 from assay.curation.sqlite_cache import SQLiteCache, cache_root
 
 _SCHEMA = """
@@ -79,7 +91,13 @@ class Key:
 
 
 class JudgmentCache(SQLiteCache):
-    """Cached judgments of one judge (``model_id``) under one prompt id at a time (see module docs)."""
+    """Cached judgments of one judge (``model_id``) under one prompt id at a time (see module docs).
+    A URI gives a :class:`SegmentJudgmentCache` (segments on object storage), a path SQLite."""
+
+    def __new__(cls, path: str | os.PathLike) -> JudgmentCache:
+        if cls is JudgmentCache and storage.is_remote(path):
+            return object.__new__(SegmentJudgmentCache)
+        return object.__new__(cls)
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path, _SCHEMA)
@@ -122,3 +140,86 @@ class JudgmentCache(SQLiteCache):
         if model_id is None:
             return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
         return self._db.execute("SELECT COUNT(*) FROM judgments WHERE model_id=?", [model_id]).fetchone()[0]
+
+
+#: A judgment as one row of a segment; ``key`` is (prompt id, query id, doc id) within a model's folder.
+SEGMENT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("prompt_id", pa.string()),
+        ("query_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("content", pa.string()),
+        ("margin", pa.float64()),
+        ("error", pa.string()),
+        ("created", pa.float64()),
+    ]
+)
+
+
+def _segment_key(prompt_id: str, query_id: str, doc_id: str) -> str:
+    return json.dumps([prompt_id, query_id, doc_id])
+
+
+def model_folder(model_id: str) -> str:
+    """The folder of one judge model's segments: its id made safe for any store, and a hash of it
+    (two ids that read alike once made safe keep folders of their own)."""
+    safe = re.sub(r"[^A-Za-z0-9._@=-]+", "_", model_id)[:80]
+    return f"{safe}-{hashlib.sha1(model_id.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+
+
+class SegmentJudgmentCache(JudgmentCache):
+    """The judgment cache on object storage: ``<location>/<model folder>/seg-*.parquet``, written
+    one segment per stored batch (``curation.segment_cache.SegmentCache``); see the module docs."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = storage.path(path)
+        self._segments: dict[str, SegmentCache] = {}
+
+    def _model(self, model_id: str) -> SegmentCache:
+        if model_id not in self._segments:
+            self._segments[model_id] = SegmentCache(self.path / model_folder(model_id), SEGMENT_SCHEMA)
+        return self._segments[model_id]
+
+    def lookup(
+        self, model_id: str, prompt_id: str, keys: Sequence[Key], *, failures: bool = False
+    ) -> dict[Key, Score]:
+        segments = self._model(model_id)
+        found: dict[Key, Score] = {}
+        for key in keys:
+            row = segments.get(_segment_key(prompt_id, key.query_id, key.doc_id))
+            if row is None or row["content"] != key.content:
+                continue
+            score = Score(margin=row["margin"], error=row["error"])
+            if score.ok or failures:
+                found[key] = score
+        return found
+
+    def store(self, model_id: str, prompt_id: str, results: Iterable[tuple[Key, Score]]) -> None:
+        """Write one batch of results as one segment (all of it lands, or none of it)."""
+        now = time.time()
+        rows = [
+            {
+                "key": _segment_key(prompt_id, k.query_id, k.doc_id),
+                "prompt_id": prompt_id,
+                "query_id": k.query_id,
+                "doc_id": k.doc_id,
+                "content": k.content,
+                "margin": s.margin,
+                "error": s.error,
+                "created": now,
+            }
+            for k, s in results
+        ]
+        self._model(model_id).put(rows)
+
+    def count(self, model_id: str | None = None) -> int:
+        if model_id is not None:
+            return sum(1 for _ in self._model(model_id).items())
+        folders = (SegmentCache(self.path / name, SEGMENT_SCHEMA) for name in storage.names(self.path))
+        return sum(sum(1 for _ in folder.items()) for folder in folders)
+
+    def close(self) -> None:
+        for segments in self._segments.values():
+            segments.close()
+        self._segments = {}

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from assay.curation import storage
 from assay.curation.judge.scoring import JudgeItem, Score, checked_score, label_token_ids, model_id_for
 from assay.curation.safety import refuse_pickle
 from assay.curation.schema import load_image
@@ -77,6 +78,10 @@ def image_key(value: Any, root: str | os.PathLike | None = None) -> str:
     if isinstance(value, (bytes, bytearray)):
         return "b:" + hashlib.blake2b(bytes(value), digest_size=16).hexdigest()
     if isinstance(value, (str, os.PathLike)):
+        if storage.is_remote(value):  # an image on object storage: its URI names it
+            return f"p:{value}"
+        if root is not None and storage.is_remote(root) and not os.path.isabs(value):
+            return f"p:{storage.resolve_under(root, os.fspath(value))[1]}"
         path = Path(value)
         if not path.is_absolute() and root is not None:
             path = Path(root) / path

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from assay.curation import storage
+
 
 @dataclass(frozen=True)
 class JudgeItem:
@@ -107,15 +109,19 @@ def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> tuple[int, int]:
 def weights_sha256(path: str | os.PathLike, exclude: Sequence[str] = ()) -> str:
     """sha256 over a model directory's ``*.safetensors`` files, in sorted name order (``exclude``: names).
 
-    Read from the bytes on disk, so it identifies the weights of any model directory and cannot go
-    stale; judgments are cached under it. ValueError when the directory holds no safetensors weights.
+    Read from the bytes on disk (or the objects of a directory given as a URI), so it identifies the
+    weights of any model directory and cannot go stale; judgments are cached under it. ValueError when the directory holds no safetensors weights.
     """
-    files = sorted(p for p in Path(path).glob("*.safetensors") if p.name not in exclude)
+    if storage.is_remote(path):  # a checkpoint on object storage: its objects, read in order
+        root = storage.path(path)
+        files = [root / n for n in storage.names(root) if n.endswith(".safetensors") and n not in exclude]
+    else:
+        files = sorted(p for p in Path(path).glob("*.safetensors") if p.name not in exclude)
     if not files:
-        raise ValueError(f"{path} holds no *.safetensors weights")
+        raise ValueError(f"{storage.display(path)} holds no *.safetensors weights")
     h = hashlib.sha256()
     for file in files:
-        with open(file, "rb") as f:
+        with file.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
@@ -130,4 +136,5 @@ def model_id_for(path: str | os.PathLike) -> str:
     """``<directory name>@<first 16 hex of the weights hash>``: a judge's and an encoder's part of the
     cache keys. The trainer state is left out: two runs that end with the same weights are the same
     model, whatever their optimizer state."""
-    return f"{Path(path).resolve().name}@{weights_sha256(path, exclude=(TRAINER_STATE_FILE,))[:16]}"
+    name = storage.path(path).name if storage.is_remote(path) else Path(path).resolve().name
+    return f"{name}@{weights_sha256(path, exclude=(TRAINER_STATE_FILE,))[:16]}"

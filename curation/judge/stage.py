@@ -34,8 +34,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from assay.curation import storage
 from assay.curation.dataset import AlreadyComplete, Dataset, DatasetWriter, Manifest, atomic_write_parquet
 from assay.curation.judge.cache import JudgmentCache, Key, content_hash
 from assay.curation.judge.prompts import PromptTemplate, family_for_task, images_of, load_prompt, render
@@ -139,8 +139,9 @@ def _shard_items(
         q, d = queries.get(qids[i]), docs.get(dids[i])
         if q is None or d is None:
             raise JudgeError(
-                f"{ds.root}: pair ({qids[i]}, {dids[i]}) names a {'query' if q is None else 'doc'} that "
-                "the dataset does not hold; run `assay validate` on it first"
+                f"{storage.display(ds.root)}: pair ({qids[i]}, {dids[i]}) names a "
+                f"{'query' if q is None else 'doc'} that the dataset does not hold; run `assay validate` "
+                "on it first"
             )
         key, item, prompt_id = render_pair(prompts, q, d, max_chars)
         items.append(item)
@@ -223,7 +224,7 @@ def judge_dataset(
             stage="judge",
             config=config,
             parents=[ds],
-            data_root=str(ds.data_root.resolve()),
+            data_root=storage.absolute(ds.data_root),
             overwrite=overwrite,
         )
     except AlreadyComplete as done:
@@ -279,7 +280,8 @@ def judge_dataset(
                 if not writer.is_done(table, name):
                     writer.sink.link_shard(table, name, ds.shard_path(table, name))
         if failures:
-            atomic_write_parquet(Path(out) / FAILURES_FILE, pa.Table.from_pylist(failures, FAILURES_SCHEMA))
+            failures_table = pa.Table.from_pylist(failures, FAILURES_SCHEMA)
+            atomic_write_parquet(storage.join(out, FAILURES_FILE), failures_table)
         report.failed = len(failures)
         report.prompts = sorted({p for _, _, pids, _ in shard_keys.values() for p in pids})
         if quality is not None:
@@ -446,8 +448,8 @@ def _negatives_to_drop(
 
 def read_failures(dataset: str | Path) -> pa.Table:
     """The pairs a judge run could not score, with their errors (empty when there were none)."""
-    path = Path(dataset) / FAILURES_FILE
-    return pq.read_table(path) if path.exists() else FAILURES_SCHEMA.empty_table()
+    path = storage.path(dataset) / FAILURES_FILE
+    return storage.read_table(path) if path.exists() else FAILURES_SCHEMA.empty_table()
 
 
 def iter_judged(ds: Dataset) -> Iterable[dict[str, Any]]:

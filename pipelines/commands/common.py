@@ -12,8 +12,23 @@ from typing import Any
 
 import click
 
+from assay.curation import storage
 from assay.curation.dataset import TMP_PREFIX, AlreadyComplete, DatasetError
 from assay.curation.lock import OutputInUse, describe_holder, environment_error
+
+
+class Location(click.Path):
+    """A click.Path that also takes a URI (``s3://bucket/ds``, ``gs://...``: ``curation.storage``).
+    A local path is checked as click.Path checks it; a URI, when ``exists``, for being there."""
+
+    name = "location"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not storage.is_remote(value):
+            return super().convert(value, param, ctx)
+        if self.exists and not storage.path(value).exists():
+            self.fail(f"{storage.display(value)} does not exist.", param, ctx)
+        return value
 
 
 def executor_options(fn: Callable) -> Callable:
@@ -88,7 +103,7 @@ def dedup_options(fn: Callable) -> Callable:
             "--against",
             multiple=True,
             metavar="EVAL",
-            type=click.Path(exists=True, file_okay=False),
+            type=Location(exists=True, file_okay=False),
             help="An evaluation dataset: training rows whose content matches one of its rows are "
             "removed as contaminated. Repeat for several.",
         ),
@@ -183,10 +198,11 @@ def judge_scoring_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--cache",
-            type=click.Path(dir_okay=False),
+            type=Location(dir_okay=False),
             default=None,
-            help="Judgment cache (SQLite on this machine; default: $ASSAY_CACHE_DIR or "
-            "~/.cache/assay/judgments.sqlite).",
+            help="Judgment cache: a SQLite file on this machine (default: $ASSAY_CACHE_DIR or "
+            "~/.cache/assay/judgments.sqlite), or a URI (s3://bucket/cache/judgments: segments "
+            "that the nodes of a cluster share).",
         ),
         click.option(
             "--trust-remote-code", is_flag=True, help="Allow the model directory's own code (off by default)."
@@ -254,23 +270,27 @@ def output_error(
 ) -> click.ClickException | None:
     """The one-line error for a failed write of ``out`` (a full disk, a read-only or forbidden
     folder, another writer), or None when ``e`` is something else."""
-    out = Path(out)
     if isinstance(e, OutputInUse):
-        return click.ClickException(
-            f"assay {command}: {out} is being written by {describe_holder(e.holder)}; wait for it to "
-            f"finish (or stop it) and rerun. Nothing was written. (lock file: {e.lock})"
+        ended = (
+            f" or for its lease to end (at {e.holder['lease_ends']})" if e.holder.get("lease_ends") else ""
         )
+        return click.ClickException(
+            f"assay {command}: {storage.display(out)} is being written by {describe_holder(e.holder)}; "
+            f"wait for it to finish{ended} (or stop it) and rerun. Nothing was written. "
+            f"(lock file: {storage.display(e.lock)})"
+        )
+    out = storage.path(out)
     env = environment_error(e)
     if env is None:
         return None
     code, text, filename = env
-    if filename and not _inside(Path(filename), out):
+    if filename and not storage.is_remote(out) and not _inside(Path(filename), out):
         # Somewhere else (a cache, the input): say where, not that OUT failed.
         return click.ClickException(f"assay {command}: cannot write {filename}: {text} (errno {code})")
     if code == errno.EROFS:
         after = "choose an output on a writable file system (or remount it read-write) and rerun"
     elif code == errno.EACCES:
-        denied = f" ({filename})" if filename and Path(filename) != out else ""
+        denied = f" ({filename})" if filename and str(filename) != str(out) else ""
         after = f"permission denied{denied}: fix the permissions of {out} or its folder, or choose another output, and rerun"
     else:
         fix = "free space" if code == errno.ENOSPC else "free space within your quota"

@@ -8,6 +8,7 @@ import click
 
 from assay.curation.schema import DATA_TABLES
 from assay.pipelines.commands.common import (
+    Location,
     dedup_options,
     executor_options,
     friendly_errors,
@@ -20,8 +21,8 @@ from assay.pipelines.commands.common import (
 
 
 @click.command("curate", short_help="validate -> dedup -> judge -> filter into one dataset.")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("dataset", type=Location(exists=True, file_okay=False))
+@click.argument("out", type=Location(file_okay=False))
 @click.option(
     "--judge",
     default=None,

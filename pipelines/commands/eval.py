@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from assay.pipelines.commands.common import friendly_errors, writing
+from assay.pipelines.commands.common import Location, friendly_errors, writing
 
 
 def _fmt(v: Any, width: int = 7, digits: int = 3) -> str:
@@ -65,10 +65,10 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 @click.command("eval")
 @click.argument("checkpoint")
-@click.argument("dataset", type=click.Path(file_okay=False))
+@click.argument("dataset", type=Location(file_okay=False))
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False),
+    type=Location(dir_okay=False),
     default=None,
     help="Where to write the metrics JSON (default: ./<DATASET name>.metrics.json).",
 )

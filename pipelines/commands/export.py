@@ -7,12 +7,12 @@ from typing import Any
 import click
 
 from assay.curation.export import FORMATS
-from assay.pipelines.commands.common import friendly_errors, writing
+from assay.pipelines.commands.common import Location, friendly_errors, writing
 
 
 @click.command("export")
-@click.argument("dataset", type=click.Path(file_okay=False))
-@click.argument("out", type=click.Path())
+@click.argument("dataset", type=Location(file_okay=False))
+@click.argument("out", type=Location())
 @click.option(
     "--format",
     "-f",
@@ -81,11 +81,16 @@ def command(dataset: str, out: str, **options: Any) -> None:
     OUT/train.parquet (or OUT if it ends with .parquet). Negatives are a query's
     hard_negative then negative pairs, by rank; false_negative pairs never.
 
+    DATASET and OUT may be URIs (s3://bucket/path, ...). An export to a URI is built in a
+    local temporary folder and uploaded: a file whole, after its images; a folder with
+    export.json last (a folder without it is no finished export; rerun to redo it).
+
     \b
     Examples:
       assay export data/ out/ --format jsonl --num-negatives 4
       assay export data/ out.parquet --format parquet --where "judge_verdict == 'yes'"
       assay export data/ st/ --format n-tuple -n 3 --where "subset == 'msmarco'"
+      assay export s3://bucket/ds s3://bucket/exports/train.jsonl --format jsonl
     """
     from assay.pipelines import api
 

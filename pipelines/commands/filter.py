@@ -7,12 +7,12 @@ from typing import Any
 import click
 
 from assay.curation.schema import DATA_TABLES
-from assay.pipelines.commands.common import executor_options, friendly_errors, print_counts, writing
+from assay.pipelines.commands.common import Location, executor_options, friendly_errors, print_counts, writing
 
 
 @click.command("filter")
-@click.argument("dataset", type=click.Path(file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("dataset", type=Location(file_okay=False))
+@click.argument("out", type=Location(file_okay=False))
 @click.option(
     "--where",
     "-w",

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from assay.curation.ingest import DOC_TARGETS, FORMATS, TARGETS
-from assay.pipelines.commands.common import executor_options, friendly_errors, print_counts, writing
+from assay.pipelines.commands.common import Location, executor_options, friendly_errors, print_counts, writing
 
 HELP = f"""Turn raw image+text pairs in SOURCE into a new assay dataset at OUT.
 
@@ -45,19 +45,24 @@ Rows that cannot be read (bad JSON or UTF-8, a number where text belongs, no tex
 on a side) go to OUT/quarantine with their file:line and a reason; they never stop the run. A
 killed ingest resumes when rerun with the same arguments and ends with the same files.
 
+SOURCE, OUT, --mapping, --data-root, --labels and --captions may be URIs (s3://bucket/path,
+gs://..., any fsspec filesystem; credentials and endpoint from the environment, ~/.aws or
+fsspec's configuration).
+
 \b
 Examples:
   assay ingest pairs.jsonl data/pairs --map query_text=question --map doc_image=img --task vqa
   assay ingest pairs.csv data/pairs --mapping columns.yaml --subset coco --embed-images
   assay ingest photos/ data/photos --format imagefolder --captions captions.csv
   assay ingest passages.jsonl data/pool --documents --map doc_text=passage --subset coco
+  assay ingest s3://bucket/raw/pairs/ s3://bucket/ds/pairs --embed-images
   assay ingest --format example easy-vqa data/easy-vqa --executor local
 """
 
 
 @click.command("ingest", help=HELP, short_help="Raw pairs (JSONL, CSV, Parquet, HF, images) -> a dataset.")
 @click.argument("source")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=Location(file_okay=False))
 @click.option(
     "--format",
     type=click.Choice(FORMATS),
@@ -72,14 +77,14 @@ Examples:
 )
 @click.option(
     "--mapping",
-    type=click.Path(exists=True, dir_okay=False),
+    type=Location(exists=True, dir_okay=False),
     default=None,
     metavar="FILE.yaml",
     help="A YAML file of TARGET: COLUMN lines; --map flags override it.",
 )
 @click.option(
     "--data-root",
-    type=click.Path(exists=True, file_okay=False),
+    type=Location(exists=True, file_okay=False),
     default=None,
     help="Folder that relative image paths start from (default: the input file's folder).",
 )
@@ -97,14 +102,14 @@ Examples:
 )
 @click.option(
     "--labels",
-    type=click.Path(exists=True, dir_okay=False),
+    type=Location(exists=True, dir_okay=False),
     default=None,
     metavar="FILE.csv",
     help="imagefolder: a CSV with columns file,label (classification).",
 )
 @click.option(
     "--captions",
-    type=click.Path(exists=True, dir_okay=False),
+    type=Location(exists=True, dir_okay=False),
     default=None,
     metavar="FILE.csv",
     help="imagefolder: a CSV with columns file,caption (retrieval: caption -> image).",

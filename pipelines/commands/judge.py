@@ -7,7 +7,9 @@ from typing import Any
 
 import click
 
+from assay.curation import storage
 from assay.pipelines.commands.common import (
+    Location,
     friendly_errors,
     judge_pool_options,
     judge_scoring_options,
@@ -31,8 +33,8 @@ def format_histograms(hists: dict[str, dict[str, list[int]]]) -> str:
 
 
 @click.command("judge", short_help="Score pairs with an MLLM judge; write verdicts to a new dataset.")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("dataset", type=Location(exists=True, file_okay=False))
+@click.argument("out", type=Location(file_okay=False))
 @click.option(
     "--model",
     required=True,
@@ -115,7 +117,7 @@ def command(dataset: str, out: str, **options: Any) -> None:
         f"{r['relabelled']} relabelled false_negative; {r['positives_judged_no']} gold positives judged no"
     )
     if r["failed"]:
-        click.echo(f"failures: {Path(out) / 'judge_failures.parquet'}")
+        click.echo(f"failures: {storage.display(storage.join(out, 'judge_failures.parquet'))}")
     click.echo(format_histograms(p_yes_histograms(out)))
     if r["quality"]:
         click.echo(format_quality(r["quality"]))

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from assay.pipelines.commands.common import friendly_errors, print_counts, writing
+from assay.pipelines.commands.common import Location, friendly_errors, print_counts, writing
 
 
 def format_stats(stats: dict[str, dict]) -> str:
@@ -40,12 +40,14 @@ def format_pool(p: dict, out: str) -> str:
 
 
 @click.command("mine", short_help="Mine hard negatives per query against a checkpoint (kNN per subset).")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("dataset", type=Location(exists=True, file_okay=False))
+@click.argument("out", type=Location(file_okay=False))
 @click.option(
     "--encoder",
     required=True,
-    help="An assay checkpoint, a sentence-transformers model directory, or all-MiniLM-L6-v2 (shipped).",
+    help="An assay checkpoint, a sentence-transformers model directory (a folder, or a URI such as "
+    "s3://bucket/ckpt: safetensors only, copied once to $ASSAY_CACHE_DIR/models), or all-MiniLM-L6-v2 "
+    "(shipped).",
 )
 @click.option(
     "--rules",
@@ -63,7 +65,7 @@ def format_pool(p: dict, out: str) -> str:
     "--corpus",
     multiple=True,
     metavar="POOL",
-    type=click.Path(exists=True, file_okay=False),
+    type=Location(exists=True, file_okay=False),
     help="An assay dataset whose corpus holds extra documents to mine from (repeatable; e.g. a "
     "documents-only ingest). They join the pool of their subset (documents of subsets DATASET lacks "
     "are ignored and counted); a doc id already used must name the same document, else it is an "
@@ -82,7 +84,7 @@ def format_pool(p: dict, out: str) -> str:
 )
 @click.option(
     "--cache",
-    type=click.Path(file_okay=False),
+    type=Location(file_okay=False),
     default=None,
     help="Embedding cache folder (default: $ASSAY_CACHE_DIR/embeddings or ~/.cache/assay/embeddings).",
 )
@@ -101,7 +103,7 @@ def format_pool(p: dict, out: str) -> str:
     help="With --judge: keep up to N judged hard negatives per query, best-ranked first.",
 )
 @click.option(
-    "--judge-cache", type=click.Path(dir_okay=False), default=None, help="Judgment cache (see `assay judge`)."
+    "--judge-cache", type=Location(dir_okay=False), default=None, help="Judgment cache (see `assay judge`)."
 )
 @click.option(
     "--instructions", is_flag=True, help="sentence-transformers encoders: prefix each row's instruction."
@@ -111,6 +113,13 @@ def format_pool(p: dict, out: str) -> str:
 )
 @click.option("--no-progress", is_flag=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it already holds a dataset or another run.")
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="ADDRESS",
+    help="Run the mining as one task on this Ray cluster (one CPU; one GPU with --device cuda). "
+    "Its nodes share no disk: give DATASET, OUT, --encoder and --cache as URIs (s3://...).",
+)
 @friendly_errors
 def command(dataset: str, out: str, **options: Any) -> None:
     """Mine hard negatives for the queries of DATASET with ENCODER; write DATASET plus them to OUT.

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from assay.pipelines.commands.common import friendly_errors, writing
+from assay.pipelines.commands.common import Location, friendly_errors, writing
 
 
 @click.command("report")
-@click.argument("run", type=click.Path(file_okay=False))
+@click.argument("run", type=Location(file_okay=False))
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),

@@ -6,11 +6,11 @@ import json
 
 import click
 
-from assay.pipelines.commands.common import friendly_errors
+from assay.pipelines.commands.common import Location, friendly_errors
 
 
 @click.command("stats")
-@click.argument("dataset", type=click.Path(file_okay=False))
+@click.argument("dataset", type=Location(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON instead of tables.")
 @friendly_errors
 def command(dataset: str, as_json: bool) -> None:

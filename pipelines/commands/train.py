@@ -6,11 +6,11 @@ from typing import Any
 
 import click
 
-from assay.pipelines.commands.common import friendly_errors, writing
+from assay.pipelines.commands.common import Location, friendly_errors, writing
 
 
 @click.command("train")
-@click.argument("config", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("config", metavar="CONFIG", type=Location(dir_okay=False))
 @click.option(
     "--stage",
     type=click.Choice(["1", "2", "3", "reranker"]),

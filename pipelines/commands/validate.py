@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from assay.pipelines.commands.common import (
+    Location,
     executor_options,
     friendly_errors,
     print_counts,
@@ -16,8 +17,8 @@ from assay.pipelines.commands.common import (
 
 
 @click.command("validate")
-@click.argument("dataset", type=click.Path(exists=True, file_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("dataset", type=Location(exists=True, file_okay=False))
+@click.argument("out", type=Location(file_okay=False))
 @validate_limit_options
 @executor_options
 @friendly_errors

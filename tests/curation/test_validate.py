@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 
@@ -85,6 +86,9 @@ def test_wrong_column_type_quarantines_the_shard_with_a_clear_detail(tmp_path):
     pq.write_table(
         pa.table({"query_id": ["q2", "q3"], "text": [1, 2]}), good.root / "queries" / "part-00001.parquet"
     )
+    manifest = json.loads((good.root / "manifest.json").read_text())  # a reader reads what it lists
+    manifest["files"]["queries"].append("part-00001.parquet")
+    (good.root / "manifest.json").write_text(json.dumps(manifest))
     m = validate(Dataset(good.root), tmp_path / "out")
     assert m.counts["queries"] == 1
     q = quarantine_rows(tmp_path / "out")

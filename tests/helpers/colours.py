@@ -74,3 +74,67 @@ def colour_dataset(root: str | Path, shades: int = 4, extra_pairs: list[dict] | 
     pairs += extra_pairs or []
     write_dataset(root, {"queries": queries, "corpus": corpus, "pairs": pairs})
     return Path(root)
+
+
+def train_loop_steps(source: str | Path) -> list[dict]:
+    """A short loop over the colour dataset ``source``: validate, stage 1, a warm-up, mine with it,
+    stage 2 on the mined negatives, eval (the loop tests' recipe)."""
+    common = {"progress": False, "batch_size": 8, "mini_batch": 8, "epochs": 20}
+    tiny = {"tiny": TINY, "tokens_per_tile": 16, **common}
+    return [
+        {"name": "valid", "run": "validate", "args": [str(source), "{run}/valid"]},
+        {
+            "name": "stage1",
+            "run": "train",
+            "config": {
+                "stage": "1",
+                "data": ["{valid}"],
+                "output": "{run}/stage1",
+                "lr": 3e-3,
+                "max_steps": 12,
+                "save_every": 100,
+                **tiny,
+            },
+        },
+        {
+            "name": "warmup",
+            "run": "train",
+            "config": {
+                "stage": "2",
+                "data": ["{valid}"],
+                "output": "{run}/warmup",
+                "init": "{stage1}",
+                "lora": None,
+                "lr": 1e-3,
+                "temperature": 0.1,
+                "max_steps": 8,
+                "save_every": 100,
+                **common,
+            },
+        },
+        {
+            "name": "mine",
+            "run": "mine",
+            "args": ["{valid}", "{run}/mined"],
+            "options": {"encoder": "{warmup}", "rules": "top:3", "cache": "{run}/cache", "no-progress": True},
+        },
+        {
+            "name": "stage2",
+            "run": "train",
+            "config": {
+                "stage": "2",
+                "data": ["{mine}"],
+                "output": "{run}/stage2",
+                "init": "{warmup}",
+                "lora": None,
+                "lr": 1e-3,
+                "temperature": 0.1,
+                "negatives": "mined",
+                "num_negatives": 2,
+                "max_steps": 60,
+                "save_every": 5,
+                **common,
+            },
+        },
+        {"name": "eval", "run": "eval", "args": ["{stage2}", "{valid}"]},
+    ]

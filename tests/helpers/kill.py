@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -17,13 +18,21 @@ def assay_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "assay.pipelines.cli", *args]
 
 
-def run_and_kill(cmd: list[str], out: Path, pattern: str, count: int = 1, timeout: float = 180) -> bool:
-    """Start ``cmd``; as soon as ``count`` files match ``out/pattern``, SIGKILL it.
+def run_and_kill(
+    cmd: list[str],
+    out: Path,
+    pattern: str,
+    count: int = 1,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+) -> bool:
+    """Start ``cmd`` (in ``env``, default this process's); as soon as ``count`` files match
+    ``out/pattern``, SIGKILL it. ``out`` may be a location on object storage (``storage.path``).
 
     Returns True if it was killed mid-run, False if it finished first (the caller should then
     make the work bigger: a test that never kills proves nothing).
     """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
     # Its own session, so that the Ray processes it starts can be cleaned up after the kill.
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
@@ -68,14 +77,18 @@ def dataset_files(root: Path) -> dict[str, Path]:
     return files
 
 
-def assert_same_dataset(a: Path, b: Path) -> int:
-    """Same files, same rows in the same order; returns the number of rows compared."""
+def assert_same_dataset(a: Path, b: Path, roots: tuple[str, str] | None = None) -> int:
+    """Same files, same rows in the same order; returns the number of rows compared. ``roots``: (a's
+    data root, b's), when the two were read from two places: the quarantine's details name them."""
     fa, fb = dataset_files(a), dataset_files(b)
     assert sorted(fa) == sorted(fb), f"file lists differ: {sorted(set(fa) ^ set(fb))}"
     assert not list(a.rglob(".tmp-*")) and not (a / "_progress").exists()
     rows = 0
     for rel in fa:
         ta, tb = pq.read_table(fa[rel]), pq.read_table(fb[rel])
+        if roots and "detail" in tb.column_names:
+            detail = pc.replace_substring(tb.column("detail"), roots[1], roots[0])
+            tb = tb.set_column(tb.column_names.index("detail"), "detail", detail)
         assert ta.equals(tb), f"{rel} differs between the resumed and the clean run"
         rows += ta.num_rows
     return rows

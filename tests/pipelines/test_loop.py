@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers.colours import TINY, colour_dataset
+from helpers.colours import colour_dataset, train_loop_steps
 from helpers.kill import assay_cmd, assert_same_dataset, run_and_kill, run_ok
 from safetensors.torch import load_file
 
@@ -224,68 +224,6 @@ def test_to_stops_after_the_step(colours, tmp_path):
 
 
 # ---------------------------------------------------------------- killed during mining and training
-
-
-def train_loop_steps(source: Path) -> list[dict]:
-    common = {"progress": False, "batch_size": 8, "mini_batch": 8, "epochs": 20}
-    tiny = {"tiny": TINY, "tokens_per_tile": 16, **common}
-    return [
-        {"name": "valid", "run": "validate", "args": [str(source), "{run}/valid"]},
-        {
-            "name": "stage1",
-            "run": "train",
-            "config": {
-                "stage": "1",
-                "data": ["{valid}"],
-                "output": "{run}/stage1",
-                "lr": 3e-3,
-                "max_steps": 12,
-                "save_every": 100,
-                **tiny,
-            },
-        },
-        {
-            "name": "warmup",
-            "run": "train",
-            "config": {
-                "stage": "2",
-                "data": ["{valid}"],
-                "output": "{run}/warmup",
-                "init": "{stage1}",
-                "lora": None,
-                "lr": 1e-3,
-                "temperature": 0.1,
-                "max_steps": 8,
-                "save_every": 100,
-                **common,
-            },
-        },
-        {
-            "name": "mine",
-            "run": "mine",
-            "args": ["{valid}", "{run}/mined"],
-            "options": {"encoder": "{warmup}", "rules": "top:3", "cache": "{run}/cache", "no-progress": True},
-        },
-        {
-            "name": "stage2",
-            "run": "train",
-            "config": {
-                "stage": "2",
-                "data": ["{mine}"],
-                "output": "{run}/stage2",
-                "init": "{warmup}",
-                "lora": None,
-                "lr": 1e-3,
-                "temperature": 0.1,
-                "negatives": "mined",
-                "num_negatives": 2,
-                "max_steps": 60,
-                "save_every": 5,
-                **common,
-            },
-        },
-        {"name": "eval", "run": "eval", "args": ["{stage2}", "{valid}"]},
-    ]
 
 
 @pytest.mark.timeout(900)
