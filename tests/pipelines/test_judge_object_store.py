@@ -312,3 +312,4 @@ def test_curate_on_the_two_node_cluster_gives_the_local_output(store, local_cura
     if not any(worker_root.resolve().is_relative_to(h) for h in ray_cluster.hidden):
         assert len(copies) == 1  # the actor, on the worker node, copied the checkpoint from s3
     print(f"curate with the judge on the two-node cluster, all on s3: {seconds:.1f} s")
+    assert ray_cluster.hidden, "unshare was not permitted: the worker node could read this process's files"
