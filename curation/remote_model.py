@@ -33,17 +33,7 @@ MODELS_DIR = "models"
 def remote_files(location: str | os.PathLike, *, allow_pickle: bool = False) -> list[tuple[str, dict]]:
     """(relative name, the store's info) of every file of a model directory on a URI. ValueError
     when there is none; ``UnsafeModelError`` when one only pickle can read (see the module docs)."""
-    loc = storage.path(location)
-    try:
-        found = loc.fs.find(loc.path, detail=True)
-    except FileNotFoundError:
-        found = {}
-    base = loc.path.rstrip("/") + "/"
-    files = sorted(
-        (name[len(base) :], info)
-        for name, info in found.items()
-        if name.startswith(base) and info.get("type", "file") != "directory"
-    )
+    files = storage.listing(location)
     if not files:
         raise ValueError(f"{storage.display(location)} is not a model directory (no files there)")
     allowed = allow_pickle or os.environ.get(ALLOW_ENV, "") not in ("", "0")

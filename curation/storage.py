@@ -129,6 +129,22 @@ def files_under(p: str | os.PathLike, suffix: str = "") -> list[str]:
     return sorted(f[len(base) :] for f in found if f.startswith(base) and f.endswith(suffix))
 
 
+def listing(p: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """(path relative to the folder, the store's info: size, ETag, ...) of every file below the
+    folder URI ``p``, sorted; [] when there is none."""
+    loc = path(p)
+    try:
+        found = loc.fs.find(loc.path, detail=True)
+    except FileNotFoundError:
+        return []
+    base = loc.path.rstrip("/") + "/"
+    return sorted(
+        (name[len(base) :], info)
+        for name, info in found.items()
+        if name.startswith(base) and info.get("type", "file") != "directory"
+    )
+
+
 def put_bytes(p: str | os.PathLike, data: bytes) -> None:
     """Put a whole object at ``p`` in one request (readers see all of it or none). Object stores
     only: a local file is written by ``dataset.atomic_write_bytes``, which renames into place."""
@@ -238,8 +254,7 @@ def local_copy(p: str | os.PathLike, under: str | os.PathLike) -> Path:
     import uuid
 
     base = loc.path.rstrip("/") + "/"
-    found = loc.fs.find(loc.path, detail=True)
-    files = sorted((name[len(base) :], info) for name, info in found.items() if name.startswith(base))
+    files = listing(loc)
     if not files:
         raise FileNotFoundError(f"{display(p)}: no files there")
     h = hashlib.sha256(str(loc).rstrip("/").encode())
@@ -355,9 +370,6 @@ def footers(paths: list[str | os.PathLike]) -> list[pq.FileMetaData]:
 # (Added for exports: an object store has no rename, so a folder built locally is uploaded file by
 # file, and what makes it look finished goes up last.)
 
-#: Files a folder upload puts at once.
-PUT_CONCURRENCY = 16
-
 
 def put_file(local: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Put the local file ``local`` at ``dest`` (a URI) whole: the object appears when all of it
@@ -384,7 +396,7 @@ def put_tree(
     1. ``dest/<marker>`` (when given) is put: an upload into this folder is under way;
     2. with ``replace``, what ``dest`` already holds is deleted, its ``last`` files first (what made
        it look finished), the marker kept;
-    3. every other file of ``local`` goes up (``PUT_CONCURRENCY`` at a time), each whole;
+    3. every other file of ``local`` goes up (``CONCURRENCY`` at a time: :func:`each`), each whole;
     4. the files named in ``last`` (relative paths) go up one by one, in that order: a reader that
        waits for the last of them sees everything it refers to already there;
     5. the marker is deleted.
@@ -415,12 +427,7 @@ def put_tree(
                 fs.rm(rest)
     later = [rel for rel in last if rel in files]
     bulk = [rel for rel in files if rel not in later and rel != marker]
-    if bulk:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(PUT_CONCURRENCY, len(bulk))) as pool:
-            for fut in [pool.submit(_put_file, fs, str(Path(local) / rel), f"{base}/{rel}") for rel in bulk]:
-                fut.result()
+    each(lambda rel: _put_file(fs, str(Path(local) / rel), f"{base}/{rel}"), bulk, remote=True)
     for rel in later:
         _put_file(fs, str(Path(local) / rel), f"{base}/{rel}")
     if marker:

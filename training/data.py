@@ -274,12 +274,10 @@ def read_image_bytes(image: dict[str, Any]) -> bytes:
 
 def _read_remote_image(path: str, root: str | None) -> bytes:
     """An image object under a data root URI (``confine_image_cell`` made ``path`` the full URI)."""
-    if root is not None:
-        base = str(root).rstrip("/") + "/"
-        if not str(path).startswith(base):
-            raise TrainingDataError(
-                f"image path {storage.display(path)} is outside the data root {storage.display(root)}"
-            )
+    if root is not None and not resolve_image_path(root, path).inside:  # the one confinement check
+        raise TrainingDataError(
+            f"image path {storage.display(path)} is outside the data root {storage.display(root)}"
+        )
     try:
         return storage.read_bytes(path)
     except OSError as e:
