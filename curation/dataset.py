@@ -527,10 +527,15 @@ class DatasetWriter:
     def is_done(self, table: str, name: str) -> bool:
         return self.sink.is_done(table, name)
 
-    def markers(self) -> list[dict[str, Any]]:
+    def markers(self, known: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Every shard marker; those in ``known`` (the ones this run's tasks returned) are not read
+        again, only listed."""
         done = self.progress_dir / "done"
-        found = storage.read_many([done / rel for rel in storage.files_under(done, ".json")])
-        return [json.loads(data) for data in found]  # read together: one request each is slow on S3
+        have = {f"{m['table']}/{m['shard']}.json": m for m in known or []}
+        names = storage.files_under(done, ".json")
+        found = storage.read_many([done / rel for rel in names if rel not in have])
+        read = iter(json.loads(data) for data in found)  # read together: one request each is slow on S3
+        return [have[rel] if rel in have else next(read) for rel in names]
 
     def lineage_of_parents(self) -> list[dict[str, Any]]:
         return list(self.parents[0].manifest.lineage) if self.parents else []
@@ -545,13 +550,18 @@ class DatasetWriter:
         data = shard if sink.shard_path(table, shard).exists() else None
         return data, sink.quarantine_name(table, shard) if marker.get("quarantined") else None
 
-    def finish(self, extra: dict[str, Any] | None = None) -> Manifest:
-        """Add up the shard markers, carry quarantine forward, write manifest.json last."""
+    def finish(
+        self, extra: dict[str, Any] | None = None, written: list[dict[str, Any]] | None = None
+    ) -> Manifest:
+        """Add up the shard markers, carry quarantine forward, write manifest.json last.
+        ``written``: the markers this run's shard tasks returned (the rest are read)."""
         counts = {t: 0 for t in DATA_TABLES}
         reasons: dict[str, int] = {}
         files: dict[str, list[str]] = {t: [] for t in DATA_TABLES}
         quarantine: set[str] = set()
-        for m in self.markers():
+        markers = self.markers(written)
+        own: list[str] = []  # this stage's quarantine files
+        for m in markers:
             counts[m["table"]] = counts.get(m["table"], 0) + m["rows"]
             for r, n in m.get("reasons", {}).items():
                 key = f"{self.stage}:{r}"
@@ -560,11 +570,13 @@ class DatasetWriter:
             if written:
                 files.setdefault(m["table"], []).append(written)
             if refused:
-                quarantine.add(refused)
+                own.append(refused)
         # The parents' refused rows stay visible in every descendant: nothing is lost.
         present = set(storage.names(self.root / QUARANTINE))  # one listing, not an exists() per file
+        inherited: list[list[str]] = []
         for parent in self.parents:
             names = parent.quarantine_files()
+            inherited.append(names)
             storage.each(
                 lambda name, parent=parent: link_or_copy(
                     parent.root / QUARANTINE / name, self.root / QUARANTINE / name
@@ -575,11 +587,19 @@ class DatasetWriter:
             quarantine.update(names)
             for r, n in parent.manifest.quarantine_reasons.items():
                 reasons[r] = reasons.get(r, 0) + n
-        quarantine |= set(files.pop(QUARANTINE, []))  # write_dataset's hand-made quarantine table
+        hand_made = files.pop(QUARANTINE, [])  # write_dataset's hand-made quarantine table
+        quarantine |= set(own) | set(hand_made)
         files = {t: sorted(names) for t, names in files.items()} | {QUARANTINE: sorted(quarantine)}
-        counts[QUARANTINE] = sum(  # the footers read together (concurrently on an object store)
-            m.num_rows for m in storage.footers([self.root / QUARANTINE / n for n in files[QUARANTINE]])
-        )
+        if not hand_made and _disjoint([own, *inherited]) and all(_counts_listed(p) for p in self.parents):
+            # Each quarantine file is this stage's own (its marker counted it) or one parent's (its
+            # manifest counted it), never two of them: add up, no file read.
+            counts[QUARANTINE] = sum(m.get("quarantined", 0) for m in markers) + sum(
+                p.manifest.counts[QUARANTINE] for p in self.parents
+            )
+        else:  # files shared between parents, or counts from an older manifest: count the rows
+            counts[QUARANTINE] = sum(  # the footers read together (concurrently on an object store)
+                m.num_rows for m in storage.footers([self.root / QUARANTINE / n for n in files[QUARANTINE]])
+            )
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         step = {
             "stage": self.stage,
@@ -605,6 +625,15 @@ class DatasetWriter:
         atomic_write_json(self.root / MANIFEST, manifest.to_json())
         storage.remove_tree(self.progress_dir)
         return manifest
+
+
+def _disjoint(groups: list[list[str]]) -> bool:
+    return len(set().union(*groups)) == sum(len(g) for g in groups)
+
+
+def _counts_listed(parent: Dataset) -> bool:
+    """Whether a parent's manifest lists its files and counts their quarantined rows."""
+    return parent.manifest.files is not None and QUARANTINE in parent.manifest.counts
 
 
 def write_dataset(

@@ -65,7 +65,7 @@ from assay.curation.executor import Executor, LocalExecutor
 from assay.curation.hamming import MAX_DISTANCE
 from assay.curation.near_image import COLOUR_DISTANCE, GRID
 from assay.curation.schema import CORPUS, PAIRS, QUERIES
-from assay.curation.shardstage import PLAN_SCHEMA, read_scans, run_shard_stage, split_by_shard
+from assay.curation.shardstage import PLAN_SCHEMA, Scan, read_scans, run_shard_stage, split_by_shard
 
 STAGE = "dedup"
 CONTENT_TABLES = (QUERIES, CORPUS)
@@ -132,7 +132,7 @@ class _Planner:
             for table in self.decontaminate
         }
 
-    def _targets(self, scans: dict[str, list[tuple[str, Path]]]) -> dict[str, pa.Table]:
+    def _targets(self, scans: dict[str, list[tuple[str, Scan]]]) -> dict[str, pa.Table]:
         """What the pairs say each query and document is about (curation.dedup_targets)."""
         p_scans = scans.get(PAIRS, [])
         if not self.near or not p_scans:
@@ -150,7 +150,7 @@ class _Planner:
         pairs = read_scans(p_scans, columns=["query_id", "doc_id", "label"])
         return pair_targets(pairs, keys[QUERIES], keys[CORPUS])
 
-    def __call__(self, scans: dict[str, list[tuple[str, Path]]]) -> dict[tuple[str, str], pa.Table]:
+    def __call__(self, scans: dict[str, list[tuple[str, Scan]]]) -> dict[tuple[str, str], pa.Table]:
         evals = self._eval_rows()
         targets = self._targets(scans)
         plans: dict[tuple[str, str], pa.Table] = {}

@@ -33,7 +33,7 @@ from assay.curation.dataset import Dataset, DatasetError, Manifest
 from assay.curation.executor import Executor
 from assay.curation.filter_expr import Filter, FilterError, parse_filter
 from assay.curation.schema import CORPUS, DATA_TABLES, PAIRS, QUERIES, SCHEMAS
-from assay.curation.shardstage import plan_table, read_scans, run_shard_stage, split_by_shard
+from assay.curation.shardstage import Scan, plan_table, read_scans, run_shard_stage, split_by_shard
 
 STAGE = "filter"
 
@@ -107,7 +107,7 @@ def _scan_filter(task: dict[str, Any]) -> pa.Table:
     return pa.table(cols)
 
 
-def _frame(scans: list[tuple[str, Path]], table: str) -> pl.DataFrame:
+def _frame(scans: list[tuple[str, Scan]], table: str) -> pl.DataFrame:
     ids = _ID_COLUMNS[table]
     side = read_scans(scans) if scans else None
     if side is None or side.num_rows == 0:
@@ -133,7 +133,7 @@ def pair_filter_reasons(p: pl.DataFrame) -> pl.DataFrame:
 
 
 def _plan_filter(
-    scans: dict[str, list[tuple[str, Path]]], prune: bool, report: dict[str, Any]
+    scans: dict[str, list[tuple[str, Scan]]], prune: bool, report: dict[str, Any]
 ) -> dict[tuple[str, str], pa.Table]:
     q = _frame(scans.get(QUERIES, []), QUERIES)
     d = _frame(scans.get(CORPUS, []), CORPUS)
@@ -203,7 +203,7 @@ def filter_dataset(
     config = {"where": flt.text, "table": table, "prune": bool(prune)}
     report: dict[str, Any] = {"where": flt.text, "applied_to": list(targets), "prune": bool(prune)}
 
-    def plan(scans: dict[str, list[tuple[str, Path]]]) -> dict[tuple[str, str], pa.Table]:
+    def plan(scans: dict[str, list[tuple[str, Scan]]]) -> dict[tuple[str, str], pa.Table]:
         return _plan_filter(scans, bool(prune), report)
 
     # ``report`` is filled in by the plan (in this process) before the manifest is written.

@@ -7,12 +7,14 @@
    decide what happens to each row that is not simply kept: ``quarantine`` (with a reason),
    ``drop`` (silently: an exact copy, or a filter) or ``rewrite`` (``set_<column>`` values).
    Global decisions (duplicate ids, pairs naming unknown ids) can only be made here.
-3. **apply** (per shard, in parallel): read the shard and its plan, write the kept rows and the
-   quarantined ones, each file atomically, then the shard's completion marker.
+3. **apply** (per shard, in parallel): read the shard, follow its plan (carried in the task), write
+   the kept rows and the quarantined ones, each file atomically, then the shard's completion marker.
 
-Scan files, plan files and markers live under ``_progress/``. A rerun after a kill at any moment
-skips finished scans and applied shards and recomputes the (deterministic) plan, so it ends with the
-same output as a run that was never interrupted.
+Scan files and markers live under ``_progress/``. A scan task also hands its side table back to the
+driver, which plans from those and reads back only the scans of an earlier, killed attempt (on an
+object store, every side table written and read again cost two requests). A rerun after a kill at
+any moment skips finished scans and applied shards and recomputes the (deterministic) plan, so it
+ends with the same output as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from assay.curation.dataset import (
     ShardSink,
     atomic_write_parquet,
 )
-from assay.curation.executor import Executor, LocalExecutor
+from assay.curation.executor import Executor, LocalExecutor, pack_table, unpack_table
 from assay.curation.quarantine import QuarantineBuilder
 from assay.curation.schema import DATA_TABLES, ID_COLUMN
 
@@ -90,16 +92,19 @@ def plan_table(
 
 #: scan(task) -> side table with a ``row`` column. The task has table, shard, src, data_root, config.
 ScanFn = Callable[[dict[str, Any]], pa.Table]
-#: plan(scans) -> {(table, shard): plan table}; scans maps table -> [(shard, side-table path)].
-PlanFn = Callable[[dict[str, list[tuple[str, Path]]]], dict[tuple[str, str], pa.Table]]
+#: One shard's scan: its side table when this run scanned it, else the path of the file an earlier
+#: attempt wrote (``read_scans`` takes either).
+Scan = pa.Table | Path
+#: plan(scans) -> {(table, shard): plan table}; scans maps table -> [(shard, scan)].
+PlanFn = Callable[[dict[str, list[tuple[str, Scan]]]], dict[tuple[str, str], pa.Table]]
 
 
 def _scan_task(task: dict[str, Any], scan_fn: ScanFn) -> dict[str, Any]:
     side = scan_fn(task)
     if "row" not in side.column_names:
         raise ValueError(f"scan of {task['table']}/{task['shard']} returned no 'row' column")
-    atomic_write_parquet(task["scan_out"], side)
-    return {"table": task["table"], "shard": task["shard"], "rows": side.num_rows}
+    atomic_write_parquet(task["scan_out"], side)  # for a rerun after a kill; this run plans from `side`
+    return {"table": task["table"], "shard": task["shard"], "rows": side.num_rows, "side": pack_table(side)}
 
 
 def _cell(col: pa.ChunkedArray, i: int) -> Any:
@@ -173,7 +178,7 @@ def apply_plan(
 def _apply_task(task: dict[str, Any]) -> dict[str, Any]:
     sink = ShardSink(**task["sink"])
     shard = storage.read_table(task["src"])
-    plan = storage.read_table(task["plan"]) if task["plan"] else None  # None: the shard has no plan
+    plan = unpack_table(task["plan"]) if task["plan"] else None  # None: the shard has no plan
     kept, quarantine = apply_plan(shard, plan, task["table"], sink.stage, f"{task['source_name']}")
     return sink.write_shard(task["table"], task["shard"], kept, quarantine)
 
@@ -212,7 +217,7 @@ def run_shard_stage(
     # an exists() per shard: on an object store each of those is a request or two (HEAD, then LIST).
     scanned = set(storage.files_under(progress / "scan"))
     scan_tasks = []
-    scans: dict[str, list[tuple[str, Path]]] = {}
+    scans: dict[str, list[tuple[str, Scan]]] = {}
     for t in tables:
         scans[t] = []
         for name in shards[t]:
@@ -231,17 +236,17 @@ def run_shard_stage(
                     }
                 )
     if scan_tasks:
-        executor.map(functools.partial(_scan_task, scan_fn=scan_fn), scan_tasks, desc=f"{stage}: scan")
+        results = executor.map(
+            functools.partial(_scan_task, scan_fn=scan_fn), scan_tasks, desc=f"{stage}: scan"
+        )
+        sides = {(r["table"], r["shard"]): unpack_table(r["side"]) for r in results}
+        scans = {
+            t: [(name, sides.get((t, name), scan)) for name, scan in entries] for t, entries in scans.items()
+        }
 
+    # Plans are small (the rows that are not simply kept) and deterministic: they travel inside the
+    # apply tasks and a rerun recomputes them, so they are never stored.
     plans = {key: plan for key, plan in plan_fn(scans).items() if plan is not None and plan.num_rows}
-    storage.each(
-        lambda item: atomic_write_parquet(
-            progress / "plan" / item[0][0] / item[0][1], item[1].sort_by("row")
-        ),
-        list(plans.items()),
-        storage.is_remote(progress),
-    )
-    planned = set(plans)
 
     done = set(storage.files_under(progress / "done", ".json"))
     apply_tasks = [
@@ -250,25 +255,27 @@ def run_shard_stage(
             "table": t,
             "shard": name,
             "src": str(source.shard_path(t, name)),
-            "plan": str(progress / "plan" / t / name) if (t, name) in planned else None,
+            "plan": pack_table(plans[(t, name)].sort_by("row")) if (t, name) in plans else None,
             "source_name": f"{source.root.name}/{t}/{name}",
         }
         for t in tables
         for name in shards[t]
         if f"{t}/{name}.json" not in done  # writer.is_done(t, name), from the one listing
     ]
-    if apply_tasks:
-        executor.map(_apply_task, apply_tasks, desc=f"{stage}: write")
-    return writer.finish(extra=extra)
+    written = executor.map(_apply_task, apply_tasks, desc=f"{stage}: write") if apply_tasks else []
+    return writer.finish(extra=extra, written=written)
 
 
-def read_scans(scans: list[tuple[str, Path]], columns: list[str] | None = None) -> pa.Table:
+def read_scans(scans: list[tuple[str, Scan]], columns: list[str] | None = None) -> pa.Table:
     """Concatenate one table's scan side tables, adding ``shard`` (index into ``scans``)."""
-    tables = storage.each(
-        lambda path: storage.read_table(path, columns=columns),
-        [path for _, path in scans],
-        bool(scans) and storage.is_remote(scans[0][1]),
-    )
+
+    def read(scan: Scan) -> pa.Table:
+        if isinstance(scan, pa.Table):
+            return scan.select(columns) if columns is not None else scan
+        return storage.read_table(scan, columns=columns)
+
+    files = [scan for _, scan in scans if not isinstance(scan, pa.Table)]
+    tables = storage.each(read, [scan for _, scan in scans], bool(files) and storage.is_remote(files[0]))
     parts = [
         t.append_column("shard", pa.array(np.full(t.num_rows, i, dtype=np.int32)))
         for i, t in enumerate(tables)
@@ -279,7 +286,7 @@ def read_scans(scans: list[tuple[str, Path]], columns: list[str] | None = None) 
 
 
 def split_by_shard(
-    rows: pa.Table, scans: list[tuple[str, Path]], table: str, build: Callable[[pa.Table], pa.Table]
+    rows: pa.Table, scans: list[tuple[str, Scan]], table: str, build: Callable[[pa.Table], pa.Table]
 ) -> dict[tuple[str, str], pa.Table]:
     """Group a global table of decisions (with ``shard`` and ``row``) into one plan per shard."""
     plans: dict[tuple[str, str], pa.Table] = {}

@@ -47,7 +47,6 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,7 +68,7 @@ from assay.curation.schema import (
     VERDICTS,
     resolve_image_path,
 )
-from assay.curation.shardstage import plan_table, read_scans, run_shard_stage, split_by_shard
+from assay.curation.shardstage import Scan, plan_table, read_scans, run_shard_stage, split_by_shard
 
 STAGE = "validate"
 
@@ -412,7 +411,7 @@ def _cfg_args(config: dict[str, Any]) -> dict[str, Any]:
 # -- the plan: checks across shards ------------------------------------------------------------------
 
 
-def plan_validate(scans: dict[str, list[tuple[str, Path]]]) -> dict[tuple[str, str], pa.Table]:
+def plan_validate(scans: dict[str, list[tuple[str, Scan]]]) -> dict[tuple[str, str], pa.Table]:
     """Duplicate and conflicting ids and dangling pair ids, decided over the ids of all shards."""
     plans: dict[tuple[str, str], pa.Table] = {}
     kept_ids: dict[str, pl.Series] = {}
@@ -561,7 +560,7 @@ def pair_decisions(s: pl.DataFrame) -> pl.DataFrame:
 
 
 def _plans_for(
-    rejected: pl.DataFrame, scans: list[tuple[str, Path]], table: str
+    rejected: pl.DataFrame, scans: list[tuple[str, Scan]], table: str
 ) -> dict[tuple[str, str], pa.Table]:
     def build(part: pa.Table) -> pa.Table:
         return plan_table(part.column("row"), "quarantine", part.column("reason"), part.column("detail"))

@@ -104,6 +104,31 @@ def test_lineage_and_quarantine_are_carried_to_every_descendant(tmp_path):
     assert v2.manifest.quarantine_reasons == {"validate:empty_text": 1}
 
 
+def _quarantine_rows(ds: Dataset) -> int:
+    return sum(pq.read_metadata(ds.root / "quarantine" / n).num_rows for n in ds.quarantine_files())
+
+
+def test_the_manifest_counts_every_quarantined_row_whether_added_up_or_read(tmp_path):
+    """A stage adds up its quarantine count from its markers and its parent's manifest (no file
+    read); a quarantine table written by hand is counted from the files. Either way the count is
+    the rows the quarantine files hold."""
+    rows = _queries(6) + [{"query_id": "q9", "text": " "}, {"query_id": "q1", "text": "again"}]
+    by_hand = QuarantineBuilder("queries", "ingest", "in.jsonl")
+    by_hand.add({"query_id": "q7"}, "unreadable", "line 8", id="q7", location="in.jsonl#line=8")
+    raw = write_dataset(tmp_path / "raw", {"queries": rows, "quarantine": by_hand.to_table()}, stage="ingest")
+    validate(raw, tmp_path / "v1")
+    v1 = Dataset(tmp_path / "v1")
+    written = write_dataset(tmp_path / "dup", {"queries": [*_queries(3), *_queries(3)]}, stage="ingest")
+    validate(written, tmp_path / "v2")
+    v2 = Dataset(tmp_path / "v2")
+    validate(v1, tmp_path / "v3")  # a child of a stage that refused rows, refusing none itself
+    v3 = Dataset(tmp_path / "v3")
+    assert raw.manifest.counts["quarantine"] == _quarantine_rows(raw) == 1  # read from the file
+    assert v1.manifest.counts["quarantine"] == _quarantine_rows(v1) == 4  # + blank, and q1 twice
+    assert v2.manifest.counts["quarantine"] == _quarantine_rows(v2) == 3  # each repeat of q0-q2
+    assert v3.manifest.counts["quarantine"] == _quarantine_rows(v3) == 4
+
+
 def test_quarantine_records_round_trip_bytes_and_odd_values():
     row = {
         "query_id": "q",

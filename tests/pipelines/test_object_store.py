@@ -117,6 +117,26 @@ def test_a_stage_killed_on_s3_resumes_to_the_same_files(tmp_path, s3_bucket):
     )
 
 
+def test_a_stage_on_s3_reads_back_nothing_its_own_tasks_wrote(tmp_path, s3_bucket, monkeypatch):
+    """Every object read is a request: an uninterrupted stage plans from the side tables its scan
+    tasks return and adds up the markers its write tasks return, so it reads nothing under its own
+    ``_progress/`` (a rerun after a kill reads what the dead attempt left there)."""
+    _, remote = _both_sides(tmp_path, s3_bucket, n_good=300, n_bad=40, rows_per_shard=100)
+    read: list[str] = []
+    for name in ("read_table", "read_many", "read_bytes", "footers"):
+        real = getattr(storage, name)
+
+        def spy(what, *a, real=real, **kw):
+            read.extend(map(str, what) if isinstance(what, list) else [str(what)])
+            return real(what, *a, **kw)
+
+        monkeypatch.setattr(storage, name, spy)
+    assay.validate(remote, f"{s3_bucket}/v", max_text_chars=1000, executor="local")
+    assay.dedup(f"{s3_bucket}/v", f"{s3_bucket}/d", executor="local")
+    assert read and not [p for p in read if "/_progress/" in p]
+    assert Dataset(f"{s3_bucket}/d").manifest.counts["quarantine"] > 0
+
+
 HOLD = """
 import sys, time
 from assay.curation.lock import output_lock
