@@ -123,7 +123,8 @@ class EmbeddingCache(SQLiteCache):
 
     def __init__(self, root: str | os.PathLike, encoder: Encoder):
         self.encoder = encoder
-        name = encoder.model_id.replace("/", "_").replace("@", "-")
+        # a file or object name: no "/", and no "#" (a URL fragment to fsspec) from a fast mode's id
+        name = encoder.model_id.replace("/", "_").replace("@", "-").replace("#", "+")
         self._segments: SegmentCache | None = None
         if storage.is_remote(root):  # several nodes, no shared disk: Parquet segments, not SQLite
             self.root = storage.path(root)

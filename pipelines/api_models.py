@@ -46,6 +46,8 @@ def mine(
     judge_cache: PathLike | None = None,
     instructions: bool = False,
     trust_remote_code: bool = False,
+    fast: bool = False,
+    max_length: int | None = None,
     no_progress: bool = False,
     overwrite: bool = False,
     ray_address: str | None = None,
@@ -69,6 +71,7 @@ def mine(
             "batch_size": batch_size, "cache": None if cache is None else str(cache), "seed": seed,
             "judge": judge, "keep": keep, "judge_cache": None if judge_cache is None else str(judge_cache),
             "instructions": instructions, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
+            "fast": fast, "max_length": max_length,
         }  # fmt: skip
         return mine_on_cluster(ray_address, options)
     out = storage.path(out)
@@ -84,6 +87,8 @@ def mine(
             image_root=storage.absolute(source.data_root),
             instructions=instructions,
             trust_remote_code=trust_remote_code,
+            precision="fast" if fast else "exact",
+            max_length=max_length,
         )
         with progress_bars(no_progress, embed="row", mine="query") as bars:
             manifest, stats = mine_dataset(

@@ -109,6 +109,21 @@ def format_pool(p: dict, out: str) -> str:
     "--instructions", is_flag=True, help="sentence-transformers encoders: prefix each row's instruction."
 )
 @click.option(
+    "--fast",
+    is_flag=True,
+    help="Encode in lower precision: bfloat16 where the hardware has it (CUDA, CPUs with "
+    "AVX512-BF16/AMX), else int8 dynamic quantisation (ASSAY_FAST_KIND=bf16|int8 picks). Cached "
+    "apart from exact vectors; keeps about 95%+ of the exact negatives (docs/BENCHMARKS.md).",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="TOKENS",
+    help="Cut each text at this many tokens before encoding (sentence-transformers' max_seq_length; "
+    "default: the model's own). Mine at the length you train at.",
+)
+@click.option(
     "--trust-remote-code", is_flag=True, help="Allow a model directory's own code (off by default)."
 )
 @click.option("--no-progress", is_flag=True)
