@@ -163,8 +163,11 @@ def _apply_precision(module: Any, precision: str, device: str) -> tuple[str, Any
         return "#bf16", lambda: torch.autocast(dev, dtype=torch.bfloat16)
     import warnings
 
+    if device.startswith("cuda"):
+        raise EncoderError("int8 dynamic quantisation (ASSAY_FAST_KIND=int8) runs on the CPU only")
     warnings.warn(
-        "--fast on this CPU (no native bfloat16) is int8 dynamic quantisation: much faster, but in "
+        "--fast here is int8 dynamic quantisation (no native bfloat16 on this CPU, or "
+        "ASSAY_FAST_KIND=int8): much faster, but in "
         "docs/BENCHMARKS.md it kept about a third of the exact mode's negatives; drop --fast where "
         "the negatives should match a float32 run",
         UserWarning,
