@@ -239,7 +239,7 @@ def run_shard_stage(
         results = executor.map(
             functools.partial(_scan_task, scan_fn=scan_fn), scan_tasks, desc=f"{stage}: scan"
         )
-        sides = {(r["table"], r["shard"]): unpack_table(r["side"]) for r in results}
+        sides = {(r["table"], r["shard"]): unpack_table(r.pop("side")) for r in results}  # text freed
         scans = {
             t: [(name, sides.get((t, name), scan)) for name, scan in entries] for t, entries in scans.items()
         }
