@@ -2,19 +2,17 @@
 
 ``LocalExecutor`` runs tasks in this process, one after another, with a progress bar. The Ray Data
 executor (pipelines/executors.py) runs the very same task functions as a Ray Data job, locally or on
-a cluster. A task is a plain dict; a task function takes it and returns a small dict of counts.
-Tasks and results cross process boundaries as JSON, so a table inside one travels as text
-(``pack_table`` / ``unpack_table``).
+a cluster. A task is a plain dict; a task function takes it and returns a dict (counts, or a small
+Arrow table such as a scan's side table). The Ray executor pickles both on their way to and from
+its workers (they are the driver's own objects, never read from a file).
 """
 
 from __future__ import annotations
 
-import base64
 import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import pyarrow as pa
 from tqdm.auto import tqdm
 
 Task = dict[str, Any]
@@ -39,16 +37,3 @@ class LocalExecutor:
 
     def map(self, fn: TaskFn, tasks: list[Task], desc: str) -> list[dict[str, Any]]:
         return [fn(t) for t in tqdm(tasks, desc=desc, unit="shard", disable=not self.progress or not tasks)]
-
-
-def pack_table(table: pa.Table) -> str:
-    """An Arrow table as text that a JSON task or result can carry (Arrow IPC, lz4, base64)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as w:
-        w.write_table(table)
-    return base64.b64encode(sink.getvalue().to_pybytes()).decode("ascii")
-
-
-def unpack_table(text: str) -> pa.Table:
-    """The table ``pack_table`` packed, exactly."""
-    return pa.ipc.open_stream(pa.py_buffer(base64.b64decode(text))).read_all()

@@ -80,7 +80,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -238,18 +238,17 @@ def export_dataset(
         raise ExportError("num_negatives must be 0 or more")
     if fmt == "n-tuple" and not num_negatives:
         raise ExportError("--format n-tuple needs --num-negatives N (the number of negative columns, N >= 1)")
-    progress = sys.stderr.isatty() if progress is None else progress
-    options = {
-        "where": where,
-        "num_negatives": num_negatives,
-        "copy_images": copy_images,
-        "skip_image_rows": skip_image_rows,
-        "with_instruction": with_instruction,
-        "progress": progress,
-    }
+    options = _Options(
+        where=where,
+        num_negatives=num_negatives,
+        copy_images=copy_images,
+        skip_image_rows=skip_image_rows,
+        with_instruction=with_instruction,
+        progress=sys.stderr.isatty() if progress is None else progress,
+    )
     _check_apart(ds.root, out)
     if storage.is_remote(out):
-        return _export_to_uri(ds, str(out), fmt, overwrite=overwrite, **options)
+        return _export_to_uri(ds, str(out), fmt, options, overwrite=overwrite)
     out = Path(out)
     as_file = fmt != "hf" and out.suffix == _FILE_SUFFIX[fmt]
     if fmt == "hf" and out.suffix in (".parquet", ".jsonl"):
@@ -263,7 +262,20 @@ def export_dataset(
         )
     if as_file and out.is_dir():
         raise ExportError(f"{out} is a directory; a {fmt} file output needs a file path")
-    return _export_local(ds, out, fmt, as_file, **options)
+    return _export_local(ds, out, fmt, as_file, options)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What the user asked of one export, passed whole to where it is done; all but ``progress``
+    are recorded in a folder export's export.json."""
+
+    where: str | None
+    num_negatives: int | None
+    copy_images: bool
+    skip_image_rows: bool
+    with_instruction: bool
+    progress: bool
 
 
 def _check_apart(root: Any, out: str | os.PathLike) -> None:
@@ -284,18 +296,13 @@ def _export_local(
     out: Path,
     fmt: str,
     as_file: bool,
+    options: _Options,
     *,
-    where: str | None,
-    num_negatives: int | None,
-    copy_images: bool,
-    skip_image_rows: bool,
-    with_instruction: bool,
-    progress: bool,
     known_images: frozenset[str] = frozenset(),
 ) -> ExportResult:
     """The export into the local path ``out`` (checked by the caller), built in a staging folder
     and renamed into place."""
-    view = flat_view(ds, where)  # validates ``where`` before anything is written
+    view = flat_view(ds, options.where)  # validates ``where`` before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     staging = staging_dir(out)
@@ -305,28 +312,13 @@ def _export_local(
     store = ImageStore(
         (staging if not as_file else out.parent) / IMAGES_DIR,
         ds.data_root,
-        copy=copy_images,
+        copy=options.copy_images,
         known=known_images,
     )
     ok = False
     try:
         work.mkdir(parents=True)
-        result = _export(
-            ds,
-            view,
-            out,
-            staging,
-            work,
-            store,
-            fmt,
-            as_file,
-            where=where,
-            num_negatives=num_negatives,
-            copy_images=copy_images,
-            skip_image_rows=skip_image_rows,
-            with_instruction=with_instruction,
-            progress=progress,
-        )
+        result = _export(ds, view, out, staging, work, store, fmt, as_file, options)
         ok = True
     finally:
         if staging.exists():
@@ -345,14 +337,9 @@ def _export(
     store: ImageStore,
     fmt: str,
     as_file: bool,
-    *,
-    where: str | None,
-    num_negatives: int | None,
-    copy_images: bool,
-    skip_image_rows: bool,
-    with_instruction: bool,
-    progress: bool,
+    options: _Options,
 ) -> ExportResult:
+    where, num_negatives, progress = options.where, options.num_negatives, options.progress
     skipped: dict[str, int] = {}
     # The polars queries report no progress of their own: a bar over the three steps shows where it is.
     steps = tqdm(total=3, desc=f"export {fmt}", unit="step", disable=not progress)
@@ -377,7 +364,7 @@ def _export(
     if fmt in ST_FORMATS:
         img_rows = lf.filter(pl.col("_qimg") | pl.col("_dimg"))
         counts = img_rows.select(pl.len(), pl.col("_qimg").sum(), pl.col("_dimg").sum()).collect().row(0)
-        if counts[0] and not skip_image_rows:
+        if counts[0] and not options.skip_image_rows:
             raise ExportError(
                 f"{counts[0]} of {n_view} pairs have an image ({counts[1]} on the query side, {counts[2]} on the "
                 f"document side); the sentence-transformers format {fmt!r} is text-only. Pass --skip-image-rows "
@@ -418,7 +405,9 @@ def _export(
             rows_lf, more = export_formats.vlm2vec(lf, num_negatives)
             skipped.update({k: v for k, v in more.items() if v})
         else:
-            rows_lf, more = export_formats.sentence_transformers(lf, fmt, num_negatives, with_instruction)
+            rows_lf, more = export_formats.sentence_transformers(
+                lf, fmt, num_negatives, options.with_instruction
+            )
             skipped.update({k: v for k, v in more.items() if v})
         name = out.name if as_file else _DEFAULT_NAME[fmt]
         path = work / name if as_file else staging / name
@@ -442,11 +431,7 @@ def _export(
         "rows": rows,
         "skipped": skipped,
         "images_written": store.written,
-        "where": where,
-        "num_negatives": num_negatives,
-        "copy_images": copy_images,
-        "skip_image_rows": skip_image_rows,
-        "with_instruction": with_instruction,
+        **{k: v for k, v in asdict(options).items() if k != "progress"},
         "source": ds.parent_ref(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "code_version": code_version(),
@@ -469,7 +454,7 @@ def _entry_files(fmt: str) -> tuple[str, ...]:
     return (_DEFAULT_NAME[fmt], EXPORT_INFO)
 
 
-def _export_to_uri(ds: Dataset, out: str, fmt: str, *, overwrite: bool, **options: Any) -> ExportResult:
+def _export_to_uri(ds: Dataset, out: str, fmt: str, options: _Options, *, overwrite: bool) -> ExportResult:
     loc = storage.path(out)
     shown = storage.display(out)
     as_file = fmt != "hf" and loc.suffix == _FILE_SUFFIX[fmt]
@@ -495,7 +480,7 @@ def _export_to_uri(ds: Dataset, out: str, fmt: str, *, overwrite: bool, **option
     tmp = Path(tempfile.mkdtemp(prefix=f"{_LOCAL_PREFIX}{os.getpid()}-"))
     try:
         local = tmp / loc.name
-        result = _export_local(ds, local, fmt, as_file, known_images=known, **options)
+        result = _export_local(ds, local, fmt, as_file, options, known_images=known)
         if as_file:
             _upload_file(local, tmp / IMAGES_DIR, loc, images)
         else:

@@ -37,7 +37,7 @@ from assay.curation.dataset import (
     ShardSink,
     atomic_write_parquet,
 )
-from assay.curation.executor import Executor, LocalExecutor, pack_table, unpack_table
+from assay.curation.executor import Executor, LocalExecutor
 from assay.curation.quarantine import QuarantineBuilder
 from assay.curation.schema import DATA_TABLES, ID_COLUMN
 
@@ -104,7 +104,7 @@ def _scan_task(task: dict[str, Any], scan_fn: ScanFn) -> dict[str, Any]:
     if "row" not in side.column_names:
         raise ValueError(f"scan of {task['table']}/{task['shard']} returned no 'row' column")
     atomic_write_parquet(task["scan_out"], side)  # for a rerun after a kill; this run plans from `side`
-    return {"table": task["table"], "shard": task["shard"], "rows": side.num_rows, "side": pack_table(side)}
+    return {"table": task["table"], "shard": task["shard"], "rows": side.num_rows, "side": side}
 
 
 def _cell(col: pa.ChunkedArray, i: int) -> Any:
@@ -178,7 +178,7 @@ def apply_plan(
 def _apply_task(task: dict[str, Any]) -> dict[str, Any]:
     sink = ShardSink(**task["sink"])
     shard = storage.read_table(task["src"])
-    plan = unpack_table(task["plan"]) if task["plan"] else None  # None: the shard has no plan
+    plan = task["plan"]  # None: the shard has no plan
     kept, quarantine = apply_plan(shard, plan, task["table"], sink.stage, f"{task['source_name']}")
     return sink.write_shard(task["table"], task["shard"], kept, quarantine)
 
@@ -239,7 +239,7 @@ def run_shard_stage(
         results = executor.map(
             functools.partial(_scan_task, scan_fn=scan_fn), scan_tasks, desc=f"{stage}: scan"
         )
-        sides = {(r["table"], r["shard"]): unpack_table(r.pop("side")) for r in results}  # text freed
+        sides = {(r["table"], r["shard"]): r["side"] for r in results}
         scans = {
             t: [(name, sides.get((t, name), scan)) for name, scan in entries] for t, entries in scans.items()
         }
@@ -255,7 +255,7 @@ def run_shard_stage(
             "table": t,
             "shard": name,
             "src": str(source.shard_path(t, name)),
-            "plan": pack_table(plans[(t, name)].sort_by("row")) if (t, name) in plans else None,
+            "plan": plans[(t, name)].sort_by("row") if (t, name) in plans else None,
             "source_name": f"{source.root.name}/{t}/{name}",
         }
         for t in tables
