@@ -11,7 +11,9 @@ positive excluded, an absolute margin of 0.05 under the positive's score, the to
   (``write_dataset``, one subset), with its embedding cache.
 
 Each side runs twice: cold (empty caches: encoding dominates) and cached (ST's ``cache_folder`` of
-.npy files; assay's embedding cache). The time is the mining call's alone (``mine_hard_negatives``;
+.npy files; assay's embedding cache and search cache, ``mining.search_cache``: the same vectors are
+not searched again); assay runs a third time with its embedding cache only (``search_cache=False``,
+``assay mine --no-search-cache``), printed as its own ratio against ST's cached run. The time is the mining call's alone (``mine_hard_negatives``;
 ``mine_dataset``): the inputs are built before (a Hugging Face dataset; an assay dataset), and the
 outputs are read into sets of negatives after. Peak memory (tracemalloc of Python allocations is not
 enough for torch, so the peak RSS growth over the run, sampled) is printed for each.
@@ -150,13 +152,21 @@ def run_st(model, pairs, cache: Path):
     return seconds, negs
 
 
-def run_assay(encoder, dataset: Path, out: Path, cache: Path, texts: dict[str, str], qtexts: dict[str, str]):
+def run_assay(
+    encoder,
+    dataset: Path,
+    out: Path,
+    cache: Path,
+    texts: dict[str, str],
+    qtexts: dict[str, str],
+    search_cache: bool = True,
+):
     from assay.curation.dataset import Dataset
     from assay.mining.stage import mine_dataset
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    mine_dataset(dataset, out, encoder, cache_dir=cache, rules="margin:0.05,top:3")
+    mine_dataset(dataset, out, encoder, cache_dir=cache, rules="margin:0.05,top:3", search_cache=search_cache)
     seconds = time.perf_counter() - t0
     ds = Dataset(out)
     negs: dict[str, set[str]] = {}
@@ -210,15 +220,16 @@ def main() -> None:
     encoder = load_encoder("all-MiniLM-L6-v2", batch_size=64, precision="fast" if args.fast else "exact")
 
     results = {}
-    for label in ("cold", "cached"):
-        for side in ("st", "assay"):
+    for label in ("cold", "cached", "vectors-cached"):
+        for side in ("st", "assay") if label != "vectors-cached" else ("assay",):
             with PeakRSS() as mem:
                 if side == "st":
                     seconds, negs = run_st(model, pairs, work / "st-cache")
                 else:
                     seconds, negs = run_assay(
-                        encoder, dataset, work / f"out-{label}", work / "assay-cache", texts, qtexts
-                    )
+                        encoder, dataset, work / f"out-{label}", work / "assay-cache", texts, qtexts,
+                        search_cache=label != "vectors-cached",
+                    )  # fmt: skip
             results[(side, label)] = (seconds, mem.peak_mb, negs)
             print(
                 f"{side:>5} {label:>6}: {results[(side, label)][0]:8.1f} s, peak RSS +{mem.peak_mb:7.1f} MiB"
@@ -228,10 +239,13 @@ def main() -> None:
     same = sum(st_negs.get(q, set()) == assay_negs.get(q, set()) for q in queries) / max(len(queries), 1)
     cold = results[("assay", "cold")][0] / results[("st", "cold")][0]
     cached = results[("assay", "cached")][0] / results[("st", "cached")][0]
+    vectors_only = results[("assay", "vectors-cached")][0] / results[("st", "cached")][0]
+    assert results[("assay", "vectors-cached")][2] == results[("assay", "cached")][2] == assay_negs
     st_pairs = {(q, d) for q, ds in st_negs.items() for d in ds}
     kept = len(st_pairs & {(q, d) for q, ds in assay_negs.items() for d in ds}) / max(len(st_pairs), 1)
     print(f"queries with negatives: ST {len(st_negs)}, assay {len(assay_negs)}; identical sets: {same:.4f}")
     print(f"(query, negative) pairs of ST's that assay also mined: {kept:.4f} of {len(st_pairs)}")
+    print(f"cached, the search cache off (--no-search-cache; embedding cache only): ratio {vectors_only:.3f}")
     shutil.rmtree(work, ignore_errors=True)
     print(f"cold_time_ratio={cold:.3f} cached_time_ratio={cached:.3f} same_negatives={same:.4f}")
 

@@ -9,7 +9,10 @@ sub-dataset):
    search them with ``mining.knn.search``: consecutive shards are searched together in blocks of at
    most ``SEARCH_BLOCK_ROWS`` rows / ``SEARCH_BLOCK_BYTES`` of vectors (a larger shard is a block of
    its own), and the running top-``depth`` per query is merged block by block, so memory holds a
-   block of vectors, not the corpus;
+   block of vectors, not the corpus. The result is kept in the search cache
+   (``<cache_dir>/search``, ``mining.search_cache``: keyed on the vectors themselves), so mining
+   again with the same checkpoint and data (other rules, a resumed loop) searches nothing
+   (``search_cache=False`` turns it off; the returned stats say ``search_cached`` per subset);
 3. drop every query's gold positives and every candidate whose content equals a positive's
    (``curation.content_key``: normalised text and image bytes), then apply the selection rules
    (``mining.select_rules``: rank window, top-k, margins, percent of positive, sampling) to all
@@ -62,8 +65,9 @@ from assay.curation.dataset import (
 from assay.curation.schema import CORPUS, PAIRS, QUERIES, ROW_COLUMNS, SCHEMAS, resolve_image_cell
 from assay.mining.embed_cache import EmbeddingCache
 from assay.mining.encoders import Encoder
-from assay.mining.knn import KnnResult, estimate_recall, search
+from assay.mining.knn import KnnResult, estimate_recall
 from assay.mining.pools import MiningCorpus
+from assay.mining.search_cache import SearchCache, cached_search
 from assay.mining.select import select_negatives
 from assay.mining.select_batch import batch_supported, select_batch
 from assay.mining.select_rules import (
@@ -84,6 +88,7 @@ SELECT_CHUNK = 4096  # queries selected at once: bounds the (queries, depth) tem
 # block alone): one kNN call per block, not per small shard, for the same result.
 SEARCH_BLOCK_ROWS = 65_536
 SEARCH_BLOCK_BYTES = 64 * 2**20
+SEARCH_CACHE_DIR = "search"  # the search cache's folder under the embedding cache's root
 
 
 class MiningError(ValueError):
@@ -99,6 +104,7 @@ class SubsetStats:
     dropped: dict[str, int] = field(default_factory=dict)
     index: str = ""
     recall: float | None = None  # recall@depth of an approximate index against exact search
+    search_cached: bool = False  # the kNN result came from the search cache (not in the manifest)
     pool_negatives: int | None = None  # negatives from corpus pools (None: no pools given)
 
     def summary(self) -> dict[str, Any]:
@@ -171,6 +177,7 @@ def mine_dataset(
     batch_size: int = 2048,
     overwrite: bool = False,
     progress: Callable[[str, int], None] | None = None,
+    search_cache: bool = True,
 ) -> tuple[Manifest, dict[str, dict[str, Any]]]:
     """Mine ``source`` into ``out`` (see the module docstring); returns the manifest and per-subset stats.
 
@@ -180,6 +187,9 @@ def mine_dataset(
     ``corpus``: pools of extra documents (assay datasets; their corpus tables) that join the mining
     pool of their subset (``mining.pools`` says how ids, subsets and the output's corpus go); the
     manifest's ``extra.corpus`` counts, per pool, what was searched, ignored and copied.
+    ``search_cache``: keep and reuse kNN results under ``<cache_dir>/search`` (``mining.search_cache``);
+    the returned stats (not the manifest's) say per subset whether this run's search was a hit
+    (``search_cached``).
     """
     ds = _open(source)
     as_spec = isinstance(rules, str) or (isinstance(rules, list) and rules and isinstance(rules[0], dict))
@@ -232,6 +242,8 @@ def mine_dataset(
         return done.manifest, done.manifest.extra.get("mine", {})
 
     stats: dict[str, dict[str, Any]] = {}
+    from_cache: dict[str, bool] = {}  # this run's searches that the search cache answered
+    searches = SearchCache(storage.join(cache_dir, SEARCH_CACHE_DIR)) if search_cache else None
     with EmbeddingCache(cache_dir, encoder) as cache:
         for subset in chosen:
             saved = _subset_file(writer.progress_dir, subset)
@@ -254,10 +266,12 @@ def mine_dataset(
                 origin,
                 progress,
                 docs=docs,
+                search_cache=searches,
             )
             atomic_write_parquet(saved, table)
             atomic_write_json(stats_file, sub_stats.summary())
             stats[subset] = sub_stats.summary()
+            from_cache[subset] = sub_stats.search_cached
 
     mined = [storage.read_table(_subset_file(writer.progress_dir, s)) for s in chosen]
     mined_table = pa.concat_tables(mined) if mined else SCHEMAS[PAIRS].empty_table()
@@ -285,7 +299,8 @@ def mine_dataset(
         docs.add_referenced(writer.sink, new_ids, negative_ids, root, set(ds.shards(CORPUS)))
         extra["corpus"] = [p.summary() for p in docs.pools]
     manifest = writer.finish(extra=extra)
-    return manifest, stats
+    # the manifest holds what was mined; where this run's search came from is not part of it
+    return manifest, {name: {**v, "search_cached": from_cache.get(name, False)} for name, v in stats.items()}
 
 
 def _score_positives(pairs: pa.Table, gold: pa.Table) -> pa.Table:
@@ -314,6 +329,7 @@ def _mine_subset(
     origin: str,
     progress: Callable[[str, int], None] | None,
     docs: MiningCorpus | None = None,
+    search_cache: SearchCache | None = None,
 ) -> tuple[pa.Table, SubsetStats]:
     """One subset's mined negatives and its gold positives' cosines (as pairs), and its stats."""
     docs = docs or MiningCorpus(ds, [], subsets=[subset], chosen=[subset])
@@ -334,7 +350,9 @@ def _mine_subset(
         gold, "query_id", join_type="inner"
     )
     corpus = _SubsetCorpus(docs, subset, cache, batch_size, pc.unique(gold_rows["doc_id"]), tick)
-    result = search(q_vecs, corpus.blocks(record=True), depth, method=method, device=device)
+    result, stats.search_cached = cached_search(
+        search_cache, q_vecs, lambda first: corpus.blocks(record=first), depth, method=method, device=device
+    )
     stats.index = result.method
     if not set(result.method.split("+")) <= {"exact", "torch"}:
         # An approximate index: measure what it missed, against exact search on a sample of queries

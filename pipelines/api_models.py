@@ -48,6 +48,7 @@ def mine(
     trust_remote_code: bool = False,
     fast: bool = False,
     max_length: int | None = None,
+    no_search_cache: bool = False,
     no_progress: bool = False,
     overwrite: bool = False,
     ray_address: str | None = None,
@@ -71,7 +72,7 @@ def mine(
             "batch_size": batch_size, "cache": None if cache is None else str(cache), "seed": seed,
             "judge": judge, "keep": keep, "judge_cache": None if judge_cache is None else str(judge_cache),
             "instructions": instructions, "trust_remote_code": trust_remote_code, "overwrite": overwrite,
-            "fast": fast, "max_length": max_length,
+            "fast": fast, "max_length": max_length, "no_search_cache": no_search_cache,
         }  # fmt: skip
         return mine_on_cluster(ray_address, options)
     out = storage.path(out)
@@ -105,6 +106,7 @@ def mine(
                 seed=seed,
                 overwrite=overwrite,
                 progress=lambda what, n: bars[what].update(n),
+                search_cache=not no_search_cache,
             )
         details = {
             "encoder": enc.model_id,

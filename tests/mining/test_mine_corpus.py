@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("faiss")
@@ -15,6 +13,7 @@ pytest.importorskip("sentence_transformers")
 
 from click.testing import CliRunner  # noqa: E402
 from helpers.colours import png  # noqa: E402
+from helpers.fake_encoder import ContentEncoder  # noqa: E402
 from helpers.stdlib_docs import MODULES  # noqa: E402
 
 import assay.mining.pools as pools  # noqa: E402
@@ -260,24 +259,6 @@ def test_an_id_naming_two_documents_is_an_error(data, cache, minilm, tmp_path):
     assert m.extra["corpus"][0]["ignored"] == {"elsewhere": 1}
 
 
-class ColourEncoder:
-    """A stand-in encoder: a fixed random unit vector per content (image bytes or text)."""
-
-    model_id = "colour-fake@0"
-    template_id = "fake-v1"
-    dim = 16
-
-    def encode(self, rows, side):
-        out = []
-        for r in rows:
-            image = r.get("image")
-            data = (image.get("bytes") or Path(image["path"]).read_bytes()) if image else r["text"].encode()
-            seed = int.from_bytes(hashlib.sha256(data).digest()[:4], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim)
-            out.append(v / np.linalg.norm(v))
-        return np.asarray(out, np.float32)
-
-
 def test_pool_images_by_path_are_copied_inline(tmp_path):
     """A pool with its own data root: its image paths would not resolve under the output's."""
     shades = [png((10 * k, 200 - 10 * k, 40)) for k in range(12)]
@@ -300,7 +281,7 @@ def test_pool_images_by_path_are_copied_inline(tmp_path):
     mine_dataset(
         tmp_path / "ds",
         tmp_path / "out",
-        ColourEncoder(),
+        ContentEncoder(),
         cache_dir=tmp_path / "c",
         rules="top:4",
         corpus=[tmp_path / "pool"],

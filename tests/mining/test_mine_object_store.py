@@ -1,6 +1,7 @@
 """`assay mine` with its dataset, output, checkpoint and embedding cache on object storage (the local S3
 server), in this process and as a task on the two-node Ray cluster: the same negatives as on local
-disk; a second mine over the cache on S3 encodes nothing; a checkpoint on S3 is copied once."""
+disk; a second mine over the cache on S3 encodes and searches nothing; a checkpoint on S3 is copied
+once."""
 
 from __future__ import annotations
 
@@ -127,8 +128,10 @@ def test_mine_on_s3_gives_the_local_negatives(local, remote, tmp_path, monkeypat
     assert Dataset(out).manifest.data_root == remote["ds"]
     assert result.details["encoder"] == local["result"].details["encoder"]
     # the cache is Parquet segments on S3, no SQLite file anywhere
-    segments = storage.files_under(f"{remote['bucket']}/cache/emb", ".parquet")
+    files = storage.files_under(f"{remote['bucket']}/cache/emb", ".parquet")
+    segments = [f for f in files if not f.startswith("search/")]  # search/: the search cache's entries
     assert segments and all(s.split("/")[-1].startswith("seg-") for s in segments)
+    assert len(files) - len(segments) == 2  # one search per subset
     assert not list((tmp_path / "assay-cache").rglob("*.sqlite"))
     # the checkpoint was copied once to local disk, under the folder's own name
     copies = list((tmp_path / "assay-cache" / "models").glob(f"*/{CKPT}"))
@@ -155,6 +158,9 @@ def test_a_second_mine_over_an_s3_cache_encodes_nothing(local, remote, tmp_path,
     assert fetched == []  # the local copy of the checkpoint is reused: nothing downloaded
     _, stats = mine_dataset(remote["ds"], f"{remote['bucket']}/b", enc2, cache_dir=cache, rules=RULES)
     assert calls == []
+    # nor searches: the search cache's entries are on S3 too, one per subset
+    assert all(s["search_cached"] for s in stats.values()) and len(stats) == 2
+    assert len(storage.files_under(f"{cache}/search", ".parquet")) == 2
     _same_output(f"{remote['bucket']}/a", f"{remote['bucket']}/b")
     with EmbeddingCache(cache, enc2) as c:
         assert (
