@@ -54,8 +54,6 @@ class SearchCache:
 
     def __init__(self, root: str | Any):
         self.root = root
-        self.hits = 0
-        self.stored = 0
 
     @staticmethod
     def key(queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], params: dict[str, Any]) -> str:
@@ -87,7 +85,6 @@ class SearchCache:
         exact = set(method.split("+")) <= PREFIX_METHODS
         if depth < k or (depth != k and not exact):
             return None
-        self.hits += 1
         return KnnResult(
             np.ascontiguousarray(scores[:, :k], dtype=np.float32),
             np.ascontiguousarray(ids[:, :k], dtype=np.int64),
@@ -112,7 +109,6 @@ class SearchCache:
             "format": FORMAT,
         }
         atomic_write_parquet(self._path(key), table.replace_schema_metadata(meta))
-        self.stored += 1
 
 
 def cached_search(
