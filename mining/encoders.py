@@ -153,8 +153,6 @@ def _apply_precision(module: Any, precision: str, device: str) -> tuple[str, Any
 
     import torch
 
-    if precision not in PRECISIONS:
-        raise EncoderError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision == "exact":
         return "", contextlib.nullcontext
     kind = fast_kind(device)
@@ -180,9 +178,17 @@ def _apply_precision(module: Any, precision: str, device: str) -> tuple[str, Any
     return "#int8", contextlib.nullcontext
 
 
-def _check_max_length(max_length: int | None) -> None:
+def _check_options(precision: str, max_length: int | None) -> None:
+    """Refuse an unknown precision or a max_length that is no positive number, before any loading."""
+    if precision not in PRECISIONS:
+        raise EncoderError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise EncoderError(f"max_length must be a positive number of tokens, got {max_length!r}")
+
+
+def _template_id(base: str, max_length: int | None) -> str:
+    """``base``, plus the length cap when there is one (a capped text is other model input)."""
+    return base + (f"|max{max_length}" if max_length else "")
 
 
 class AssayEncoder:
@@ -201,14 +207,14 @@ class AssayEncoder:
     ):
         from assay.training.model import load_embedder
 
-        _check_max_length(max_length)
+        _check_options(precision, max_length)
         self.embedder = load_embedder(path, allow_pickle=allow_pickle).to(device).eval()
         self.embedder.image_root = image_root
         suffix, self._context = _apply_precision(self.embedder.model, precision, device)
         self.batch_size = batch_size
         self.max_length = max_length
         self.model_id = model_id_for(path) + suffix
-        self.template_id = "assay-instruct-v1" + (f"|max{max_length}" if max_length else "")
+        self.template_id = _template_id("assay-instruct-v1", max_length)
         self.dim = int(self.embedder.config.text_config.hidden_size)
 
     def _cut(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -266,7 +272,7 @@ class SentenceTransformerEncoder:
         max_length: int | None = None,
     ):
         refuse_pickle(path, allow_pickle)
-        _check_max_length(max_length)
+        _check_options(precision, max_length)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
@@ -282,8 +288,8 @@ class SentenceTransformerEncoder:
         self.instructions = instructions
         self.image_root = image_root
         self.model_id = model_id_for(path) + suffix
-        self.template_id = ("st-instruction-prefix-v1" if instructions else "st-text-v1") + (
-            f"|max{max_length}" if max_length else ""
+        self.template_id = _template_id(
+            "st-instruction-prefix-v1" if instructions else "st-text-v1", max_length
         )
         dim = (
             getattr(self.model, "get_embedding_dimension", None)
@@ -378,9 +384,7 @@ def load_encoder(
     ``precision`` and ``max_length``: see the module docstring."""
     from assay.training.model import EMBEDDER_FILE
 
-    if precision not in PRECISIONS:
-        raise EncoderError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    _check_max_length(max_length)
+    _check_options(precision, max_length)  # before a model folder is resolved (or copied from a URI)
     path = resolve_model_dir(spec)
     common = {"device": device, "batch_size": batch_size, "image_root": image_root}
     common |= {"allow_pickle": allow_pickle, "precision": precision, "max_length": max_length}

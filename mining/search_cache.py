@@ -27,7 +27,6 @@ is replaced.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -49,22 +48,25 @@ HOLD_BYTES = 256 * 2**20
 __all__ = ["SearchCache", "cached_search"]
 
 
+def _hasher(queries: np.ndarray, params: dict[str, Any]) -> Any:
+    """A key's hash with the format, the parameters and the queries in it; the blocks follow."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(json.dumps([FORMAT, params], sort_keys=True, default=str).encode())
+    _add(h, -1, queries)
+    return h
+
+
+def _add(h: Any, offset: int, x: np.ndarray) -> None:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    h.update(np.asarray([offset, *x.shape], np.int64).tobytes())
+    h.update(memoryview(x).cast("B"))
+
+
 class SearchCache:
-    """Search results under ``root`` (a folder or a URI), by :meth:`key`."""
+    """Search results under ``root`` (a folder or a URI), by key (see the module docstring)."""
 
     def __init__(self, root: str | Any):
         self.root = root
-
-    @staticmethod
-    def key(queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], params: dict[str, Any]) -> str:
-        """The content key of a search of ``queries`` over ``blocks`` (offset, vectors) with ``params``."""
-        h = hashlib.blake2b(digest_size=20)
-        h.update(json.dumps([FORMAT, params], sort_keys=True, default=str).encode())
-        for offset, x in itertools.chain([(-1, queries)], blocks):  # one block at a time
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            h.update(np.asarray([offset, *x.shape], np.int64).tobytes())
-            h.update(memoryview(x).cast("B"))
-        return h.hexdigest()
 
     def _path(self, key: str) -> str:
         return storage.join(self.root, f"{key}.parquet")
@@ -116,6 +118,8 @@ def cached_search(
     queries: np.ndarray,
     blocks: Callable[[bool], Iterable[tuple[int, np.ndarray]]],
     k: int,
+    *,
+    lookup: bool = True,
     **params: Any,
 ) -> tuple[KnnResult, bool]:
     """``knn.search(queries, blocks(True), k, **params)``, from ``cache`` when it holds the result.
@@ -123,16 +127,20 @@ def cached_search(
     ``blocks(first)`` yields the corpus blocks; ``first`` is True for the one pass that must see
     every block (the caller records what it needs from it). With a cache, that pass hashes the
     blocks for the key; on a miss the search runs on the blocks kept from it (up to ``HOLD_BYTES``)
-    or on a second pass, ``blocks(False)``, and its result is stored. Without one, the search reads
-    the first pass itself. Returns the result and whether it came from the cache."""
+    or on a second pass, ``blocks(False)``, and its result is stored. ``lookup=False`` (the caller
+    knows it cannot hit: its queries were just encoded) searches the first pass as it is hashed and
+    stores the result: one pass, whatever the corpus size. Without a cache, the search reads the
+    first pass. Returns the result and whether it came from the cache."""
     if cache is None:
         return search(queries, blocks(True), k, **params), False
-    held: list[tuple[int, np.ndarray]] | None = []
+    h = _hasher(queries, params)
+    held: list[tuple[int, np.ndarray]] | None = [] if lookup else None
     seen = 0
 
     def hashed() -> Iterator[tuple[int, np.ndarray]]:
         nonlocal held, seen
         for offset, x in blocks(True):
+            _add(h, offset, x)
             seen += x.nbytes
             if held is not None and seen <= HOLD_BYTES:
                 held.append((offset, x))
@@ -140,7 +148,13 @@ def cached_search(
                 held = None
             yield offset, x
 
-    key = SearchCache.key(queries, hashed(), params)
+    if not lookup:
+        result = search(queries, hashed(), k, **params)  # search() reads every block: h is whole
+        cache.put(h.hexdigest(), result)
+        return result, False
+    for _ in hashed():
+        pass
+    key = h.hexdigest()
     hit = cache.get(key, k)
     if hit is not None:
         return hit, True

@@ -341,9 +341,11 @@ def _mine_subset(
     def tick(what: str) -> Callable[[int], None] | None:
         return (lambda n: progress(what, n)) if progress else None
 
+    encoded = cache.encoded
     q_vecs = cache.embed_table(
         queries, "query", data_root=ds.data_root, batch_size=batch_size, progress=tick("embed")
     )
+    new_queries = cache.encoded > encoded  # no search kept in the cache was over these vectors
     qid_col = queries["query_id"].combine_chunks()
     # (query row, doc_id) of every gold positive of the subset's queries
     gold_rows = pa.table({"qi": pa.array(np.arange(len(qid_col))), "query_id": qid_col}).join(
@@ -351,7 +353,13 @@ def _mine_subset(
     )
     corpus = _SubsetCorpus(docs, subset, cache, batch_size, pc.unique(gold_rows["doc_id"]), tick)
     result, stats.search_cached = cached_search(
-        search_cache, q_vecs, lambda first: corpus.blocks(record=first), depth, method=method, device=device
+        search_cache,
+        q_vecs,
+        lambda first: corpus.blocks(record=first),
+        depth,
+        lookup=not new_queries,
+        method=method,
+        device=device,
     )
     stats.index = result.method
     if not set(result.method.split("+")) <= {"exact", "torch"}:

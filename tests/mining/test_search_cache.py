@@ -148,6 +148,24 @@ def test_a_corpus_too_large_to_hold_is_read_again_for_the_search(tmp_path, monke
     assert passes == [True]  # held: one pass
 
 
+def test_without_a_lookup_the_search_reads_the_corpus_once_and_is_kept(tmp_path, monkeypatch):
+    """New query vectors (just encoded) cannot hit: one pass, searched as it is hashed, then kept."""
+    q, x = _vectors(60, seed=9), _vectors(400, seed=10)
+    passes: list[bool] = []
+
+    def blocks(first):
+        passes.append(first)
+        yield from [(0, x[:200]), (200, x[200:])]
+
+    monkeypatch.setattr(search_cache, "HOLD_BYTES", 0)  # holds nothing: a lookup would read twice
+    cache = SearchCache(tmp_path)
+    got, hit = cached_search(cache, q, blocks, 15, lookup=False, method="exact")
+    assert passes == [True] and not hit
+    assert (got.ids == search(q, [(0, x[:200]), (200, x[200:])], 15, method="exact").ids).all()
+    again, hit = cached_search(cache, q, blocks, 15, method="exact")  # the same key as a lookup's
+    assert hit and (again.ids == got.ids).all() and (again.scores == got.scores).all()
+
+
 def test_the_cli_says_when_the_search_came_from_the_cache(tmp_path):
     ds = _dataset(tmp_path / "ds")
     cache = tmp_path / "cache"
