@@ -130,13 +130,20 @@ def test_a_broken_entry_is_a_miss_and_is_replaced(tmp_path):
     assert cached_search(cache, q, blocks, 10, method="exact")[1]
 
 
-def test_a_corpus_too_large_to_hold_is_read_again_for_the_search(tmp_path, monkeypatch):
-    q, x = _vectors(60, seed=7), _vectors(400, seed=8)
-    passes: list[bool] = []
+def _two_blocks(x, passes: list[bool]):
+    """``blocks(first)`` over x in two halves, noting each pass's ``first`` in ``passes``."""
 
     def blocks(first):
         passes.append(first)
         yield from [(0, x[:200]), (200, x[200:])]
+
+    return blocks
+
+
+def test_a_corpus_too_large_to_hold_is_read_again_for_the_search(tmp_path, monkeypatch):
+    q, x = _vectors(60, seed=7), _vectors(400, seed=8)
+    passes: list[bool] = []
+    blocks = _two_blocks(x, passes)
 
     monkeypatch.setattr(search_cache, "HOLD_BYTES", x[:200].nbytes)  # holds one block, not two
     got, hit = cached_search(SearchCache(tmp_path), q, blocks, 15, method="exact")
@@ -152,10 +159,7 @@ def test_without_a_lookup_the_search_reads_the_corpus_once_and_is_kept(tmp_path,
     """New query vectors (just encoded) cannot hit: one pass, searched as it is hashed, then kept."""
     q, x = _vectors(60, seed=9), _vectors(400, seed=10)
     passes: list[bool] = []
-
-    def blocks(first):
-        passes.append(first)
-        yield from [(0, x[:200]), (200, x[200:])]
+    blocks = _two_blocks(x, passes)
 
     monkeypatch.setattr(search_cache, "HOLD_BYTES", 0)  # holds nothing: a lookup would read twice
     cache = SearchCache(tmp_path)
