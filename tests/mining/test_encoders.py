@@ -3,6 +3,9 @@ negatives as sentence-transformers' ``mine_hard_negatives`` on real text."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -15,11 +18,15 @@ from click.testing import CliRunner  # noqa: E402
 from helpers.docstrings import docstring_pairs  # noqa: E402
 
 from assay.curation.dataset import Dataset, write_dataset  # noqa: E402
+from assay.mining import openvino_text  # noqa: E402
 from assay.mining.embed_cache import EmbeddingCache  # noqa: E402
 from assay.mining.encoders import EncoderError, length_batches, load_encoder  # noqa: E402
 from assay.mining.select_spec import parse_rules  # noqa: E402
 from assay.mining.stage import default_depth, mine_dataset  # noqa: E402
 from assay.pipelines.cli import cli  # noqa: E402
+
+#: OpenVINO imported through assay (never ``import openvino`` here: that alone sends telemetry).
+needs_openvino = pytest.mark.skipif(not openvino_text.available(), reason="openvino is not installed")
 
 
 def stdlib_pairs(n: int) -> list[tuple[str, str]]:
@@ -78,6 +85,111 @@ def test_the_fast_mode_is_close_and_cached_apart_from_exact(exact, pairs, tmp_pa
     assert cos.min() > (0.9 if kind == "int8" else 0.999) and not np.array_equal(e, f)
     with pytest.raises(EncoderError, match="precision"):
         load_encoder("all-MiniLM-L6-v2", precision="half")
+
+
+@needs_openvino
+def test_openvino_gives_torch_vectors_and_is_cached_apart(exact, pairs, tmp_path, monkeypatch):
+    """--fast for a sentence-transformers text model, with openvino installed, is float32 on
+    OpenVINO: the exact vectors to float rounding (padded batches, unpadded ones, a cut length),
+    under their own cache key, and converted only when something is encoded."""
+    monkeypatch.delenv("ASSAY_FAST_KIND", raising=False)
+    fast = load_encoder("all-MiniLM-L6-v2", batch_size=16, precision="fast")
+    assert fast.model_id == f"{exact.model_id}#openvino"
+    assert fast._openvino._request is None  # nothing converted yet
+    rows = [{"text": d} for _, d in pairs[:40]] + [{"text": q} for q, _ in pairs[:40]]
+    rows += [{"text": "one two three"}, {"text": "four five six"}, {"text": ""}]  # equal lengths; empty
+    with EmbeddingCache(tmp_path / "cache", exact) as cache:
+        e = cache.embed(rows, "candidate")
+    with EmbeddingCache(tmp_path / "cache", fast) as cache:
+        f = cache.embed(rows, "candidate")
+        assert cache.encoded == len(rows)  # nothing taken from the exact vectors
+    assert np.abs(e - f).max() < 1e-5
+    one = fast.encode([{"text": pairs[0][1]}], "candidate")  # a batch of one row, no padding
+    assert np.abs(one[0] - e[0]).max() < 1e-5
+    short_exact = load_encoder("all-MiniLM-L6-v2", batch_size=16, max_length=12)
+    short_fast = load_encoder("all-MiniLM-L6-v2", batch_size=16, max_length=12, precision="fast")
+    a, b = short_exact.encode(rows[:20], "candidate"), short_fast.encode(rows[:20], "candidate")
+    assert np.abs(a - b).max() < 1e-5 and np.abs(a - e[:20]).max() > 1e-2  # the cut is OpenVINO's too
+
+
+@needs_openvino
+def test_openvino_sends_and_writes_no_telemetry(tmp_path):
+    """``import openvino`` alone reports usage unless a user opted out (a client id under ~/intel,
+    an "import" event to Google Analytics). A fresh process that mines with --fast on OpenVINO
+    imports, converts and encodes without writing any of it, its converter bound to the no-op stub."""
+    home = tmp_path / "home"
+    home.mkdir()
+    code = (
+        "import sys\n"
+        "from assay.mining.encoders import load_encoder\n"
+        "e = load_encoder('all-MiniLM-L6-v2', precision='fast')\n"
+        "assert e.model_id.endswith('#openvino'), e.model_id\n"
+        "assert e.encode([{'text': 'a row to convert the model on'}], 'query').shape == (1, 384)\n"
+        "print(sys.modules['openvino.tools.ovc.convert_impl'].tm.__name__)\n"
+    )
+    env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1", "ASSAY_FAST_KIND": "openvino"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("telemetry_stub")
+    assert not (home / "intel").exists()
+
+
+@needs_openvino
+def test_openvino_imported_before_assay_converts_without_telemetry(monkeypatch):
+    """Where openvino was imported before assay (its telemetry bound), converting for --fast swaps
+    the converter's telemetry for the no-op stub."""
+    import importlib
+
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            calls.append(name)
+            return lambda *a, **k: self
+
+    for name in ("openvino.tools.ovc.convert_impl", "openvino.tools.ovc.telemetry_utils"):
+        monkeypatch.setattr(importlib.import_module(name), "tm", Recording())
+    monkeypatch.setenv("ASSAY_FAST_KIND", "openvino")
+    fast = load_encoder("all-MiniLM-L6-v2", batch_size=16, precision="fast")
+    assert fast.encode([{"text": "a row to convert the model on"}], "query").shape == (1, 384)
+    assert fast._openvino._request is not None  # it did convert
+    assert calls == []
+
+
+def test_the_fast_kind_is_chosen_by_model_and_what_is_installed(tmp_path, monkeypatch):
+    """OpenVINO only where it runs the model (a sentence-transformers text model on the CPU, the
+    package installed); elsewhere --fast is bf16 or int8, and forcing OpenVINO says why not."""
+    from assay.mining.encoders import fast_kind
+
+    monkeypatch.delenv("ASSAY_FAST_KIND", raising=False)
+    monkeypatch.setattr(openvino_text, "available", lambda: False)
+    assert fast_kind("cpu", openvino_model=True) in ("bf16", "int8")
+    monkeypatch.setenv("ASSAY_FAST_KIND", "openvino")
+    with pytest.raises(EncoderError, match="openvino is not installed"):
+        fast_kind("cpu", openvino_model=True)
+    monkeypatch.setattr(openvino_text, "available", lambda: True)
+    assert fast_kind("cpu", openvino_model=True) == "openvino"
+    with pytest.raises(EncoderError, match="this model or device is not one"):
+        fast_kind("cuda", openvino_model=False)
+    monkeypatch.setenv("ASSAY_FAST_KIND", "fp8")
+    with pytest.raises(EncoderError, match="openvino, bf16, int8"):
+        fast_kind("cpu")
+    monkeypatch.delenv("ASSAY_FAST_KIND")
+    assert fast_kind("cuda", openvino_model=False) == "bf16"
+
+    from helpers.colours import TINY
+
+    from assay.training.model import MMEmbedder
+    from assay.training.tiny import build_tiny
+
+    settings = {k: v for k, v in TINY.items() if k != "seed"}
+    model, processor = build_tiny(["a red square"], tokens_per_tile=16, **settings)
+    MMEmbedder(model, processor).save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setenv("ASSAY_FAST_KIND", "bf16")  # an assay checkpoint: torch's fast kinds
+    assert load_encoder(str(tmp_path / "ckpt"), precision="fast").model_id.endswith("#bf16")
+    monkeypatch.setenv("ASSAY_FAST_KIND", "openvino")
+    with pytest.raises(EncoderError, match="ASSAY_FAST_KIND=openvino"):
+        load_encoder(str(tmp_path / "ckpt"), precision="fast")
 
 
 def test_max_length_cuts_the_text_and_keys_the_cache(exact, tmp_path):
@@ -191,6 +303,17 @@ def test_fast_mining_keeps_most_exact_negatives(pairs, tmp_path, monkeypatch):
     fast = load_encoder("all-MiniLM-L6-v2", batch_size=16, precision="fast")
     st, ours = _mine_both(pairs, fast, tmp_path)
     assert 0.8 <= _same(st, ours) < 1.0
+
+
+@needs_openvino
+def test_openvino_mining_finds_sentence_transformers_negatives(pairs, tmp_path, monkeypatch):
+    """--fast on OpenVINO is float32: the exact mode's target (>= 99% of queries with ST's very
+    negatives) holds for it too, where bf16 stays under 100%."""
+    monkeypatch.setenv("ASSAY_FAST_KIND", "openvino")
+    fast = load_encoder("all-MiniLM-L6-v2", batch_size=16, precision="fast")
+    st, ours = _mine_both(pairs, fast, tmp_path)
+    assert len(st) > 100
+    assert _same(st, ours) >= 0.99
 
 
 def test_the_mine_command_takes_fast_and_max_length(tmp_path, pairs):
