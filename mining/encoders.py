@@ -131,8 +131,6 @@ def fast_kind(device: str, openvino_model: bool = False) -> str:
     instead."""
     import torch
 
-    from assay.mining import openvino_text
-
     forced = os.environ.get("ASSAY_FAST_KIND")
     if forced:
         if forced not in FAST_KINDS:

@@ -105,24 +105,25 @@ class OpenVINOText:
     """``encode(texts) -> (n, d)`` float32, L2-normalised: ``model``'s transformer on OpenVINO, the
     rest of ``model`` (pooling and after) on torch. Converted on the first call."""
 
-    def __init__(self, model: Any, threads: int | None = None):
+    def __init__(self, model: Any):
         self.model = model
-        self.threads = threads
         self._request = None
         self._inputs: tuple[str, ...] = ()
 
+    def _features(self, texts: list[str]) -> dict[str, Any]:
+        """The model's own preprocessing (its tokenizer, ``max_seq_length``, lower-casing)."""
+        prepare = getattr(self.model, "preprocess", None) or self.model.tokenize  # ST 5 / ST 3-4
+        return prepare(texts)
+
     def _compile(self) -> None:
         import torch
+        from transformers.utils import logging as hf_logging
 
         ov = _import_openvino()
         # Traced on two rows of different lengths, so the attention mask holds padding: a trace only
         # sees the branches its example takes, and transformers can skip an all-ones mask.
-        batch = self.model.tokenizer(
-            ["an example", "a longer example of a text row"], padding=True, return_tensors="np"
-        )
-        example = {k: torch.from_numpy(batch[k].astype(np.int64)) for k in MODEL_INPUTS if k in batch}
-        from transformers.utils import logging as hf_logging
-
+        features = self._features(["an example", "a longer example of a text row"])
+        example = {k: features[k] for k in MODEL_INPUTS if k in features}
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the config notes transformers logs while it is traced
         try:
@@ -132,8 +133,6 @@ class OpenVINOText:
         finally:
             hf_logging.set_verbosity(verbosity)
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-        if self.threads:
-            config["INFERENCE_NUM_THREADS"] = self.threads
         compiled = ov.Core().compile_model(converted, "CPU", config)
         self._inputs = tuple(p.get_any_name() for p in compiled.inputs)
         self._request = compiled.create_infer_request()
@@ -141,19 +140,13 @@ class OpenVINOText:
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        st = self.model
-        batch = st.tokenizer(
-            texts, padding=True, truncation=True, max_length=st.max_seq_length, return_tensors="np"
-        )
+        features = self._features(texts)
         if self._request is None:
             self._compile()
-        hidden = self._request.infer({k: batch[k].astype(np.int64) for k in self._inputs})[0]
-        features = {
-            "token_embeddings": torch.from_numpy(np.array(hidden, np.float32)),
-            "attention_mask": torch.from_numpy(batch["attention_mask"].astype(np.int64)),
-        }
+        hidden = self._request.infer({k: features[k].numpy().astype(np.int64) for k in self._inputs})[0]
+        features["token_embeddings"] = torch.from_numpy(np.array(hidden, np.float32))
         with torch.no_grad():
-            for module in list(st)[1:]:
+            for module in list(self.model)[1:]:
                 features = module(features)
         vectors = features["sentence_embedding"].numpy().astype(np.float32)
         return vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
