@@ -156,6 +156,18 @@ def test_openvino_imported_before_assay_converts_without_telemetry(monkeypatch):
     assert calls == []
 
 
+def _tiny_checkpoint(path, text: str) -> None:
+    """A tiny assay checkpoint at ``path``, its vocabulary built from ``text``."""
+    from helpers.colours import TINY
+
+    from assay.training.model import MMEmbedder
+    from assay.training.tiny import build_tiny
+
+    settings = {k: v for k, v in TINY.items() if k != "seed"}
+    model, processor = build_tiny([text], tokens_per_tile=16, **settings)
+    MMEmbedder(model, processor).save_pretrained(path)
+
+
 def test_the_fast_kind_is_chosen_by_model_and_what_is_installed(tmp_path, monkeypatch):
     """OpenVINO only where it runs the model (a sentence-transformers text model on the CPU, the
     package installed); elsewhere --fast is bf16 or int8, and forcing OpenVINO says why not."""
@@ -177,14 +189,7 @@ def test_the_fast_kind_is_chosen_by_model_and_what_is_installed(tmp_path, monkey
     monkeypatch.delenv("ASSAY_FAST_KIND")
     assert fast_kind("cuda", openvino_model=False) == "bf16"
 
-    from helpers.colours import TINY
-
-    from assay.training.model import MMEmbedder
-    from assay.training.tiny import build_tiny
-
-    settings = {k: v for k, v in TINY.items() if k != "seed"}
-    model, processor = build_tiny(["a red square"], tokens_per_tile=16, **settings)
-    MMEmbedder(model, processor).save_pretrained(tmp_path / "ckpt")
+    _tiny_checkpoint(tmp_path / "ckpt", "a red square")
     monkeypatch.setenv("ASSAY_FAST_KIND", "bf16")  # an assay checkpoint: torch's fast kinds
     assert load_encoder(str(tmp_path / "ckpt"), precision="fast").model_id.endswith("#bf16")
     monkeypatch.setenv("ASSAY_FAST_KIND", "openvino")
@@ -212,15 +217,8 @@ def test_max_length_cuts_the_text_and_keys_the_cache(exact, tmp_path):
 
 
 def test_max_length_on_an_assay_checkpoint_cuts_its_text(tmp_path):
-    from helpers.colours import TINY
-
-    from assay.training.model import MMEmbedder
-    from assay.training.tiny import build_tiny
-
     words = ["a", "red", "image", "of", "a", "small", "blue", "square", "next", "to", "a", "green", "circle"]
-    settings = {k: v for k, v in TINY.items() if k != "seed"}
-    model, processor = build_tiny([" ".join(words)], tokens_per_tile=16, **settings)
-    MMEmbedder(model, processor).save_pretrained(tmp_path / "ckpt")
+    _tiny_checkpoint(tmp_path / "ckpt", " ".join(words))
     whole = load_encoder(str(tmp_path / "ckpt"))
     cut = load_encoder(str(tmp_path / "ckpt"), max_length=4)
     tokenizer = cut.embedder.processor.tokenizer
